@@ -1,0 +1,143 @@
+"""The SQLite records database: round trips, idempotency and durability under SIGKILL."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from measurements.records import SCHEMA_VERSION, RecordsDB
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def db(tmp_path):
+    with RecordsDB.open(tmp_path / "records.db") as db:
+        yield db
+
+
+def test_round_trip(tmp_path):
+    path = tmp_path / "records.db"
+    with RecordsDB.open(path) as db:
+        wid = db.add_workload("gemm_4096x4096x4096_fp16", "gemm", {"m": 4096, "n": 4096, "k": 4096})
+        cid = db.add_candidate(wid, "hash-a", 2, '[["sch.split", 1]]')
+        db.set_features(cid, {"flops": 1.4e11, "tiles": [64, 128]})
+        mid = db.add_measurement(
+            workload_id=wid, candidate_id=cid, kind="energy", backend="nvml", value=0.152,
+            spread=0.004, device_name="NVIDIA H100 80GB HBM3", driver="580.0", sm_clock_mhz=1980,
+            temperature_c=51.0, details={"windows": 3, "method": "counter"},
+            started_at=100.0, finished_at=101.5,
+        )
+        vendor = db.add_measurement(workload_id=wid, kind="latency", backend="nvml", value=213e-6,
+                                    details={"vendor": "torch.matmul"})
+
+    with RecordsDB.open(path) as db:  # reopened: everything came from the file
+        assert db.schema_version == SCHEMA_VERSION
+        [w] = db.workloads()
+        assert (w.id, w.family, w.params) == (wid, "gemm", {"m": 4096, "n": 4096, "k": 4096})
+        [c] = db.candidates(wid)
+        assert (c.id, c.structural_hash, c.design_space, c.trace) == (
+            cid, "hash-a", 2, '[["sch.split", 1]]')
+        assert c.features == {"flops": 1.4e11, "tiles": [64, 128]}
+        [m] = db.measurements(workload_id=wid, kind="energy")
+        assert m.id == mid and m.candidate_id == cid and m.ok
+        assert (m.value, m.spread, m.sm_clock_mhz, m.finished_at) == (0.152, 0.004, 1980, 101.5)
+        assert m.details == {"windows": 3, "method": "counter"}
+        [v] = db.measurements(kind="latency")
+        assert v.id == vendor and v.candidate_id is None and v.details["vendor"] == "torch.matmul"
+        assert db.has_measurement(cid, "energy") and not db.has_measurement(cid, "latency")
+        assert [x.id for x in db.measurements()] == [mid, vendor]
+
+
+def test_adding_twice_returns_the_same_ids(db):
+    wid = db.add_workload("softmax_4096x4096", "softmax", {"rows": 4096, "cols": 4096})
+    assert db.add_workload("softmax_4096x4096", "softmax", {"rows": 4096, "cols": 4096}) == wid
+    other = db.add_workload("softmax_32768x128", "softmax", {"rows": 32768, "cols": 128})
+    assert other != wid
+
+    cid = db.add_candidate(wid, "h1", 0, "trace-1")
+    assert db.add_candidate(wid, "h1", 1, "trace-2") == cid  # same structure: same candidate
+    assert db.add_candidate(other, "h1", 0, "trace-1") != cid  # hashes are per workload
+    assert len(db.workloads()) == 2
+    assert [c.trace for c in db.candidates(wid)] == ["trace-1"]
+
+
+def test_failed_measurements_are_kept_and_checked(db):
+    wid = db.add_workload("w", "gemm", {})
+    cid = db.add_candidate(wid, "h", 0, "t")
+    db.add_measurement(workload_id=wid, candidate_id=cid, kind="latency", backend="sim",
+                       value=None, ok=False, error="build timed out")
+    assert db.has_measurement(cid, "latency")
+    [m] = db.measurements(candidate_id=cid)
+    assert not m.ok and m.error == "build timed out"
+    with pytest.raises(ValueError):
+        db.add_measurement(workload_id=wid, kind="power", backend="sim", value=1.0)
+    with pytest.raises(sqlite3.IntegrityError):  # ok rows need a value
+        db.add_measurement(workload_id=wid, kind="energy", backend="sim", value=None)
+    with pytest.raises(sqlite3.IntegrityError):  # foreign keys are enforced
+        db.add_measurement(workload_id=wid + 99, kind="energy", backend="sim", value=1.0)
+    assert len(db.measurements()) == 1  # the failed writes left nothing behind
+
+
+def test_wal_mode_and_newer_schema_refused(tmp_path):
+    path = tmp_path / "records.db"
+    RecordsDB.open(path).close()
+    raw = sqlite3.connect(path)
+    assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    raw.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    raw.close()
+    with pytest.raises(RuntimeError, match="schema version"):
+        RecordsDB.open(path)
+
+
+CHILD = textwrap.dedent("""
+    import sys
+    from measurements.records import RecordsDB
+
+    db = RecordsDB.open(sys.argv[1])
+    wid = db.add_workload("gemm_64", "gemm", {"m": 64})
+    i = 0
+    while True:
+        cid = db.add_candidate(wid, f"hash-{i}", 0, "trace " * 200)
+        mid = db.add_measurement(workload_id=wid, candidate_id=cid, kind="latency",
+                                 backend="sim", value=1e-6 * (i + 1), details={"i": i})
+        print(cid, mid, flush=True)  # only after both commits returned
+        i += 1
+""")
+
+
+def test_committed_rows_survive_sigkill(tmp_path):
+    path = tmp_path / "records.db"
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    child = subprocess.Popen([sys.executable, "-c", CHILD, str(path)], stdout=subprocess.PIPE,
+                             text=True, cwd=REPO_ROOT, env=env)
+    reported = []
+    try:
+        for line in child.stdout:
+            reported.append(tuple(map(int, line.split())))
+            if len(reported) >= 300:
+                break
+    finally:
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait()
+    reported += [tuple(map(int, line.split())) for line in child.stdout if line.endswith("\n")]
+    assert child.returncode == -signal.SIGKILL
+    assert len(reported) >= 300
+
+    raw = sqlite3.connect(path)
+    assert raw.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    raw.close()
+    with RecordsDB.open(path) as db:
+        [workload] = db.workloads()
+        candidates = {c.id for c in db.candidates(workload.id)}
+        measurements = {m.id: m for m in db.measurements(workload_id=workload.id)}
+    for cid, mid in reported:
+        assert cid in candidates
+        assert measurements[mid].candidate_id == cid
