@@ -1,0 +1,256 @@
+"""Parallel CUDA builds of candidates, each in a worker process with a time-out.
+
+One build: the candidate's trace is replayed on the workload, TVM lowers it and generates CUDA, and
+nvcc compiles that CUDA to a cubin for the target's arch with ptxas' resource report (registers,
+spills, shared memory per kernel: features for the energy model). On a host whose TVM runtime has
+CUDA, TVM calls ``tvm_callback_cuda_compile``; etune registers its own callback so TVM gets that same
+cubin and each candidate is compiled once. A CPU-only TVM (CI, laptops) never calls the callback and
+keeps the source; etune then compiles the source itself, so "built" means the same thing everywhere:
+nvcc produced a cubin for the arch.
+
+Why builds failed on the 16-core H100 host (DESIGN.md): MetaSchedule's LocalBuilder gives every build
+30 s and 16 nvcc runs in parallel took longer. Here the time-out comes from the workload and the
+number of parallel jobs per core, a time-out is reported as such, and a build that timed out never
+poisons the next one (its worker is replaced).
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+from .targets import GpuSpec, gpu_spec
+
+NVCC_FLAGS = ("-O3", "--use_fast_math", "-Xptxas", "-v")
+
+
+class BuildError(RuntimeError):
+    pass
+
+
+@dataclasses.dataclass
+class KernelResources:
+    name: str
+    registers: int
+    shared_bytes: int
+    stack_bytes: int
+    spill_store_bytes: int
+    spill_load_bytes: int
+
+
+@dataclasses.dataclass
+class BuildResult:
+    structural_hash: str
+    status: str  # ok | error | timeout
+    seconds: float
+    error: str | None = None
+    artifact_dir: str | None = None
+    # The exported library can run kernels only when TVM compiled it (CUDA-enabled runtime).
+    runnable: bool = False
+    kernels: list[KernelResources] = dataclasses.field(default_factory=list)
+    cached: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    @property
+    def library(self) -> str | None:
+        return str(Path(self.artifact_dir) / "lib.so") if self.artifact_dir else None
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> "BuildResult":
+        data = dict(data)
+        data["kernels"] = [KernelResources(**k) for k in data.get("kernels", [])]
+        return cls(**data)
+
+
+# -- nvcc -------------------------------------------------------------------------------------------
+_PTXAS_ENTRY = re.compile(r"Compiling entry function '(\w+)'")
+_PTXAS_FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+_PTXAS_USED = re.compile(r"Used (\d+) registers(?:.*?(\d+) bytes smem)?")
+
+
+def parse_ptxas_report(text: str) -> list[KernelResources]:
+    kernels: list[KernelResources] = []
+    current: dict | None = None
+    for line in text.splitlines():
+        if m := _PTXAS_ENTRY.search(line):
+            current = {"name": m.group(1), "registers": 0, "shared_bytes": 0, "stack_bytes": 0,
+                       "spill_store_bytes": 0, "spill_load_bytes": 0}
+            kernels.append(current)  # type: ignore[arg-type]
+        elif current is not None and (m := _PTXAS_FRAME.search(line)):
+            current.update(stack_bytes=int(m.group(1)), spill_store_bytes=int(m.group(2)),
+                           spill_load_bytes=int(m.group(3)))
+        elif current is not None and (m := _PTXAS_USED.search(line)):
+            current.update(registers=int(m.group(1)), shared_bytes=int(m.group(2) or 0))
+    return [KernelResources(**k) for k in kernels]  # type: ignore[arg-type]
+
+
+def find_nvcc() -> str:
+    for candidate in (shutil.which("nvcc"), os.environ.get("CUDA_HOME", "") + "/bin/nvcc", "/usr/local/cuda/bin/nvcc"):
+        if candidate and os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return candidate
+    raise BuildError("nvcc not found: install the CUDA toolkit or put nvcc on PATH (or set CUDA_HOME)")
+
+
+def nvcc_compile(source: str, arch: str, workdir: Path) -> tuple[bytes, list[KernelResources]]:
+    """CUDA source to a cubin for ``arch``, with ptxas' per-kernel resource report."""
+    src = workdir / "kernel.cu"
+    cubin = workdir / "kernel.cubin"
+    src.write_text(source)
+    cmd = [find_nvcc(), "-cubin", f"-arch={arch}", *NVCC_FLAGS, "-o", str(cubin), str(src)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        errors = [l for l in proc.stderr.splitlines() if "error" in l.lower()] or proc.stderr.splitlines()[-3:]
+        raise BuildError("nvcc: " + " | ".join(e.strip() for e in errors[:3]))
+    return cubin.read_bytes(), parse_ptxas_report(proc.stderr)
+
+
+# -- the worker ----------------------------------------------------------------------------------
+def _build_in_worker(module_json: str, gpu: dict, artifact_dir: str) -> dict:
+    """Runs in a worker process: lower, generate CUDA, compile, export. Returns a dict.
+
+    It gets the scheduled module itself, not the trace: replaying a tensor-core trace needs
+    ``tvm.s_tir.tensor_intrin.cuda``, whose import alone takes ~17 s per process.
+    """
+    started = time.perf_counter()
+    import tvm
+    import tvm_ffi
+
+    target_gpu = GpuSpec(**gpu)
+    out = Path(artifact_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    compiled: list[tuple[bytes, list[KernelResources]]] = []
+
+    def compile_callback(code, *_):
+        compiled.append(nvcc_compile(code, target_gpu.arch, out))
+        return compiled[-1][0]
+
+    tvm_ffi.register_global_func("tvm_callback_cuda_compile", compile_callback, override=True)
+    try:
+        target = target_gpu.tvm_target()
+        with target:
+            executable = tvm.compile(tvm.ir.load_json(module_json), target=target)
+        device_modules = [m for m in executable.mod.imports if m.kind == "cuda"]
+        if not device_modules:
+            raise BuildError("TVM produced no CUDA module")
+        runnable = bool(compiled)
+        if not compiled:  # CPU-only TVM: it kept the source; compile it the same way
+            compiled.append(nvcc_compile(device_modules[0].inspect_source(), target_gpu.arch, out))
+        executable.export_library(str(out / "lib.so"))
+        return {"status": "ok", "runnable": runnable, "kernels": [dataclasses.asdict(k) for k in compiled[-1][1]],
+                "seconds": time.perf_counter() - started}
+    except Exception as exc:  # reported per candidate, never fatal to the batch
+        message = str(exc).strip().splitlines()
+        reason = next((l for l in reversed(message) if "Error" in l or "failed" in l.lower()), message[-1] if message else repr(exc))
+        return {"status": "error", "error": f"{type(exc).__name__}: {reason.strip()[:500]}",
+                "seconds": time.perf_counter() - started}
+
+
+def default_jobs() -> int:
+    return max(1, os.cpu_count() or 1)
+
+
+def default_timeout(workload, jobs: int) -> float:
+    """Seconds one build may take: generous for big unrolled kernels, scaled by oversubscription.
+
+    nvcc of a heavily unrolled 4096^3 GEMM candidate takes seconds of one core; with more parallel
+    builds than cores each one slows down proportionally, which is what broke a fixed 30 s limit.
+    """
+    per_build = 60.0 if workload.flops >= 1e10 else 30.0
+    oversubscription = max(1.0, jobs / max(1, os.cpu_count() or 1))
+    return per_build * math.ceil(oversubscription) * 2
+
+
+class Builder:
+    """Builds candidates in parallel worker processes; results are cached by structural hash."""
+
+    def __init__(self, gpu: GpuSpec | str = "h100", workdir: str | Path | None = None, jobs: int | None = None,
+                 timeout_s: float | None = None):
+        self.gpu = gpu_spec(gpu) if isinstance(gpu, str) else gpu
+        self.workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="etune-build-"))
+        self.jobs = jobs or default_jobs()
+        self.timeout_s = timeout_s
+
+    def artifact_dir(self, candidate) -> Path:
+        safe_spec = re.sub(r"[^A-Za-z0-9_.-]+", "_", candidate.workload.spec)
+        return self.workdir / self.gpu.arch / safe_spec / candidate.structural_hash
+
+    def build(self, candidates: Sequence, progress: Callable[[BuildResult], None] | None = None) -> list[BuildResult]:
+        """One BuildResult per candidate, in order; never raises for a candidate's failure."""
+        import tvm
+        from tvm.support.popen_pool import PopenPoolExecutor
+
+        results: list[BuildResult | None] = [None] * len(candidates)
+        pending = []
+        for i, candidate in enumerate(candidates):
+            cached = self._cached(candidate)
+            if cached is not None:
+                results[i] = cached
+                progress and progress(cached)
+            else:
+                pending.append(i)
+        if pending:
+            timeout = self.timeout_s or max(default_timeout(candidates[i].workload, self.jobs) for i in pending)
+            gpu = dataclasses.asdict(self.gpu)
+            pool = PopenPoolExecutor(max_workers=min(self.jobs, len(pending)), timeout=timeout)
+            try:
+                futures = {
+                    pool.submit(_build_in_worker, tvm.ir.save_json(candidates[i].mod), gpu,
+                                str(self.artifact_dir(candidates[i]))): i
+                    for i in pending
+                }
+                for future in concurrent.futures.as_completed(futures):
+                    i = futures[future]
+                    results[i] = self._finish(candidates[i], future, timeout)
+                    progress and progress(results[i])
+            finally:
+                pool.shutdown(wait=False)
+        return results  # type: ignore[return-value]
+
+    def _finish(self, candidate, future, timeout: float) -> BuildResult:
+        directory = self.artifact_dir(candidate)
+        try:
+            data = future.result()
+        except (concurrent.futures.TimeoutError, TimeoutError):
+            return BuildResult(candidate.structural_hash, "timeout", timeout, f"build timed out after {timeout:.0f} s")
+        except Exception as exc:  # the worker died (crash in TVM or nvcc)
+            return BuildResult(candidate.structural_hash, "error", 0.0, f"build worker failed: {exc!r}"[:500])
+        result = BuildResult(
+            structural_hash=candidate.structural_hash,
+            status=data["status"],
+            seconds=data["seconds"],
+            error=data.get("error"),
+            artifact_dir=str(directory) if data["status"] == "ok" else None,
+            runnable=data.get("runnable", False),
+            kernels=[KernelResources(**k) for k in data.get("kernels", [])],
+        )
+        if result.ok:
+            (directory / "build.json").write_text(json.dumps(result.to_json()))
+        return result
+
+    def _cached(self, candidate) -> BuildResult | None:
+        record = self.artifact_dir(candidate) / "build.json"
+        if not record.exists():
+            return None
+        result = BuildResult.from_json(json.loads(record.read_text()))
+        result.cached = True
+        return result
+
+
+def success_rate(results: Iterable[BuildResult]) -> tuple[int, int]:
+    results = list(results)
+    return sum(r.ok for r in results), len(results)

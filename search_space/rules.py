@@ -1,0 +1,88 @@
+"""MetaSchedule schedule rules for CUDA, spelled out so etune can fix what TVM 0.27's defaults break.
+
+Two rule sets give two families of design spaces per workload:
+- ``tensorcore``: TVM's DefaultCUDATensorCore, except that the wmma accumulator is staged through
+  *static* shared memory. With the default ("shared.dyn" for loads and the store), the pass that merges
+  dynamic shared allocations types the merged pool with the first buffer's element type (fp16), and the
+  fp32 accumulator store then fails to build ("tvm_access_ptr element type must match the source
+  buffer"): 13 of 16 sampled fp32-accumulate GEMM candidates at 1024^3 failed that way, 0 of 16 with the
+  static store.
+- ``simt``: TVM's DefaultCUDA (no tensor cores). Kept as a separate space because its energy profile
+  differs from the tensor-core one, which is exactly what an energy search wants to see.
+"""
+from __future__ import annotations
+
+from tvm.s_tir.meta_schedule import schedule_rule as sr
+
+RULE_SETS = ("tensorcore", "simt")
+
+
+def _generic_rules(cross_thread_reduction: bool = True) -> list:
+    """The rules DefaultCUDA applies after multi-level tiling (inline, reductions, unroll, binding)."""
+    rules = [
+        sr.InlineConstantScalars(),
+        sr.AutoInline(
+            into_producer=True,
+            into_consumer=True,
+            inline_const_tensor=True,
+            disallow_if_then_else=False,
+            require_injective=False,
+            require_ordered=False,
+            disallow_op=None,
+        ),
+        sr.CrossThreadReduction(thread_extents=[4, 8, 16, 32, 64, 128, 256, 512]),
+        sr.ParallelizeVectorizeUnroll(
+            max_jobs_per_core=-1, max_vectorize_extent=-1, unroll_max_steps=[0, 16, 64, 512, 1024], unroll_explicit=True
+        ),
+        sr.AutoBind(max_threadblocks=256, thread_extents=[32, 64, 128, 256, 512, 1024]),
+    ]
+    if not cross_thread_reduction:
+        rules = [r for r in rules if not isinstance(r, sr.CrossThreadReduction)]
+    return rules
+
+
+def _simt_tiling():
+    return sr.MultiLevelTiling(
+        structure="SSSRRSRS",
+        tile_binds=["blockIdx.x", "vthread.x", "threadIdx.x"],
+        max_innermost_factor=64,
+        vector_load_lens=[1, 2, 3, 4, 8, 16],
+        reuse_read=sr.ReuseType(req="must", levels=[4], scope="shared"),
+        reuse_write=sr.ReuseType(req="must", levels=[3], scope="local"),
+    )
+
+
+def _wmma_tiling():
+    # Imported here: this module registers every CUDA tensor intrinsic and takes ~17 s to import,
+    # which build workers (which import this package) must not pay.
+    from tvm.s_tir.tensor_intrin.cuda import get_wmma_intrin_group
+
+    groups = [
+        get_wmma_intrin_group(
+            load_scope="shared.dyn", store_scope="shared", in_dtype="float16", out_dtype=out, trans_b=trans_b
+        )
+        for out in ("float32", "float16")
+        for trans_b in (False, True)
+    ]
+    return sr.MultiLevelTilingTensorCore(
+        intrin_groups=groups,
+        structure="SSSRRSRS",
+        tile_binds=["blockIdx.y", "blockIdx.x", "threadIdx.y"],
+        max_innermost_factor=4,
+        vector_load_lens=[1, 2, 3, 4, 8, 16],
+        reuse_read=sr.ReuseType(req="must", levels=[4], scope="shared.dyn"),
+        reuse_write=sr.ReuseType(req="must", levels=[2], scope="shared"),
+        use_software_pipeline=False,
+    )
+
+
+def schedule_rules(rule_set: str, cross_thread_reduction: bool = True) -> list:
+    """The rules of a rule set. ``cross_thread_reduction=False`` drops the rule that, in TVM 0.27,
+    aborts design-space generation for multi-block modules such as attention ("Unable to get the
+    extent of threadIdx.x" when an earlier block was fused into a reduction without a thread binding)."""
+    generic = _generic_rules(cross_thread_reduction)
+    if rule_set == "tensorcore":
+        return [sr.ApplyCustomRule(), _wmma_tiling(), _simt_tiling(), *generic]
+    if rule_set == "simt":
+        return [sr.ApplyCustomRule(), _simt_tiling(), *generic]
+    raise ValueError(f"unknown rule set {rule_set!r}; known: {', '.join(RULE_SETS)}")

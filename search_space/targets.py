@@ -1,0 +1,122 @@
+"""GPU target presets: the numbers TVM needs to build, and the ones the roofline and sim need."""
+from __future__ import annotations
+
+import dataclasses
+
+
+class TargetError(ValueError):
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class GpuSpec:
+    name: str
+    arch: str  # sm_90
+    sm_count: int
+    max_threads_per_block: int = 1024
+    # Static shared memory per block: TVM emits static (or <= 48 KiB dynamic) allocations without
+    # raising the opt-in limit, so larger tiles would fail at launch.
+    max_shared_memory_per_block: int = 48 * 1024
+    shared_memory_per_sm: int = 228 * 1024
+    registers_per_block: int = 65536
+    registers_per_sm: int = 65536
+    max_threads_per_sm: int = 2048
+    max_blocks_per_sm: int = 32
+    warp_size: int = 32
+    l2_bytes: int = 50 * 1024 * 1024
+    # Public datasheet rates (dense, no sparsity), used for rooflines and the simulated GPU.
+    peak_fp16_tensor_flops: float = 989e12
+    peak_fp32_flops: float = 67e12
+    memory_bandwidth: float = 3.35e12
+    tdp_w: float = 700.0
+    idle_w: float = 73.0
+
+    @property
+    def compute_capability(self) -> tuple[int, int]:
+        digits = self.arch.removeprefix("sm_").rstrip("a")
+        return int(digits[:-1]), int(digits[-1])
+
+    def tvm_target(self):
+        from tvm.target import Target
+
+        return Target(
+            {
+                "kind": "cuda",
+                "arch": self.arch,
+                "max_threads_per_block": self.max_threads_per_block,
+                "max_num_threads": self.max_threads_per_block,
+                "max_shared_memory_per_block": self.max_shared_memory_per_block,
+                "thread_warp_size": self.warp_size,
+                "registers_per_block": self.registers_per_block,
+                "l2_cache_size_bytes": self.l2_bytes,
+            },
+            Target({"kind": "llvm"}),
+        )
+
+    def roofline_seconds(self, flops: float, nbytes: float, tensor_cores: bool = True) -> float:
+        peak = self.peak_fp16_tensor_flops if tensor_cores else self.peak_fp32_flops
+        return max(flops / peak, nbytes / self.memory_bandwidth)
+
+
+PRESETS: dict[str, GpuSpec] = {
+    "h100": GpuSpec(name="NVIDIA H100 80GB HBM3", arch="sm_90", sm_count=132),
+    "a100": GpuSpec(
+        name="NVIDIA A100-SXM4-80GB",
+        arch="sm_80",
+        sm_count=108,
+        shared_memory_per_sm=164 * 1024,
+        l2_bytes=40 * 1024 * 1024,
+        peak_fp16_tensor_flops=312e12,
+        peak_fp32_flops=19.5e12,
+        memory_bandwidth=2.04e12,
+        tdp_w=400.0,
+        idle_w=55.0,
+    ),
+}
+
+# Known boards by the name NVML reports, for the local-GPU preset.
+_BY_NVML_NAME = {"h100": "h100", "a100": "a100"}
+
+
+def local_gpu(index: int = 0) -> GpuSpec | None:
+    """A preset for the GPU NVML sees, or None without NVML or GPU.
+
+    The compute capability comes from NVML; rates come from the closest known board, else from the
+    H100 preset scaled by SM count (labelled in the name so nobody mistakes it for a datasheet).
+    """
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception:
+        return None
+    try:
+        handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+        name = pynvml.nvmlDeviceGetName(handle)
+        name = name.decode() if isinstance(name, bytes) else name
+        major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(handle)
+    except Exception:
+        return None
+    finally:
+        try:
+            pynvml.nvmlShutdown()
+        except Exception:
+            pass
+    arch = f"sm_{major}{minor}"
+    for key, preset in _BY_NVML_NAME.items():
+        if key in name.lower() and PRESETS[preset].arch == arch:
+            return dataclasses.replace(PRESETS[preset], name=name)
+    return dataclasses.replace(PRESETS["h100"], name=f"{name} (rates assumed from the H100 preset)", arch=arch)
+
+
+def gpu_spec(name: str = "h100") -> GpuSpec:
+    """A preset by name: h100, a100, or 'local' for the GPU NVML finds."""
+    key = name.lower()
+    if key == "local":
+        spec = local_gpu()
+        if spec is None:
+            raise TargetError("target 'local' needs an NVIDIA GPU visible to NVML; none was found")
+        return spec
+    if key not in PRESETS:
+        raise TargetError(f"unknown GPU target {name!r}; known: {', '.join(PRESETS)}, local")
+    return PRESETS[key]
