@@ -74,8 +74,9 @@ def space(
     gpu = _gpu(target)
     builder = Builder(gpu, workdir=workdir, jobs=jobs)
     table = Table(title=f"schedule spaces on {gpu.name} ({gpu.arch})")
-    for column in ("workload", "design spaces", "sampled", "sample s", "built", "build s/cand", "failures"):
-        table.add_column(column)
+    for column in ("workload", "spaces", "sampled", "sample s", "built", "rate", "build s/cand"):
+        table.add_column(column, no_wrap=True)
+    failures_seen: list[str] = []
     worst_rate = 1.0
     for workload in workloads:
         started = time.perf_counter()
@@ -88,21 +89,23 @@ def space(
         sample_s = time.perf_counter() - started
         for note in space_.notes:
             console.print(f"[yellow]note[/] {workload.spec}: {escape(note)}", highlight=False)
-        built_text, per_candidate, failures = "-", "-", ""
+        built_text, rate_text, per_candidate = "-", "-", "-"
         if build and candidates:
             with _progress() as progress:
                 task = progress.add_task(f"building {workload.spec}", total=len(candidates))
                 results = builder.build(candidates, progress=lambda _r: progress.advance(task))
             ok = sum(r.ok for r in results)
             worst_rate = min(worst_rate, ok / len(results))
-            built_text = f"{ok}/{len(results)} ({100 * ok / len(results):.0f} %)"
+            built_text = f"{ok}/{len(results)}"
+            rate_text = f"{100 * ok / len(results):.0f}%"
             fresh = [r.seconds for r in results if r.ok and not r.cached]
             per_candidate = f"{statistics.median(fresh):.1f}" if fresh else "cached"
-            reasons = sorted({(r.error or r.status)[:80] for r in results if not r.ok})
-            failures = "; ".join(reasons)
+            failures_seen += [f"{workload.spec}: {r.error or r.status}" for r in results if not r.ok]
         table.add_row(workload.spec, str(len(space_.design_spaces)), f"{len(candidates)}/{samples}",
-                      f"{sample_s:.1f}", built_text, per_candidate, failures)
+                      f"{sample_s:.1f}", built_text, rate_text, per_candidate)
     console.print(table)
+    for failure in failures_seen:
+        console.print(f"[red]build failed[/] {escape(failure)}", highlight=False)
     if build and worst_rate < 0.9:
         raise typer.Exit(1)
 
