@@ -26,6 +26,9 @@ class KernelLaunch:
     max_vector_lanes: int
     # Lanes of the widest gather (a vector load or store whose index is not a plain Ramp).
     max_gather_lanes: int = 1
+    # Dynamic totals over the whole grid (every loop trip of every thread, both sides of every
+    # branch): what the kernel asks of each memory level, before caches. See traffic().
+    traffic: "Traffic" = dataclasses.field(default_factory=lambda: Traffic())
 
     @property
     def blocks(self) -> int:
@@ -34,6 +37,25 @@ class KernelLaunch:
     @property
     def threads_per_block(self) -> int:
         return math.prod(self.block)
+
+
+@dataclasses.dataclass(frozen=True)
+class Traffic:
+    """Work a kernel asks for, counted over the whole grid from the lowered code.
+
+    Loops multiply by their trip counts and thread launches by their extents; both sides of a branch
+    count (bounds guards make this a slight over-count). Bytes are element bytes x vector lanes;
+    ``*_instructions`` count one per (vector) access, so vectorising lowers them and not the bytes.
+    """
+
+    global_load_bytes: float = 0.0
+    global_store_bytes: float = 0.0
+    global_load_instructions: float = 0.0
+    global_store_instructions: float = 0.0
+    shared_load_bytes: float = 0.0
+    shared_store_bytes: float = 0.0
+    arithmetic_ops: float = 0.0  # scalar floating-point operations outside tensor cores
+    tensor_core_flops: float = 0.0
 
 
 _AXES = {"x": 0, "y": 1, "z": 2}
@@ -128,8 +150,71 @@ def analyse_kernel(name: str, func) -> KernelLaunch:
     return KernelLaunch(name, tuple(grid), tuple(block), shared, local, tensor_cores, lanes, gather_lanes)
 
 
+_ARITHMETIC = {"Add", "Sub", "Mul", "Div", "Max", "Min", "FloorDiv"}
+_MATH_CALLS = ("exp", "log", "sqrt", "rsqrt", "tanh", "pow", "fma")
+# One wmma mma_sync is a 16x16x16 multiply-accumulate done by a warp: 2*16^3 flops over 32 threads,
+# and the lowered code counts it once per thread.
+_WMMA_FLOPS_PER_THREAD = 2 * 16**3 / 32
+
+
+def _constant(expr) -> int | None:
+    return int(expr.value) if type(expr).__name__ == "IntImm" else None
+
+
+def _bytes_of(expr) -> int:
+    try:
+        dtype = tvm.DataType(str(expr.ty))
+    except (AttributeError, ValueError, TypeError):
+        return 0
+    return dtype.bits * dtype.lanes // 8
+
+
+def traffic(func) -> Traffic:
+    """Dynamic memory and arithmetic totals of one lowered device function (see Traffic)."""
+    totals = dict.fromkeys(Traffic.__dataclass_fields__, 0.0)
+    stack = [(func.body, 1.0)]
+    while stack:
+        node, trips = stack.pop()
+        if node is None or isinstance(node, (int, float, str)):
+            continue
+        if isinstance(node, (list, tuple)) or type(node).__name__ == "Array":
+            stack.extend((child, trips) for child in node)
+            continue
+        if not isinstance(node, (tvm.tirx.Stmt, tvm.ir.Expr)):
+            continue
+        kind = type(node).__name__
+        child_trips = trips
+        if kind == "For":
+            child_trips = trips * (_constant(node.extent) or 1)
+        elif kind == "AttrStmt" and node.attr_key == "thread_extent":
+            child_trips = trips * (_constant(node.value) or 1)
+        elif kind in ("TensorLoad", "BufferLoad", "BufferStore"):
+            scope = (node.buffer if kind == "BufferStore" else node.source).scope()
+            nbytes = _bytes_of(node.value if kind == "BufferStore" else node)
+            direction = "store" if kind == "BufferStore" else "load"
+            if scope == "global":
+                totals[f"global_{direction}_bytes"] += trips * nbytes
+                totals[f"global_{direction}_instructions"] += trips
+            elif scope.startswith("shared"):
+                totals[f"shared_{direction}_bytes"] += trips * nbytes
+        elif kind in _ARITHMETIC and "float" in str(getattr(node, "ty", "")):
+            totals["arithmetic_ops"] += trips * _lanes(node)
+        elif kind == "Call" and hasattr(node.op, "name"):
+            op = node.op.name
+            if "mma_sync" in op:
+                totals["tensor_core_flops"] += trips * _WMMA_FLOPS_PER_THREAD
+            elif op.rpartition(".")[2] in _MATH_CALLS:
+                totals["arithmetic_ops"] += trips * _lanes(node)
+        for field in _CHILD_FIELDS:
+            child = getattr(node, field, None)
+            if child is not None and not (kind == "For" and field in ("min", "extent")):
+                stack.append((child, child_trips))
+    return Traffic(**totals)
+
+
 def kernel_launches(mod, target: Target) -> list[KernelLaunch]:
-    return [analyse_kernel(name, func) for name, func in lower_device_functions(mod, target)]
+    return [dataclasses.replace(analyse_kernel(name, func), traffic=traffic(func))
+            for name, func in lower_device_functions(mod, target)]
 
 
 # Per-thread local arrays beyond this spill to local memory so badly (and, at hundreds of KiB, cannot

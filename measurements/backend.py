@@ -1,0 +1,101 @@
+"""The measurement interface the tuner sees: a Backend turns built candidates into latency and energy.
+
+Two implementations: ``nvml`` (a real NVIDIA GPU, measurements.nvml_backend) and ``sim`` (the
+analytic H100 of DESIGN.md, measurements.sim). The tuner never knows which one it talks to, except
+that every record carries the backend's name, so a sim figure can never pass for a hardware one.
+"""
+from __future__ import annotations
+
+import abc
+import dataclasses
+from typing import Callable, Sequence
+
+KINDS = ("latency", "energy")
+
+
+class BackendError(RuntimeError):
+    """The backend cannot be used at all (no GPU, NVML missing, ...): one readable line."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceInfo:
+    backend: str  # "nvml" | "sim"
+    name: str  # "NVIDIA H100 80GB HBM3", or "sim:NVIDIA H100 80GB HBM3"
+    driver: str | None = None
+    details: dict = dataclasses.field(default_factory=dict)  # clocks, power limit, idle power, ...
+
+
+@dataclasses.dataclass
+class MeasureResult:
+    """One measurement of one candidate (or vendor reference). ``value`` is seconds per call for
+    ``latency`` and joules per call (idle power included) for ``energy``."""
+
+    structural_hash: str | None  # None for a vendor reference
+    kind: str
+    ok: bool
+    value: float | None = None
+    spread: float | None = None  # coefficient of variation over repeats / windows
+    error: str | None = None  # why it failed: build missing, wrong output, fault, time-out
+    # kind-specific numbers, all JSON-able. latency: min_s, median_s, repeats, checked, rel_err.
+    # energy: latency_s, avg_power_w, idle_power_w, energy_above_idle_j, windows, converged, method.
+    details: dict = dataclasses.field(default_factory=dict)
+    sm_clock_mhz: float | None = None
+    temperature_c: float | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+
+
+Progress = Callable[[MeasureResult], None]
+
+
+class Backend(abc.ABC):
+    """Measures candidates of one workload family or another on one device."""
+
+    name: str
+
+    @abc.abstractmethod
+    def device(self) -> DeviceInfo:
+        ...
+
+    @abc.abstractmethod
+    def measure(self, candidates: Sequence, kind: str, builds: Sequence | None = None,
+                progress: Progress | None = None) -> list[MeasureResult]:
+        """One result per candidate (search_space.Candidate), in order; ``builds`` are their
+        search_space.BuildResults (required by backends that run code). A failure is a result with
+        ok=False and its reason, never an exception: one bad kernel must not stop a tuning run."""
+
+    @abc.abstractmethod
+    def measure_vendor(self, workload, kind: str) -> MeasureResult:
+        """The vendor library's kernel for ``workload`` (torch.matmul / torch.softmax / SDPA),
+        measured by the same protocol as candidates so reports compare like with like."""
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def check_kind(kind: str) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, not {kind!r}")
+
+
+def make_backend(name: str, gpu: str = "h100", **options) -> Backend:
+    """``nvml``, ``sim``, or ``auto`` (nvml when NVML finds a GPU, else sim)."""
+    from .nvml_energy import nvml_available
+
+    if name == "auto":
+        name = "nvml" if nvml_available() else "sim"
+    if name == "sim":
+        from .sim import SimBackend
+
+        return SimBackend(gpu=gpu, **options)
+    if name == "nvml":
+        from .nvml_backend import NvmlBackend
+
+        return NvmlBackend(**options)
+    raise BackendError(f"unknown backend {name!r} (choose nvml, sim or auto)")
