@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-SCHEMA_VERSION = 1  # stored in PRAGMA user_version; bump it and add a migration when the schema changes
+SCHEMA_VERSION = 2  # stored in PRAGMA user_version; bump it and add a migration when the schema changes
 KINDS = ("latency", "energy")
 
 _SCHEMA_V1 = (
@@ -60,8 +60,24 @@ _SCHEMA_V1 = (
     "CREATE INDEX measurements_by_candidate ON measurements (candidate_id, kind)",
 )
 
+# v2: tuning runs, so a report can say which objective a workload was tuned for and a resumed run
+# finds the run it continues.
+_SCHEMA_V2 = (
+    """CREATE TABLE runs (
+        id INTEGER PRIMARY KEY,
+        workload_id INTEGER NOT NULL REFERENCES workloads(id),
+        objective TEXT NOT NULL,        -- label: latency, energy, edp, energy@0.05
+        backend TEXT NOT NULL,
+        config TEXT NOT NULL,           -- JSON: budgets, seed, target
+        status TEXT NOT NULL,           -- running | finished | interrupted
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        UNIQUE (workload_id, objective, backend)
+    )""",
+)
+
 # MIGRATIONS[v] takes a database at version v to v + 1.
-_MIGRATIONS: dict[int, tuple[str, ...]] = {0: _SCHEMA_V1}
+_MIGRATIONS: dict[int, tuple[str, ...]] = {0: _SCHEMA_V1, 1: _SCHEMA_V2}
 
 
 @dataclass(frozen=True)
@@ -102,6 +118,18 @@ class Measurement:
     error: str | None
     started_at: float | None
     finished_at: float | None
+
+
+@dataclass(frozen=True)
+class Run:
+    id: int
+    workload_id: int
+    objective: str
+    backend: str
+    config: dict
+    status: str
+    created_at: float
+    updated_at: float
 
 
 def _dump(obj: Any) -> str | None:
@@ -229,6 +257,38 @@ class RecordsDB:
                       r["trace"], _load(r["features"]), r["created_at"])
             for r in rows
         ]
+
+    # -- tuning runs
+
+    def start_run(self, workload_id: int, objective: str, backend: str, config: dict) -> int:
+        """Id of the run tuning this workload for this objective on this backend; a second call
+        (a resumed run) finds the same run, marks it running again and updates its config."""
+        now = time.time()
+        with self._write() as conn:
+            conn.execute(
+                "INSERT INTO runs (workload_id, objective, backend, config, status, created_at, updated_at)"
+                " VALUES (?, ?, ?, ?, 'running', ?, ?)"
+                " ON CONFLICT (workload_id, objective, backend) DO UPDATE SET"
+                " config = excluded.config, status = 'running', updated_at = excluded.updated_at",
+                (workload_id, objective, backend, _dump(config), now, now),
+            )
+            return conn.execute(
+                "SELECT id FROM runs WHERE workload_id = ? AND objective = ? AND backend = ?",
+                (workload_id, objective, backend),
+            ).fetchone()[0]
+
+    def finish_run(self, run_id: int, status: str) -> None:
+        with self._write() as conn:
+            conn.execute("UPDATE runs SET status = ?, updated_at = ? WHERE id = ?",
+                         (status, time.time(), run_id))
+
+    def runs(self, workload_id: int | None = None) -> list[Run]:
+        sql, args = "SELECT * FROM runs", ()
+        if workload_id is not None:
+            sql, args = sql + " WHERE workload_id = ?", (workload_id,)
+        rows = self._conn.execute(sql + " ORDER BY id", args).fetchall()
+        return [Run(r["id"], r["workload_id"], r["objective"], r["backend"], _load(r["config"]),
+                    r["status"], r["created_at"], r["updated_at"]) for r in rows]
 
     # -- measurements
 

@@ -141,3 +141,34 @@ def test_committed_rows_survive_sigkill(tmp_path):
     for cid, mid in reported:
         assert cid in candidates
         assert measurements[mid].candidate_id == cid
+
+
+def test_runs_are_found_again_by_workload_objective_and_backend(tmp_path):
+    with RecordsDB.open(tmp_path / "r.db") as db:
+        wid = db.add_workload("softmax:8,8", "softmax", {"rows": 8, "cols": 8})
+        first = db.start_run(wid, "energy@0.05", "sim", {"trials": 8})
+        db.finish_run(first, "interrupted")
+        again = db.start_run(wid, "energy@0.05", "sim", {"trials": 16})
+        other = db.start_run(wid, "latency", "sim", {"trials": 8})
+        assert again == first and other != first
+        runs = {r.objective: r for r in db.runs(wid)}
+        assert runs["energy@0.05"].status == "running"
+        assert runs["energy@0.05"].config == {"trials": 16}
+        assert set(runs) == {"energy@0.05", "latency"}
+
+
+def test_a_version_1_database_is_migrated(tmp_path):
+    import sqlite3
+
+    from measurements import records
+
+    raw = sqlite3.connect(tmp_path / "old.db", isolation_level=None)
+    for statement in records._SCHEMA_V1:
+        raw.execute(statement)
+    raw.execute("PRAGMA user_version = 1")
+    raw.execute("INSERT INTO workloads (spec, family, params, created_at) VALUES ('gemm:1,1,1', 'gemm', '{}', 0)")
+    raw.close()
+    with RecordsDB.open(tmp_path / "old.db") as db:
+        assert db.schema_version == SCHEMA_VERSION == 2
+        assert [w.spec for w in db.workloads()] == ["gemm:1,1,1"]
+        assert db.runs() == []

@@ -1,0 +1,105 @@
+"""Tuning objectives, the best point under each, and the energy/latency Pareto front.
+
+Objectives compare (latency, energy) points; lower is better. ``energy`` with a slack S is the
+product's default question: the least energy among points no slower than (1 + S) x the fastest
+latency known. A point's energy can be measured or predicted; ``best`` only ever picks among
+measured ones for energy objectives, so a reported winner is never a model's guess.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Iterable, Sequence
+
+KINDS = ("latency", "energy", "edp")
+DEFAULT_MAX_SLOWDOWN = 0.05
+
+
+class ObjectiveError(ValueError):
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    kind: str  # latency | energy | edp
+    # energy only: allowed slowdown over the fastest latency found (None: unconstrained energy)
+    max_slowdown: float | None = None
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ObjectiveError(f"unknown objective {self.kind!r} (choose {', '.join(KINDS)})")
+        if self.max_slowdown is not None:
+            if self.kind != "energy":
+                raise ObjectiveError("--max-slowdown applies to the energy objective only")
+            if not (0 <= self.max_slowdown < 10) or math.isnan(self.max_slowdown):
+                raise ObjectiveError(f"--max-slowdown must be in [0, 10), not {self.max_slowdown}")
+
+    @classmethod
+    def parse(cls, text: str, max_slowdown: float | None = DEFAULT_MAX_SLOWDOWN) -> "Objective":
+        """``latency``, ``edp``, ``energy`` (with the slack given), ``energy@0.05`` or
+        ``energy@none`` (unconstrained)."""
+        kind, _, slack = text.strip().lower().partition("@")
+        if slack:
+            if slack in ("none", "inf"):
+                max_slowdown = None
+            else:
+                try:
+                    max_slowdown = float(slack)
+                except ValueError:
+                    raise ObjectiveError(f"bad slowdown in objective {text!r}") from None
+        return cls(kind, max_slowdown if kind == "energy" else None)
+
+    @property
+    def label(self) -> str:
+        if self.kind == "energy" and self.max_slowdown is not None:
+            return f"energy@{self.max_slowdown:g}"
+        return self.kind
+
+    @property
+    def needs_energy(self) -> bool:
+        return self.kind != "latency"
+
+    def score(self, latency_s: float, energy_j: float | None, fastest_s: float | None = None) -> float:
+        """Lower is better. With a slack, a point slower than the bound is ranked after every point
+        within it, and slower ones after less slow ones."""
+        if self.kind == "latency":
+            return latency_s
+        if energy_j is None:
+            return math.inf
+        if self.kind == "edp":
+            return energy_j * latency_s
+        if self.max_slowdown is None or fastest_s is None:
+            return energy_j
+        bound = (1 + self.max_slowdown) * fastest_s
+        if latency_s <= bound:
+            return energy_j
+        return 1e6 * (1 + latency_s / bound) + energy_j
+
+
+@dataclasses.dataclass(frozen=True)
+class Point:
+    key: object  # candidate id, structural hash, or "vendor"
+    latency_s: float
+    energy_j: float | None = None
+    energy_measured: bool = False
+
+
+def best(points: Sequence[Point], objective: Objective) -> Point | None:
+    """The best measured point: latency from every point, energy only from energy-measured ones."""
+    if not points:
+        return None
+    fastest = min(p.latency_s for p in points)
+    pool = points if objective.kind == "latency" else [p for p in points if p.energy_measured]
+    if not pool:
+        return None
+    return min(pool, key=lambda p: (objective.score(p.latency_s, p.energy_j, fastest), p.latency_s))
+
+
+def pareto_front(points: Iterable[Point]) -> list[Point]:
+    """Energy-measured points no other point beats in both latency and energy, by latency."""
+    front: list[Point] = []
+    for p in sorted((p for p in points if p.energy_measured and p.energy_j is not None),
+                    key=lambda p: (p.latency_s, p.energy_j)):
+        if not front or p.energy_j < front[-1].energy_j:
+            front.append(p)
+    return front
