@@ -74,6 +74,10 @@ _SCHEMA_V2 = (
         updated_at REAL NOT NULL,
         UNIQUE (workload_id, objective, backend)
     )""",
+    # Which run took a measurement: runs of different objectives on one database each keep their
+    # own budget, so a latency-only and an energy-aware run compare at the same trial count.
+    "ALTER TABLE measurements ADD COLUMN run_id INTEGER REFERENCES runs(id)",
+    "CREATE INDEX measurements_by_run ON measurements (run_id, kind)",
 )
 
 # MIGRATIONS[v] takes a database at version v to v + 1.
@@ -118,6 +122,7 @@ class Measurement:
     error: str | None
     started_at: float | None
     finished_at: float | None
+    run_id: int | None = None
 
 
 @dataclass(frozen=True)
@@ -310,6 +315,7 @@ class RecordsDB:
         error: str | None = None,
         started_at: float | None = None,
         finished_at: float | None = None,
+        run_id: int | None = None,
     ) -> int:
         """Record one measurement; value is seconds (latency) or joules (energy) per call."""
         if kind not in KINDS:
@@ -318,15 +324,15 @@ class RecordsDB:
             cur = conn.execute(
                 "INSERT INTO measurements (candidate_id, workload_id, kind, backend, device_name,"
                 " driver, sm_clock_mhz, temperature_c, value, spread, details, ok, error,"
-                " started_at, finished_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " started_at, finished_at, run_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (candidate_id, workload_id, kind, backend, device_name, driver, sm_clock_mhz,
                  temperature_c, value, spread, _dump(details), int(ok), error, started_at,
-                 finished_at),
+                 finished_at, run_id),
             )
             return cur.lastrowid
 
     def measurements(self, workload_id: int | None = None, kind: str | None = None,
-                     candidate_id: int | None = None) -> list[Measurement]:
+                     candidate_id: int | None = None, run_id: int | None = None) -> list[Measurement]:
         """Measurements in insertion order, optionally filtered (failed ones included, ok=False)."""
         where, args = [], []
         for column, wanted in (("workload_id", workload_id), ("kind", kind),
@@ -343,7 +349,7 @@ class RecordsDB:
                 r["id"], r["candidate_id"], r["workload_id"], r["kind"], r["backend"],
                 r["device_name"], r["driver"], r["sm_clock_mhz"], r["temperature_c"], r["value"],
                 r["spread"], _load(r["details"]), bool(r["ok"]), r["error"], r["started_at"],
-                r["finished_at"],
+                r["finished_at"], r["run_id"],
             )
             for r in rows
         ]

@@ -155,6 +155,10 @@ def test_runs_are_found_again_by_workload_objective_and_backend(tmp_path):
         assert runs["energy@0.05"].status == "running"
         assert runs["energy@0.05"].config == {"trials": 16}
         assert set(runs) == {"energy@0.05", "latency"}
+        db.add_measurement(workload_id=wid, kind="latency", backend="sim", value=1e-6, run_id=other)
+        db.add_measurement(workload_id=wid, kind="latency", backend="sim", value=2e-6)
+        assert [m.value for m in db.measurements(wid, run_id=other)] == [1e-6]
+        assert len(db.measurements(wid)) == 2
 
 
 def test_a_version_1_database_is_migrated(tmp_path):

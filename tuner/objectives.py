@@ -51,8 +51,9 @@ class Objective:
 
     @property
     def label(self) -> str:
-        if self.kind == "energy" and self.max_slowdown is not None:
-            return f"energy@{self.max_slowdown:g}"
+        """Unambiguous name (``Objective.parse(label)`` gives the objective back)."""
+        if self.kind == "energy":
+            return "energy@none" if self.max_slowdown is None else f"energy@{self.max_slowdown:g}"
         return self.kind
 
     @property
