@@ -336,7 +336,7 @@ class RecordsDB:
         """Measurements in insertion order, optionally filtered (failed ones included, ok=False)."""
         where, args = [], []
         for column, wanted in (("workload_id", workload_id), ("kind", kind),
-                               ("candidate_id", candidate_id)):
+                               ("candidate_id", candidate_id), ("run_id", run_id)):
             if wanted is not None:
                 where.append(f"{column} = ?")
                 args.append(wanted)

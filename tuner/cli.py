@@ -110,6 +110,159 @@ def space(
         raise typer.Exit(1)
 
 
+def _announce_backend(name: str, target: str):
+    """Make the backend and say which one it is on the first line: sim figures never pass as GPU ones."""
+    from measurements.backend import BackendError, make_backend
+    from measurements.nvml_energy import nvml_available
+
+    if name not in ("auto", "nvml", "sim"):
+        fail(f"unknown backend {name!r} (choose auto, nvml or sim)")
+    try:
+        backend = make_backend(name, gpu=target if target != "local" else "h100")
+    except BackendError as exc:
+        fail(str(exc))
+    device = backend.device()
+    if backend.name == "sim":
+        why = "no NVIDIA GPU found by NVML" if name == "auto" and not nvml_available() else "as asked"
+        console.print(f"backend: [bold]sim[/] (simulated {escape(device.name.removeprefix('sim:'))}; {why}): "
+                      "figures are model outputs, not measurements", highlight=False)
+    else:
+        console.print(f"backend: [bold]nvml[/] ({escape(device.name)}, driver {device.driver})", highlight=False)
+    return backend
+
+
+def _status_line(status) -> str:
+    def fmt(point):
+        if point is None:
+            return "-"
+        energy = f"{point.energy_j * 1e3:.3g} mJ" if point.energy_j is not None else "energy ?"
+        return f"{point.latency_s * 1e6:.1f} us, {energy}"
+
+    return (f"{status.workload} [{status.objective}] gen {status.generation}  best {fmt(status.best)}  "
+            f"fastest {fmt(status.fastest)}  energy meas {status.energy_measurements}/{status.energy_budget}")
+
+
+@app.command("tune")
+def tune(
+    specs: List[str] = typer.Argument(..., help="Workloads, e.g. gemm:4096,4096,4096 softmax:4096,4096"),
+    objective: str = typer.Option("energy", help="latency, energy, edp (energy takes --max-slowdown)."),
+    max_slowdown: Optional[str] = typer.Option(
+        None, help="energy: allowed slowdown over the fastest schedule found, e.g. 0.05 (default), or none."),
+    backend: str = typer.Option("auto", help="nvml (the GPU), sim (analytic H100), auto: the GPU if NVML finds one."),
+    db: Path = typer.Option(Path("etune.db"), help="Records database (SQLite); the same command resumes."),
+    trials: int = typer.Option(64, min=1, help="Candidates measured for latency per workload."),
+    energy_measurements: Optional[int] = typer.Option(
+        None, min=0, help="Energy measurements per workload (default 15 % of trials, at least 3)."),
+    time_budget: Optional[float] = typer.Option(None, min=1, help="Seconds for this invocation, all workloads."),
+    target: str = typer.Option("h100", help="GPU target preset: h100, a100, or local (NVML)."),
+    batch: int = typer.Option(16, min=1, help="Candidates built and measured per generation."),
+    seed: int = typer.Option(0),
+    build: bool = typer.Option(True, help="Build candidates with nvcc (--no-build: sim only)."),
+    jobs: Optional[int] = typer.Option(None, min=1, help="Parallel builds (default: CPU cores)."),
+    workdir: Path = typer.Option(Path(".etune/builds"), help="Build artifacts and cache."),
+) -> None:
+    """Tune workloads for an objective; every measurement goes to --db as it is taken."""
+    from measurements.records import RecordsDB
+
+    from .objectives import DEFAULT_MAX_SLOWDOWN, Objective
+    from .search import TuneConfig, Tuner
+
+    workloads = _workloads(specs)
+    gpu = _gpu(target)
+    kind = objective.strip().lower()
+    try:
+        if max_slowdown is None:
+            slack = DEFAULT_MAX_SLOWDOWN if kind == "energy" else None
+        else:
+            slack = None if max_slowdown.lower() == "none" else float(max_slowdown)
+        goal = Objective(kind, slack)
+    except ValueError as exc:  # ObjectiveError included
+        fail(f"bad objective: {exc}")
+    if db.parent and not db.parent.exists():
+        fail(f"directory {db.parent} does not exist")
+    chosen = _announce_backend(backend, target)
+    if not build and chosen.name != "sim":
+        fail("--no-build is for the sim backend only: a GPU runs built kernels")
+    deadline = None if time_budget is None else time.monotonic() + time_budget
+    summaries = []
+    try:
+        with RecordsDB.open(db) as records:
+            for workload in workloads:
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                config = TuneConfig(trials=trials, energy_measurements=energy_measurements, time_budget_s=left,
+                                    batch=batch, seed=seed, build=build, jobs=jobs, workdir=workdir)
+                with _progress() as progress:
+                    task = progress.add_task(f"{workload.spec}: design spaces", total=trials)
+
+                    def show(status, task=task, progress=progress):
+                        progress.update(task, completed=status.trials, description=escape(_status_line(status)))
+
+                    with console.status(f"generating design spaces of {workload.spec}"):
+                        tuner = Tuner(workload.spec, goal, chosen, records, config, gpu=gpu, on_status=show,
+                                      log=lambda m: console.print(escape(m), highlight=False))
+                    status = tuner.run()
+                summaries.append(status)
+                console.print(escape(_status_line(status)) + f"  stopped by {status.stopped_by}", highlight=False)
+                if status.stopped_by == "interrupted":
+                    raise KeyboardInterrupt
+    finally:
+        chosen.close()
+    console.print(f"records in {db}; see: etune report --db {db}", highlight=False)
+
+
+@app.command("report")
+def report(
+    db: Path = typer.Option(Path("etune.db"), help="Records database."),
+    specs: Optional[List[str]] = typer.Argument(None, help="Only these workloads."),
+    backend: Optional[str] = typer.Option(None, help="Only this backend (nvml or sim)."),
+    format: str = typer.Option("table", help="table or json."),
+) -> None:
+    """Best record per tuned objective, the energy/latency Pareto front and the vendor reference."""
+    import json
+
+    from measurements.records import RecordsDB
+
+    from .report import report as make_report
+
+    if format not in ("table", "json"):
+        fail(f"unknown format {format!r} (choose table or json)")
+    if not db.exists():
+        fail(f"no records database at {db}")
+    with RecordsDB.open(db) as records:
+        document = make_report(records, specs=specs, backend=backend)
+    if specs and not document["workloads"]:
+        fail(f"no records for {', '.join(specs)} in {db}")
+    if format == "json":
+        print(json.dumps(document, indent=2))
+        return
+    for entry in document["workloads"]:
+        label = "sim (model, not hardware)" if entry["simulated"] else f"nvml ({entry['device']})"
+        table = Table(title=f"{entry['workload']} on {label}", title_justify="left")
+        for column in ("", "latency us", "energy mJ", "avg W", "energy measured"):
+            table.add_column(column, justify="right" if column else "left")
+
+        def row(name, point):
+            if point is None:
+                table.add_row(name, "-", "-", "-", "-")
+                return
+            e = point.get("energy_j")
+            table.add_row(name, f"{point['latency_s'] * 1e6:.2f}", f"{e * 1e3:.3f}" if e is not None else "-",
+                          f"{e / point['latency_s']:.0f}" if e is not None else "-",
+                          "yes" if point.get("energy_measured", e is not None) else "no")
+
+        for objective, point in entry["best"].items():
+            row(f"best {objective}", point)
+        if entry["vendor"]:
+            row(f"vendor {entry['vendor']['kernel']}", entry["vendor"])
+        for i, point in enumerate(entry["pareto"]):
+            row(f"pareto {i + 1}", point)
+        console.print(table)
+        counts = entry["counts"]
+        console.print(f"{counts['candidates']} candidates, {counts['latency_measurements']} latency and "
+                      f"{counts['energy_measurements']} energy measurements, {counts['failed']} failed",
+                      highlight=False)
+
+
 def _progress() -> Progress:
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                     console=console, transient=True)
