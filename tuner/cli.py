@@ -268,6 +268,13 @@ def _progress() -> Progress:
                     console=console, transient=True)
 
 
+# Commands defined in their own modules (they import console and fail from here).
+from .export_cmd import export_command, verify_command  # noqa: E402
+
+app.command("export")(export_command)
+app.command("verify")(verify_command)
+
+
 def main() -> None:
     try:
         app()

@@ -1,0 +1,570 @@
+"""Exports of a records database: a kernel library (one shared library and a manifest) and a
+MetaSchedule JSON database.
+
+The kernel library holds, per workload, the best candidate under one objective, rebuilt from its
+stored trace and compiled with every other one into ``libetune_kernels.so`` (one TVM module, one
+function per workload, named after the spec made identifier-safe). ``manifest.json`` says what each
+function computes (spec, inputs, outputs), why it was chosen (objective, measured latency and energy,
+backend and device of the measurements, ``simulated`` when they come from the sim backend), and how to
+rebuild it (structural hash, schedule trace); ``kernels/<name>.cu`` is each kernel's CUDA source.
+``kernels.load_library`` loads it.
+
+The library is runnable only when TVM compiled the CUDA (a CUDA-enabled TVM runtime): a CPU-only TVM
+keeps the CUDA as source, so the library it exports cannot launch anything. etune still compiles that
+source with nvcc (search_space.build's helper) so the export is known to compile for the arch, and
+says ``"runnable": false`` in the manifest; export on a GPU host to get a runnable library.
+
+The MetaSchedule database (``database_workload.json`` and ``database_tuning_record.json``, the files
+of ``tvm.s_tir.meta_schedule.database.JSONDatabase``) carries the same schedules as tuning records:
+trace, run_secs (the latency measurements) and target, so TVM can apply them to the workloads'
+PrimFuncs (``database.query_schedule`` / ``query_ir_module``, or a Relax build under the database).
+MetaSchedule ranks records by mean run_secs only; a database exported for an objective other than
+latency therefore holds just the chosen record per workload, so the one TVM picks is the one etune
+chose.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import re
+import shutil
+import statistics
+import tempfile
+from collections import defaultdict
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Sequence
+
+from measurements.records import Candidate as CandidateRow
+from measurements.records import RecordsDB, Run
+from measurements.records import Workload as WorkloadRow
+
+from .objectives import Objective, ObjectiveError, Point, best
+from .report import candidate_points  # noqa: F401  (re-exported: tests and callers use it from here)
+
+LIBRARY_FILE = "libetune_kernels.so"
+MANIFEST_FILE = "manifest.json"
+SOURCES_DIR = "kernels"
+MS_WORKLOAD_FILE = "database_workload.json"
+MS_RECORD_FILE = "database_tuning_record.json"
+FORMAT = "etune-kernel-library"
+FORMAT_VERSION = 1
+
+SIM_NOTE = ("latency and energy come from the simulated GPU (backend 'sim', an analytic model), "
+            "not from a measurement on hardware")
+NOT_RUNNABLE_NOTE = ("exported with a TVM that has no CUDA runtime: the library holds the CUDA source, not "
+                     "a compiled binary, and cannot launch kernels. Export again on a GPU host with a "
+                     "CUDA-enabled TVM to get a runnable library.")
+
+
+class ExportError(RuntimeError):
+    """An export cannot be made (empty database, unknown workload, nothing measured...): one line."""
+
+
+# -- the database side ---------------------------------------------------------------------------
+def measured_backends(db: RecordsDB, workload_id: int) -> list[str]:
+    """Backends with at least one ok latency measurement of a candidate of the workload."""
+    return sorted({m.backend for m in db.measurements(workload_id, kind="latency")
+                   if m.ok and m.candidate_id is not None})
+
+
+def kernel_name(spec: str) -> str:
+    """The spec as a C identifier: ``gemm:64,64,64`` -> ``gemm_64_64_64``."""
+    name = re.sub(r"[^0-9A-Za-z]+", "_", spec).strip("_")
+    if not name or not name[0].isalpha():
+        name = "k_" + name
+    return name
+
+
+@dataclasses.dataclass
+class Selection:
+    """The candidate chosen for one workload, with the measurements behind the choice."""
+
+    workload: WorkloadRow
+    name: str
+    objective: Objective
+    backend: str
+    point: Point
+    candidate: CandidateRow
+    latency_samples: int
+    energy_samples: int
+    device_names: list[str]
+    drivers: list[str]
+    runs: list[Run]
+
+    @property
+    def simulated(self) -> bool:
+        return self.backend == "sim"
+
+
+def _objective(objective: Objective | str) -> Objective:
+    if isinstance(objective, Objective):
+        return objective
+    try:
+        return Objective.parse(objective)
+    except ObjectiveError as exc:
+        raise ExportError(f"bad objective {objective!r}: {exc}") from None
+
+
+def _open_db(db_path: str | Path) -> RecordsDB:
+    path = Path(db_path)
+    if not path.is_file():  # RecordsDB.open would create an empty database
+        raise ExportError(f"no records database at {path}")
+    try:
+        return RecordsDB.open(path)
+    except Exception as exc:  # not SQLite, newer schema, ...
+        raise ExportError(f"cannot open records database {path}: {exc}") from None
+
+
+def _wanted_workloads(db: RecordsDB, db_path, workloads: Sequence[str] | None) -> list[WorkloadRow]:
+    rows = db.workloads()
+    if not rows:
+        raise ExportError(f"records database {db_path} has no workloads: tune something first (etune tune)")
+    if not workloads:
+        return rows
+    from kernels import WorkloadError, parse_spec
+
+    by_spec = {r.spec: r for r in rows}
+    chosen = []
+    for spec in workloads:
+        try:
+            canonical = parse_spec(spec).spec
+        except WorkloadError as exc:
+            raise ExportError(str(exc)) from None
+        if canonical not in by_spec:
+            raise ExportError(f"workload {canonical} is not in {db_path}; it has: {', '.join(by_spec)}")
+        if by_spec[canonical] not in chosen:
+            chosen.append(by_spec[canonical])
+    return chosen
+
+
+def _pick_backend(db: RecordsDB, workload: WorkloadRow, backend: str | None) -> str:
+    backends = measured_backends(db, workload.id)
+    if not backends:
+        raise ExportError(f"{workload.spec}: no candidate has an ok latency measurement")
+    if backend is not None:
+        if backend not in backends:
+            raise ExportError(f"{workload.spec}: no ok latency measurement on backend {backend!r} "
+                              f"(measured on: {', '.join(backends)})")
+        return backend
+    if len(backends) == 1:
+        return backends[0]
+    real = [b for b in backends if b != "sim"]
+    if len(real) == 1:  # hardware measurements win over the simulator's
+        return real[0]
+    raise ExportError(f"{workload.spec} was measured on several backends ({', '.join(backends)}): "
+                      "choose one with --backend")
+
+
+def _select(db: RecordsDB, workload: WorkloadRow, objective: Objective, backend: str | None) -> Selection:
+    chosen_backend = _pick_backend(db, workload, backend)
+    points = candidate_points(db, workload.id, chosen_backend)
+    point = best(points, objective)
+    if point is None:
+        raise ExportError(f"{workload.spec}: no candidate has an ok energy measurement on backend "
+                          f"{chosen_backend!r}, which objective {objective.label} needs "
+                          "(export with --objective latency, or measure energy first)")
+    candidate = next(c for c in db.candidates(workload.id) if c.id == point.key)
+    mine = [m for m in db.measurements(workload.id, candidate_id=candidate.id)
+            if m.ok and m.backend == chosen_backend]
+    return Selection(
+        workload=workload, name=kernel_name(workload.spec), objective=objective, backend=chosen_backend,
+        point=point, candidate=candidate,
+        latency_samples=sum(m.kind == "latency" for m in mine),
+        energy_samples=sum(m.kind == "energy" for m in mine),
+        device_names=sorted({m.device_name for m in mine if m.device_name}),
+        drivers=sorted({m.driver for m in mine if m.driver}),
+        runs=db.runs(workload.id),
+    )
+
+
+def select_best(db_path: str | Path, objective: Objective | str, backend: str | None = None,
+                workloads: Sequence[str] | None = None) -> list[Selection]:
+    """The best candidate of each workload (all of the database's, or the listed specs) under the
+    objective, from one backend's measurements (default: the only backend, or the one real one when
+    the simulator measured too). Raises ExportError for an empty database, an unknown workload, or a
+    workload without a measured candidate."""
+    objective = _objective(objective)
+    with _open_db(db_path) as db:
+        selections = [_select(db, w, objective, backend) for w in _wanted_workloads(db, db_path, workloads)]
+    names = [s.name for s in selections]
+    if len(set(names)) != len(names):  # two specs that differ only in punctuation
+        raise ExportError(f"two workloads map to the same function name: {', '.join(names)}")
+    return selections
+
+
+# -- rebuilding and compiling ------------------------------------------------------------------------
+def _gpu(gpu):
+    from search_space import TargetError, gpu_spec
+
+    if not isinstance(gpu, str):
+        return gpu
+    try:
+        return gpu_spec(gpu)
+    except TargetError as exc:
+        raise ExportError(str(exc)) from None
+
+
+_SPACES: dict = {}
+
+
+def _space(spec: str, gpu):
+    """The ScheduleSpace of a workload (cached: creating one generates its design spaces)."""
+    from search_space import SamplingError, ScheduleSpace
+
+    key = (spec, gpu)
+    if key not in _SPACES:
+        try:
+            _SPACES[key] = ScheduleSpace(spec, gpu)
+        except SamplingError as exc:
+            raise ExportError(str(exc)) from None
+    return _SPACES[key]
+
+
+def rebuild(spec: str, candidate: CandidateRow, gpu):
+    """The search_space Candidate back from its stored trace; its structural hash must be the
+    stored one (a different TVM or etune can replay a trace to a different schedule)."""
+    from search_space.space import TVM_ERRORS
+
+    space = _space(spec, _gpu(gpu))
+    try:
+        rebuilt = space.from_trace_json(candidate.trace, candidate.design_space)
+    except (TVM_ERRORS + (json.JSONDecodeError,)) as exc:
+        reason = (str(exc).strip().splitlines() or [repr(exc)])[-1]
+        raise ExportError(f"{spec}: candidate {candidate.id} does not replay: {reason}") from None
+    if rebuilt.structural_hash != candidate.structural_hash:
+        raise ExportError(f"{spec}: candidate {candidate.id} replays to schedule {rebuilt.structural_hash}, not the "
+                          f"measured {candidate.structural_hash} (database written by another TVM or etune?)")
+    return rebuilt
+
+
+@contextmanager
+def _cuda_compile_callback(function):
+    """Installs ``tvm_callback_cuda_compile`` for the duration, then puts back whatever was there."""
+    import tvm_ffi
+
+    name = "tvm_callback_cuda_compile"
+    previous = tvm_ffi.get_global_func(name, allow_missing=True)
+    tvm_ffi.register_global_func(name, function, override=True)
+    try:
+        yield
+    finally:
+        if previous is not None:
+            tvm_ffi.register_global_func(name, previous, override=True)
+        else:
+            tvm_ffi.remove_global_func(name)
+
+
+def _tvm_reason(exc: BaseException) -> str:
+    lines = [l.strip() for l in str(exc).strip().splitlines() if l.strip()]
+    return next((l for l in reversed(lines) if "Error" in l or "error" in l), lines[-1] if lines else repr(exc))
+
+
+def _device_module(executable):
+    modules = [m for m in executable.mod.imports if m.kind == "cuda"]
+    if not modules:
+        raise ExportError("TVM produced no CUDA module")
+    return modules[0]
+
+
+def cuda_source(name: str, prim_func, gpu) -> str:
+    """The CUDA source TVM generates for one kernel function (no nvcc run: a callback hands the
+    source back in place of a binary on a CUDA-enabled TVM; a CPU-only TVM keeps the source)."""
+    import tvm
+
+    gpu = _gpu(gpu)
+    target = gpu.tvm_target()
+    captured: list[str] = []
+
+    def capture(code, *_):
+        captured.append(code)
+        return code
+
+    mod = tvm.IRModule({name: prim_func.with_attr("global_symbol", name)})
+    with _cuda_compile_callback(capture):
+        try:
+            with target:
+                executable = tvm.compile(mod, target=target)
+        except Exception as exc:
+            raise ExportError(f"{name}: TVM cannot lower the kernel: {_tvm_reason(exc)}") from None
+    return captured[-1] if captured else _device_module(executable).inspect_source()
+
+
+@dataclasses.dataclass
+class CompiledLibrary:
+    path: Path
+    runnable: bool
+    nvcc_checked: bool  # nvcc compiled the CUDA for the arch (always true when runnable)
+    resources: list  # search_space.build.KernelResources of every device kernel, from ptxas
+    note: str | None = None
+
+
+def compile_library(functions: dict, gpu, path: str | Path) -> CompiledLibrary:
+    """Compiles {name: PrimFunc} into one shared library at ``path`` for the GPU target.
+
+    On a CUDA-enabled TVM, TVM calls etune's nvcc helper (search_space.build.nvcc_compile) through
+    ``tvm_callback_cuda_compile`` and embeds the cubin: the library runs. On a CPU-only TVM the
+    library embeds the CUDA source; the source is compiled with the same helper anyway (so a kernel
+    that does not compile is an export error, and ptxas reports its resources), and the library is
+    marked not runnable.
+    """
+    import tvm
+
+    from search_space.build import BuildError, nvcc_compile
+
+    gpu = _gpu(gpu)
+    path = Path(path)
+    target = gpu.tvm_target()
+    mod = tvm.IRModule({name: f.with_attr("global_symbol", name) for name, f in functions.items()})
+    compiled: list = []
+    with tempfile.TemporaryDirectory(prefix="etune-export-") as workdir:
+        def compile_callback(code, *_):
+            compiled.append(nvcc_compile(code, gpu.arch, Path(workdir)))
+            return compiled[-1][0]
+
+        with _cuda_compile_callback(compile_callback):
+            try:
+                with target:
+                    executable = tvm.compile(mod, target=target)
+            except Exception as exc:
+                raise ExportError(f"compiling the kernel library failed: {_tvm_reason(exc)}") from None
+        runnable = bool(compiled)
+        note = None
+        if not runnable:
+            try:
+                compiled.append(nvcc_compile(_device_module(executable).inspect_source(), gpu.arch, Path(workdir)))
+            except BuildError as exc:
+                if "not found" not in str(exc):
+                    raise ExportError(f"the kernels' CUDA does not compile for {gpu.arch}: {exc}") from None
+                note = f"not checked with nvcc ({exc})"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            executable.export_library(str(path))
+        except Exception as exc:
+            raise ExportError(f"writing {path} failed: {_tvm_reason(exc)}") from None
+    return CompiledLibrary(path, runnable, bool(compiled), compiled[-1][1] if compiled else [], note)
+
+
+# -- the kernel library --------------------------------------------------------------------------
+def _etune_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("etune")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _tensors(specs) -> list[dict]:
+    return [{"name": t.name, "shape": list(t.shape), "dtype": t.dtype} for t in specs]
+
+
+def _target_json(target):
+    try:
+        return json.loads(str(target))
+    except ValueError:
+        return str(target)
+
+
+def _kernel_entry(selection: Selection, rebuilt, resources: list) -> dict:
+    workload = rebuilt.workload
+    point = selection.point
+    own = re.compile(rf"^{re.escape(selection.name)}_kernel(_\d+)?$")
+    entry = {
+        "name": selection.name,
+        "spec": workload.spec,
+        "family": workload.family,
+        "params": workload.params,
+        "inputs": _tensors(workload.inputs),
+        "outputs": _tensors(workload.outputs),
+        "objective": selection.objective.label,
+        "candidate_id": selection.candidate.id,
+        "structural_hash": selection.candidate.structural_hash,
+        "design_space": selection.candidate.design_space,
+        "latency_s": point.latency_s,
+        "energy_j": point.energy_j,
+        "energy_measured": point.energy_measured,
+        "measurements": {
+            "backend": selection.backend,
+            "device_name": ", ".join(selection.device_names) or None,
+            "driver": ", ".join(selection.drivers) or None,
+            "latency_samples": selection.latency_samples,
+            "energy_samples": selection.energy_samples,
+        },
+        "simulated": selection.simulated,
+        "tuning_runs": [{"objective": r.objective, "backend": r.backend, "status": r.status,
+                         "arch": (r.config or {}).get("target")} for r in selection.runs],
+        "source": f"{SOURCES_DIR}/{selection.name}.cu",
+        "device_kernels": [dataclasses.asdict(k) for k in resources if own.match(k.name)],
+        "trace": json.loads(selection.candidate.trace),
+    }
+    if selection.simulated:
+        entry["note"] = SIM_NOTE
+    return entry
+
+
+def _write_json(path: Path, document) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(document, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def export_library(db_path: str | Path, objective: Objective | str, out_dir: str | Path,
+                   backend: str | None = None, gpu="h100", workloads: Sequence[str] | None = None) -> dict:
+    """Exports the best candidate of every workload (or the listed specs) under ``objective`` as one
+    shared library ``out_dir/libetune_kernels.so`` with ``manifest.json`` and ``kernels/<name>.cu``;
+    returns the manifest. Raises ExportError with one readable line when it cannot."""
+    import tvm
+
+    objective = _objective(objective)
+    gpu = _gpu(gpu)
+    selections = select_best(db_path, objective, backend, workloads)
+    rebuilt = [rebuild(s.workload.spec, s.candidate, gpu) for s in selections]
+
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{out} exists and is not a directory")
+    sources = out / SOURCES_DIR
+    sources.mkdir(parents=True, exist_ok=True)
+    # An earlier export into the same directory: its manifest goes first, so an export that fails
+    # half-way never leaves a manifest describing files that changed under it.
+    (out / MANIFEST_FILE).unlink(missing_ok=True)
+    for stale in sources.glob("*.cu"):
+        stale.unlink()
+    functions = {}
+    for selection, candidate in zip(selections, rebuilt):
+        func = candidate.mod["main"]
+        functions[selection.name] = func
+        (sources / f"{selection.name}.cu").write_text(cuda_source(selection.name, func, gpu))
+    library = compile_library(functions, gpu, out / LIBRARY_FILE)
+
+    simulated = any(s.simulated for s in selections)
+    other_arch = sorted({f"{s.workload.spec} (tuned for {arch})" for s in selections for r in s.runs
+                         if (arch := (r.config or {}).get("target")) and arch != gpu.arch})
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "etune_version": _etune_version(),
+        "tvm_version": tvm.__version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "target": {"gpu": gpu.name, "arch": gpu.arch, "tvm_target": _target_json(gpu.tvm_target())},
+        "objective": objective.label,
+        "records_db": str(db_path),
+        "library": LIBRARY_FILE,
+        "runnable": library.runnable,
+        "nvcc_checked": library.nvcc_checked,
+        "simulated": simulated,
+        "notes": [n for n in (
+            None if library.runnable else NOT_RUNNABLE_NOTE,
+            library.note,
+            f"compiled for {gpu.arch}, but tuned for another arch: {', '.join(other_arch)}" if other_arch else None,
+            f"{SIM_NOTE} for: {', '.join(s.workload.spec for s in selections if s.simulated)}" if simulated else None,
+        ) if n],
+        "kernels": [_kernel_entry(s, c, library.resources) for s, c in zip(selections, rebuilt)],
+    }
+    _write_json(out / MANIFEST_FILE, manifest)
+    return manifest
+
+
+# -- the MetaSchedule database -------------------------------------------------------------------------
+def _structural_hash(mod) -> str:
+    import tvm_ffi
+
+    return f"{tvm_ffi.structural_hash(mod) & 0xFFFFFFFFFFFFFFFF:016x}"
+
+
+def _latency_values(db: RecordsDB, workload_id: int, backend: str) -> dict[int, list[float]]:
+    values: dict[int, list[float]] = defaultdict(list)
+    for m in db.measurements(workload_id, kind="latency"):
+        if m.ok and m.candidate_id is not None and m.backend == backend and m.value is not None:
+            values[m.candidate_id].append(float(m.value))
+    return values
+
+
+def export_ms_database(db_path: str | Path, out_dir: str | Path, backend: str | None = None, gpu="h100",
+                       objective: Objective | str | None = None,
+                       workloads: Sequence[str] | None = None) -> dict:
+    """Writes ``out_dir/database_workload.json`` and ``out_dir/database_tuning_record.json`` (the
+    files of MetaSchedule's JSONDatabase; existing ones are replaced) and checks them by loading them
+    back and querying each workload's best schedule.
+
+    Without an objective every candidate with a latency measurement becomes a tuning record (its
+    run_secs: its latency measurements), and TVM picks the fastest. With one, only the objective's
+    choice per workload is written, so TVM picks it. Returns a summary: the two paths and, per
+    workload, the spec, the number of records and the structural hash of the schedule TVM queries.
+
+    Loading these files in a fresh process replays tensor-core traces, which needs TVM's CUDA tensor
+    intrinsics registered first: ``import tvm.s_tir.tensor_intrin.cuda``.
+    """
+    from tvm.s_tir import meta_schedule as ms
+
+    gpu = _gpu(gpu)
+    objective = None if objective is None else _objective(objective)
+    target = gpu.tvm_target()
+    plan = []  # (workload row, backend, [(candidate row, run_secs)], expected hashes)
+    with _open_db(db_path) as db:
+        for workload in _wanted_workloads(db, db_path, workloads):
+            if objective is not None:
+                chosen = _select(db, workload, objective, backend)
+                run_secs = _latency_values(db, workload.id, chosen.backend)[chosen.candidate.id]
+                plan.append((workload, chosen.backend, [(chosen.candidate, run_secs)],
+                             {chosen.candidate.structural_hash}))
+                continue
+            chosen_backend = _pick_backend(db, workload, backend)
+            values = _latency_values(db, workload.id, chosen_backend)
+            rows = [(c, values[c.id]) for c in db.candidates(workload.id) if values.get(c.id)]
+            fastest = min(statistics.fmean(v) for _, v in rows)  # MetaSchedule ranks by mean run_secs
+            plan.append((workload, chosen_backend, rows,
+                         {c.structural_hash for c, v in rows if statistics.fmean(v) == fastest}))
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".etune-msdb-", dir=out))
+    try:
+        database = ms.database.JSONDatabase(path_workload=str(staging / MS_WORKLOAD_FILE),
+                                            path_tuning_record=str(staging / MS_RECORD_FILE))
+        for workload, _, rows, _ in plan:
+            mod = _space(workload.spec, gpu).mod
+            ms_workload = database.commit_workload(mod)
+            args_info = ms.arg_info.ArgInfo.from_entry_func(mod, remove_preproc=True)
+            for row, run_secs in rows:
+                candidate = rebuild(workload.spec, row, gpu)
+                database.commit_tuning_record(ms.database.TuningRecord(
+                    candidate.trace, ms_workload, run_secs=run_secs, target=target, args_info=args_info))
+        del database
+        for name in (MS_WORKLOAD_FILE, MS_RECORD_FILE):
+            if not (staging / name).exists():  # a database with no record writes no record file
+                (staging / name).write_text("")
+            os.replace(staging / name, out / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+    summary = {"path_workload": str(out / MS_WORKLOAD_FILE), "path_tuning_record": str(out / MS_RECORD_FILE),
+               "objective": None if objective is None else objective.label, "workloads": []}
+    loaded = load_ms_database(out)
+    for workload, chosen_backend, rows, expected in plan:
+        mod = _space(workload.spec, gpu).mod
+        schedule = loaded.query_schedule(mod, target, "main")
+        got = None if schedule is None else _structural_hash(schedule.mod)
+        if got not in expected:
+            raise ExportError(f"{workload.spec}: the exported MetaSchedule database gives schedule {got}, "
+                              f"expected {' or '.join(sorted(expected))}")
+        summary["workloads"].append({"spec": workload.spec, "backend": chosen_backend, "records": len(rows),
+                                     "structural_hash": got, "simulated": chosen_backend == "sim"})
+    return summary
+
+
+def load_ms_database(directory: str | Path):
+    """The JSONDatabase exported into ``directory`` (registers the CUDA tensor intrinsics first, which
+    replaying tensor-core traces needs)."""
+    import tvm.s_tir.tensor_intrin.cuda  # noqa: F401  (registers wmma/mma intrinsics)
+    from tvm.s_tir import meta_schedule as ms
+
+    directory = Path(directory)
+    for name in (MS_WORKLOAD_FILE, MS_RECORD_FILE):
+        if not (directory / name).is_file():
+            raise ExportError(f"no MetaSchedule database in {directory}: {name} is missing")
+    return ms.database.JSONDatabase(path_workload=str(directory / MS_WORKLOAD_FILE),
+                                    path_tuning_record=str(directory / MS_RECORD_FILE), allow_missing=False)

@@ -1,0 +1,91 @@
+"""What a records database says about each tuned workload: the best point per tuned objective, the
+energy/latency Pareto front, the vendor reference and the measurement counts, per backend.
+
+Figures from different backends are never mixed: a workload tuned on ``sim`` and on ``nvml`` gives
+two entries, each naming its backend and device.
+"""
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+
+from measurements.records import RecordsDB
+
+from .objectives import Objective, Point, best, pareto_front
+
+
+def candidate_points(db: RecordsDB, workload_id: int, backend: str, run_id: int | None = None) -> list[Point]:
+    """One Point per candidate of the workload with an ok latency measurement on ``backend`` (in the
+    run ``run_id``, if given): key = candidate id, median latency, median energy of its ok energy
+    measurements (None and ``energy_measured=False`` without any). Vendor references and failed
+    measurements are left out."""
+    latency: dict[int, list[float]] = defaultdict(list)
+    energy: dict[int, list[float]] = defaultdict(list)
+    for m in db.measurements(workload_id, run_id=run_id):
+        if m.ok and m.candidate_id is not None and m.backend == backend and m.value is not None:
+            (latency if m.kind == "latency" else energy)[m.candidate_id].append(m.value)
+    points = []
+    for cid in sorted(latency):
+        e = statistics.median(energy[cid]) if energy.get(cid) else None
+        points.append(Point(cid, statistics.median(latency[cid]), e, e is not None))
+    return points
+
+
+def _point_json(point: Point | None) -> dict | None:
+    if point is None:
+        return None
+    return {"candidate_id": point.key, "latency_s": point.latency_s, "energy_j": point.energy_j,
+            "energy_measured": point.energy_measured}
+
+
+def _vendor(db: RecordsDB, workload_id: int, backend: str) -> dict | None:
+    values: dict[str, list[float]] = defaultdict(list)
+    name = None
+    for m in db.measurements(workload_id):
+        if m.candidate_id is None and m.ok and m.backend == backend:
+            values[m.kind].append(m.value)
+            name = (m.details or {}).get("vendor", name)
+    if not values:
+        return None
+    return {"kernel": name,
+            "latency_s": statistics.median(values["latency"]) if values.get("latency") else None,
+            "energy_j": statistics.median(values["energy"]) if values.get("energy") else None}
+
+
+def report(db: RecordsDB, specs: list[str] | None = None, backend: str | None = None) -> dict:
+    """The ``etune report --format json`` document."""
+    entries = []
+    for workload in db.workloads():
+        if specs and workload.spec not in specs:
+            continue
+        measurements = db.measurements(workload.id)
+        backends = sorted({m.backend for m in measurements if backend is None or m.backend == backend})
+        runs = db.runs(workload.id)
+        for name in backends:
+            mine = [m for m in measurements if m.backend == name]
+            points = candidate_points(db, workload.id, name)
+            best_by_objective = {}
+            for run in runs:
+                if run.backend == name:
+                    run_points = candidate_points(db, workload.id, name, run_id=run.id)
+                    best_by_objective[run.objective] = _point_json(best(run_points, Objective.parse(run.objective)))
+            devices = sorted({m.device_name for m in mine if m.device_name})
+            entries.append({
+                "workload": workload.spec,
+                "backend": name,
+                "device": devices[0] if len(devices) == 1 else devices,
+                "simulated": name == "sim",
+                "best": best_by_objective,
+                "pareto": [{"candidate_id": p.key, "latency_s": p.latency_s, "energy_j": p.energy_j}
+                           for p in pareto_front(points)],
+                "vendor": _vendor(db, workload.id, name),
+                "counts": {
+                    "candidates": len(points),
+                    "latency_measurements": sum(m.kind == "latency" and m.candidate_id is not None for m in mine),
+                    "energy_measurements": sum(m.kind == "energy" and m.candidate_id is not None for m in mine),
+                    "failed": sum(not m.ok for m in mine),
+                },
+                "runs": [{"objective": r.objective, "status": r.status, "config": r.config}
+                         for r in runs if r.backend == name],
+            })
+    return {"workloads": entries}
