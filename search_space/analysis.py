@@ -27,7 +27,7 @@ class KernelLaunch:
     # Lanes of the widest gather (a vector load or store whose index is not a plain Ramp).
     max_gather_lanes: int = 1
     # Dynamic totals over the whole grid (every loop trip of every thread, both sides of every
-    # branch): what the kernel asks of each memory level, before caches. See traffic().
+    # branch): what the kernel asks of each memory level, before caches.
     traffic: "Traffic" = dataclasses.field(default_factory=lambda: Traffic())
 
     @property
@@ -79,51 +79,88 @@ def lower_device_functions(mod, target: Target) -> list:
 # Child fields of TIR statements and expressions; TVM 0.27 exposes no TIR visitor to Python.
 _CHILD_FIELDS = ("seq", "body", "then_case", "else_case", "value", "a", "b", "args", "indices", "condition",
                  "true_value", "false_value", "base", "stride", "extent", "min", "message")
+# The fields each node type has, learnt on first sight: asking every node for all 17 names through
+# the FFI (most absent) made analysis cost more than lowering.
+_FIELDS_OF: dict[type, tuple[str, ...]] = {}
+
+
+def _child_fields(node) -> tuple[str, ...]:
+    fields = _FIELDS_OF.get(type(node))
+    if fields is None:
+        fields = _FIELDS_OF[type(node)] = tuple(f for f in _CHILD_FIELDS if hasattr(node, f))
+    return fields
+
+
+def _nodes(root):
+    """(node, trips) for every statement and expression under ``root``, pre-order; ``trips`` is how
+    many times the node runs over the whole grid: loop extents and thread launches multiplied."""
+    stack = [(root, 1.0)]
+    while stack:
+        node, trips = stack.pop()
+        if node is None or isinstance(node, (int, float, str)):
+            continue
+        if isinstance(node, (list, tuple)) or type(node).__name__ == "Array":
+            stack.extend((child, trips) for child in node)
+            continue
+        if not isinstance(node, (tvm.tirx.Stmt, tvm.ir.Expr)):
+            continue
+        yield node, trips
+        kind = type(node).__name__
+        if kind == "For":
+            inner = trips * (_constant(node.extent) or 1)
+            stack.append((node.body, inner))
+            continue
+        if kind == "AttrStmt" and node.attr_key == "thread_extent":
+            trips = trips * (_constant(node.value) or 1)
+        for field in _child_fields(node):
+            child = getattr(node, field)
+            if child is not None:
+                stack.append((child, trips))
 
 
 def walk(node, visit) -> None:
-    """Call ``visit`` on every statement and expression under ``node`` (pre-order, iteratively)."""
-    stack = [node]
-    while stack:
-        current = stack.pop()
-        if current is None or isinstance(current, (int, float, str)):
-            continue
-        if isinstance(current, (list, tuple)) or type(current).__name__ == "Array":
-            stack.extend(current)
-            continue
-        if not isinstance(current, (tvm.tirx.Stmt, tvm.ir.Expr)):
-            continue
+    """Call ``visit`` on every statement and expression under ``node`` (pre-order)."""
+    for current, _ in _nodes(node):
         visit(current)
-        for field in _CHILD_FIELDS:
-            child = getattr(current, field, None)
-            if child is not None:
-                stack.append(child)
+
+
+def _constant(expr) -> int | None:
+    return int(expr.value) if type(expr).__name__ == "IntImm" else None
+
+
+def _dtype(expr) -> tvm.DataType | None:
+    """Expressions carry a PrimType in ``ty`` (``float16x8``)."""
+    try:
+        return tvm.DataType(str(expr.ty))
+    except (AttributeError, ValueError, TypeError):
+        return None
 
 
 def _lanes(expr) -> int:
-    """Vector lanes of an expression (``float16x8`` -> 8); expressions carry a PrimType in ``ty``."""
-    try:
-        return tvm.DataType(str(expr.ty)).lanes
-    except (AttributeError, ValueError, TypeError):
-        return 1
+    dtype = _dtype(expr)
+    return dtype.lanes if dtype is not None else 1
+
+
+_ARITHMETIC = {"Add", "Sub", "Mul", "Div", "Max", "Min", "FloorDiv"}
+_MATH_CALLS = ("exp", "log", "sqrt", "rsqrt", "tanh", "pow", "fma")
+# One wmma mma_sync is a 16x16x16 multiply-accumulate done by a warp: 2*16^3 flops over 32 threads,
+# and the lowered code counts it once per thread.
+_WMMA_FLOPS_PER_THREAD = 2 * 16**3 / 32
 
 
 def analyse_kernel(name: str, func) -> KernelLaunch:
+    """Launch geometry, on-chip memory and dynamic traffic of one lowered device function."""
     grid = [1, 1, 1]
     block = [1, 1, 1]
-    shared = 0
-    local = 0
+    shared = local = 0
     tensor_cores = False
-    lanes = 1
-    gather_lanes = 1
-
-    def visit(node):
-        nonlocal shared, local, tensor_cores, lanes, gather_lanes
+    lanes = gather_lanes = 1
+    totals = dict.fromkeys(Traffic.__dataclass_fields__, 0.0)
+    for node, trips in _nodes(func.body):
         kind = type(node).__name__
         if kind == "AttrStmt" and node.attr_key == "thread_extent":
-            tag = node.node.thread_tag
-            extent = int(node.value) if type(node.value).__name__ == "IntImm" else 1
-            scope, _, axis = tag.partition(".")
+            scope, _, axis = node.node.thread_tag.partition(".")
+            extent = _constant(node.value) or 1
             if scope == "blockIdx":
                 grid[_AXES[axis]] = extent
             elif scope == "threadIdx":
@@ -136,85 +173,40 @@ def analyse_kernel(name: str, func) -> KernelLaunch:
                 shared += nbytes
             elif scope == "local":
                 local += nbytes
-        elif kind == "Call" and hasattr(node.op, "name"):
-            if "mma" in node.op.name or "matrix_sync" in node.op.name:
-                tensor_cores = True
-        elif kind in ("BufferStore", "BufferLoad", "TensorLoad"):  # 0.27 calls a load TensorLoad
-            expr = node.value if kind == "BufferStore" else node
-            lanes = max(lanes, _lanes(expr))
+        elif kind in ("BufferStore", "TensorLoad", "BufferLoad"):  # 0.27 calls a load TensorLoad
+            store = kind == "BufferStore"
+            dtype = _dtype(node.value if store else node)
+            if dtype is not None:
+                lanes = max(lanes, dtype.lanes)
             for index in node.indices:
-                if _lanes(index) > 1 and type(index).__name__ != "Ramp":
+                if type(index).__name__ != "Ramp" and _lanes(index) > 1:
                     gather_lanes = max(gather_lanes, _lanes(index))
-
-    walk(func.body, visit)
-    return KernelLaunch(name, tuple(grid), tuple(block), shared, local, tensor_cores, lanes, gather_lanes)
-
-
-_ARITHMETIC = {"Add", "Sub", "Mul", "Div", "Max", "Min", "FloorDiv"}
-_MATH_CALLS = ("exp", "log", "sqrt", "rsqrt", "tanh", "pow", "fma")
-# One wmma mma_sync is a 16x16x16 multiply-accumulate done by a warp: 2*16^3 flops over 32 threads,
-# and the lowered code counts it once per thread.
-_WMMA_FLOPS_PER_THREAD = 2 * 16**3 / 32
-
-
-def _constant(expr) -> int | None:
-    return int(expr.value) if type(expr).__name__ == "IntImm" else None
-
-
-def _bytes_of(expr) -> int:
-    try:
-        dtype = tvm.DataType(str(expr.ty))
-    except (AttributeError, ValueError, TypeError):
-        return 0
-    return dtype.bits * dtype.lanes // 8
-
-
-def traffic(func) -> Traffic:
-    """Dynamic memory and arithmetic totals of one lowered device function (see Traffic)."""
-    totals = dict.fromkeys(Traffic.__dataclass_fields__, 0.0)
-    stack = [(func.body, 1.0)]
-    while stack:
-        node, trips = stack.pop()
-        if node is None or isinstance(node, (int, float, str)):
-            continue
-        if isinstance(node, (list, tuple)) or type(node).__name__ == "Array":
-            stack.extend((child, trips) for child in node)
-            continue
-        if not isinstance(node, (tvm.tirx.Stmt, tvm.ir.Expr)):
-            continue
-        kind = type(node).__name__
-        child_trips = trips
-        if kind == "For":
-            child_trips = trips * (_constant(node.extent) or 1)
-        elif kind == "AttrStmt" and node.attr_key == "thread_extent":
-            child_trips = trips * (_constant(node.value) or 1)
-        elif kind in ("TensorLoad", "BufferLoad", "BufferStore"):
-            scope = (node.buffer if kind == "BufferStore" else node.source).scope()
-            nbytes = _bytes_of(node.value if kind == "BufferStore" else node)
-            direction = "store" if kind == "BufferStore" else "load"
+            scope = (node.buffer if store or kind == "BufferLoad" else node.source).scope()
+            nbytes = dtype.bits * dtype.lanes // 8 if dtype is not None else 0
+            direction = "store" if store else "load"
             if scope == "global":
                 totals[f"global_{direction}_bytes"] += trips * nbytes
                 totals[f"global_{direction}_instructions"] += trips
             elif scope.startswith("shared"):
                 totals[f"shared_{direction}_bytes"] += trips * nbytes
-        elif kind in _ARITHMETIC and "float" in str(getattr(node, "ty", "")):
-            totals["arithmetic_ops"] += trips * _lanes(node)
+        elif kind in _ARITHMETIC:
+            dtype = _dtype(node)
+            if dtype is not None and dtype.type_code == tvm.DataTypeCode.FLOAT:
+                totals["arithmetic_ops"] += trips * dtype.lanes
         elif kind == "Call" and hasattr(node.op, "name"):
             op = node.op.name
+            if "mma" in op or "matrix_sync" in op:
+                tensor_cores = True
             if "mma_sync" in op:
                 totals["tensor_core_flops"] += trips * _WMMA_FLOPS_PER_THREAD
             elif op.rpartition(".")[2] in _MATH_CALLS:
                 totals["arithmetic_ops"] += trips * _lanes(node)
-        for field in _CHILD_FIELDS:
-            child = getattr(node, field, None)
-            if child is not None and not (kind == "For" and field in ("min", "extent")):
-                stack.append((child, child_trips))
-    return Traffic(**totals)
+    return KernelLaunch(name, tuple(grid), tuple(block), shared, local, tensor_cores, lanes, gather_lanes,
+                        Traffic(**totals))
 
 
 def kernel_launches(mod, target: Target) -> list[KernelLaunch]:
-    return [dataclasses.replace(analyse_kernel(name, func), traffic=traffic(func))
-            for name, func in lower_device_functions(mod, target)]
+    return [analyse_kernel(name, func) for name, func in lower_device_functions(mod, target)]
 
 
 # Per-thread local arrays beyond this spill to local memory so badly (and, at hundreds of KiB, cannot

@@ -12,6 +12,10 @@ Two rule sets give two families of design spaces per workload:
 """
 from __future__ import annotations
 
+import importlib
+import inspect
+import sys
+
 from tvm.s_tir.meta_schedule import schedule_rule as sr
 
 RULE_SETS = ("tensorcore", "simt")
@@ -52,10 +56,42 @@ def _simt_tiling():
     )
 
 
+def tensor_intrinsics():
+    """TVM's CUDA tensor-intrinsic module, which registers every wmma/mma intrinsic.
+
+    Imported on first use, not with this package: build workers must not pay for it. Its import
+    parses ~500 TVMScript functions, and each ``T.prim_func`` calls ``inspect.stack()``, which reads
+    the source of every frame on the stack, and for a frame without a file (the import machinery's)
+    it scans all of ``sys.modules``: 17 s in a bare process, minutes in one with pandas and xgboost
+    loaded. TVM only ever looks at the source line of the third frame (``is_defined_in_class``), so
+    during the import the frames below it are listed without source.
+    """
+    module = sys.modules.get("tvm.s_tir.tensor_intrin.cuda")
+    if module is not None:
+        return module
+    original = inspect.stack
+
+    def shallow_stack(context: int = 1):
+        infos, frame = [], sys._getframe(1)
+        while frame is not None:
+            if len(infos) < 3:
+                tb = inspect.getframeinfo(frame, context)
+                infos.append(inspect.FrameInfo(frame, *tb, positions=tb.positions))
+            else:  # no getframeinfo: for "<frozen importlib...>" frames it scans sys.modules
+                code = frame.f_code
+                infos.append(inspect.FrameInfo(frame, code.co_filename, frame.f_lineno, code.co_name, None, None))
+            frame = frame.f_back
+        return infos
+
+    inspect.stack = shallow_stack
+    try:
+        return importlib.import_module("tvm.s_tir.tensor_intrin.cuda")
+    finally:
+        inspect.stack = original
+
+
 def _wmma_tiling():
-    # Imported here: this module registers every CUDA tensor intrinsic and takes ~17 s to import,
-    # which build workers (which import this package) must not pay.
-    from tvm.s_tir.tensor_intrin.cuda import get_wmma_intrin_group
+    get_wmma_intrin_group = tensor_intrinsics().get_wmma_intrin_group
 
     groups = [
         get_wmma_intrin_group(

@@ -559,8 +559,11 @@ def export_ms_database(db_path: str | Path, out_dir: str | Path, backend: str | 
 def load_ms_database(directory: str | Path):
     """The JSONDatabase exported into ``directory`` (registers the CUDA tensor intrinsics first, which
     replaying tensor-core traces needs)."""
-    import tvm.s_tir.tensor_intrin.cuda  # noqa: F401  (registers wmma/mma intrinsics)
     from tvm.s_tir import meta_schedule as ms
+
+    from search_space.rules import tensor_intrinsics
+
+    tensor_intrinsics()  # registers the wmma/mma intrinsics
 
     directory = Path(directory)
     for name in (MS_WORKLOAD_FILE, MS_RECORD_FILE):
