@@ -270,7 +270,9 @@ def _progress() -> Progress:
 
 # Commands defined in their own modules (they import console and fail from here).
 from .export_cmd import export_command, verify_command  # noqa: E402
+from .measure_cmd import measure_command  # noqa: E402
 
+app.command("measure")(measure_command)
 app.command("export")(export_command)
 app.command("verify")(verify_command)
 
