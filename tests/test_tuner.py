@@ -1,0 +1,119 @@
+"""The tuning loop on the sim backend: budgets, records, resume, and the energy/latency trade-off."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from measurements.records import RecordsDB
+from tuner.report import report
+from tuner.search import tune
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = "softmax:1024,1024"
+
+
+def _run_latency_counts(db_path, objective):
+    """Latency measurements per candidate in the run tuning ``objective``."""
+    with RecordsDB.open(db_path) as db:
+        (run,) = [r for r in db.runs() if r.objective == objective]
+        return Counter(m.candidate_id for m in db.measurements(run_id=run.id, kind="latency"))
+
+
+def test_a_run_spends_its_budgets_and_records_every_measurement(tmp_path):
+    db_path = tmp_path / "r.db"
+    status = tune(SMALL, "energy@0.05", backend="sim", db=db_path, trials=16, batch=8, build=False, seed=1)
+    assert status.trials == 16 and status.stopped_by == "trials"
+    assert 1 <= status.energy_measurements <= status.energy_budget == 3
+    assert status.best is not None and status.best.energy_measured
+    counts = _run_latency_counts(db_path, "energy@0.05")
+    assert len(counts) == 16 and set(counts.values()) == {1}
+    with RecordsDB.open(db_path) as db:
+        (entry,) = report(db)["workloads"]
+        energy = db.measurements(kind="energy")
+    assert entry["backend"] == "sim" and entry["simulated"]
+    assert entry["best"]["energy@0.05"]["energy_j"] == pytest.approx(status.best.energy_j)
+    assert entry["counts"]["latency_measurements"] == 16
+    assert entry["counts"]["energy_measurements"] == len(energy) == status.energy_measurements
+    # Each energy measurement says when it was taken and what the model predicted (None before the
+    # model has three measurements to learn from).
+    assert all({"generation", "final_check", "predicted_energy_j"} <= set(m.details) for m in energy)
+    front = entry["pareto"]
+    assert front and all(a["latency_s"] < b["latency_s"] and a["energy_j"] > b["energy_j"]
+                         for a, b in zip(front, front[1:]))
+
+
+def test_an_interrupted_run_resumes_to_the_same_count_without_duplicates(tmp_path):
+    uninterrupted = tune(SMALL, "latency", backend="sim", db=tmp_path / "a.db", trials=20, batch=6,
+                         build=False, seed=2)
+
+    pressed = []
+
+    def interrupt(status):  # Ctrl-C, pressed once
+        if status.trials >= 9 and not pressed:
+            pressed.append(status.trials)
+            raise KeyboardInterrupt
+
+    db_path = tmp_path / "b.db"
+    stopped = tune(SMALL, "latency", backend="sim", db=db_path, trials=20, batch=6, build=False, seed=2,
+                   on_status=interrupt)
+    assert stopped.stopped_by == "interrupted" and 9 <= stopped.trials < 20
+    resumed = tune(SMALL, "latency", backend="sim", db=db_path, trials=20, batch=6, build=False, seed=2)
+    assert resumed.trials == uninterrupted.trials == 20
+    counts = _run_latency_counts(db_path, "latency")
+    assert len(counts) == 20 and set(counts.values()) == {1}
+    with RecordsDB.open(db_path) as db:
+        assert [r.status for r in db.runs()] == ["finished"]
+
+
+def test_a_sigkilled_run_resumes_from_its_database(tmp_path):
+    db_path = tmp_path / "k.db"
+    command = [sys.executable, "-m", "tuner.cli", "tune", SMALL, "--backend", "sim", "--no-build",
+               "--objective", "latency", "--trials", "24", "--batch", "4", "--db", str(db_path)]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and process.poll() is None:
+            time.sleep(0.2)
+            if db_path.exists() and sum(_safe_counts(db_path).values()) >= 6:
+                break
+        assert process.poll() is None, process.stderr.read().decode()[-2000:]
+        process.send_signal(signal.SIGKILL)
+        process.wait(30)
+    finally:
+        process.kill()
+    killed_at = sum(_safe_counts(db_path).values())
+    assert 6 <= killed_at < 24
+    subprocess.run(command, cwd=tmp_path, env=env, check=True, capture_output=True, timeout=300)
+    counts = _run_latency_counts(db_path, "latency")
+    assert len(counts) == 24 and set(counts.values()) == {1}
+
+
+def _safe_counts(db_path):
+    try:
+        return _run_latency_counts(db_path, "latency")
+    except (ValueError, Exception):  # run not created yet
+        return Counter()
+
+
+def test_energy_aware_tuning_spends_few_energy_measurements_and_never_loses_to_latency_only(tmp_path):
+    """On sim's GEMV (where fewer active SMs save static power), the energy@0.05 run's best uses no
+    more energy than the latency run's best, within its own slack, with <= 20 % energy measurements.
+    The >= 10 % saving of issue 5 is not robust on sim at this budget (benchmarks/objective_tradeoff.py
+    reports it per seed); this pins the behaviour that must always hold."""
+    db_path = tmp_path / "t.db"
+    common = dict(backend="sim", db=db_path, trials=48, batch=16, build=False, seed=1)
+    latency = tune("gemm:1,4096,4096", "latency", **common)
+    energy = tune("gemm:1,4096,4096", "energy@0.05", **common)
+    assert latency.trials == energy.trials == 48
+    assert latency.best.energy_measured and latency.energy_measurements == 1
+    assert energy.best.energy_measured
+    assert energy.best.energy_j <= latency.best.energy_j
+    assert energy.best.latency_s <= 1.05 * energy.fastest.latency_s
+    assert energy.energy_measurements <= 0.2 * energy.trials
