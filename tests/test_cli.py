@@ -17,7 +17,11 @@ def test_kernels_lists_the_suite():
 
 
 @pytest.mark.parametrize("args", [["space", "gemm:4096,4096"], ["space", "nope:1"],
-                                  ["space", "softmax:64,64", "--target", "b9000"]])
+                                  ["space", "softmax:64,64", "--target", "b9000"],
+                                  ["tune", "softmax:64,64", "--objective", "speed", "--backend", "sim"],
+                                  ["tune", "softmax:64,64", "--objective", "latency", "--max-slowdown", "0.1"],
+                                  ["tune", "softmax:64,64", "--backend", "tpu"],
+                                  ["report", "--db", "/nonexistent/etune.db"]])
 def test_user_mistakes_exit_nonzero_with_one_line(args):
     proc = subprocess.run([sys.executable, "-m", "tuner.cli", *args], capture_output=True, text=True)
     assert proc.returncode == 2
@@ -34,3 +38,22 @@ def test_space_command_builds_and_reports(tmp_path):
     row = next(line for line in result.output.splitlines() if "softmax:256,256" in line)
     cells = [c.strip() for c in row.strip("│ ").split("│")]
     assert cells[2:3] == ["3/3"] and cells[4:6] == ["3/3", "100%"], cells
+
+
+def test_tune_then_report_on_sim(tmp_path):
+    import json
+
+    db = tmp_path / "cli.db"
+    result = runner.invoke(app, ["tune", "softmax:256,256", "--backend", "sim", "--no-build", "--trials", "6",
+                                 "--batch", "3", "--objective", "energy", "--db", str(db)])
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[0].startswith("backend: sim")
+    result = runner.invoke(app, ["report", "--db", str(db), "--format", "json"])
+    assert result.exit_code == 0, result.output
+    (entry,) = json.loads(result.output)["workloads"]
+    assert entry["workload"] == "softmax:256,256" and entry["backend"] == "sim"
+    assert set(entry["best"]) == {"energy@0.05"} and entry["best"]["energy@0.05"]["energy_measured"]
+    assert entry["counts"]["latency_measurements"] == 6
+    assert 1 <= entry["counts"]["energy_measurements"] <= 3
+    table = runner.invoke(app, ["report", "--db", str(db)])
+    assert table.exit_code == 0 and "sim (model, not hardware)" in table.output
