@@ -16,6 +16,13 @@ attention module then neither hides nor dominates the big GEMM-like ones.
 ``candidate_features(candidate, gpu, build=None)`` -> dict; ``FEATURE_NAMES`` is the fixed order and
 ``to_matrix`` turns a list of dicts into the model's input matrix (missing names -> NaN).
 
+Besides counts and launch shape, a few analytic estimates: the roofline time, ``est_time_s`` (roofline
+stretched by SM fill and the last partial wave), and ``bottleneck_time_s`` (the slowest of tensor/SIMT
+compute, HBM, shared memory, instruction issue, L1<->L2 and a Little's-law memory-parallelism time,
+with SM fill, waves and latency hiding; per-SM rates are NVIDIA's public ones). Two helpers build model
+inputs from these: ``rate_features`` (what a measured latency implies: achieved rates, for power
+models) and ``relative_features`` (amounts per unit of the workload, for transfer across shapes).
+
 Optional (``per_store=True``): MetaSchedule's own ``PerStoreFeature`` vector (164 numbers per buffer
 store) summed and maxed over stores, appended under ``ms_*`` names. It needs TVM and a TuneContext per
 call, costs ~10-50 ms per candidate, and did not improve accuracy on sim (see the benchmark), so the

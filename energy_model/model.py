@@ -1,33 +1,42 @@
-"""XGBoost energy and latency models: weighted loss, bootstrap-ensemble uncertainty, save/load.
+"""XGBoost energy and latency models: weighted loss, ensemble uncertainty, save/load and transfer.
 
 The method of arXiv 2411.18873 predicts a kernel's energy from high-level features with gradient
 boosted trees trained with a weighted loss that favours the efficient schedules (the ones a search
 cares about). Here:
 
-* **Targets in log space, normalised by the workload.** Each member regresses
-  ``log(y / workload_roofline_s)`` (energy: a "watts at the roofline" figure; latency: a slowdown
-  over the roofline). Within one workload this is a constant shift; across shapes of a family it puts
-  targets on one scale, so a model saved on one shape is a sensible start on another (trees cannot
-  extrapolate raw magnitudes). Relative errors become additive, which is what MAPE and ranking need.
+* **Targets in log space.** Relative errors become additive, which is what MAPE and ranking need.
+  Energy (mode "energy") and latency are divided by the workload's roofline time first (a constant
+  within one workload); ``baseline="bottleneck"`` divides by the candidate's own analytic time
+  estimate instead (``bottleneck_time_s``), which lets trees extrapolate to schedules unlike any
+  trained on, at some cost in top-k recall on sim (see the benchmark); the default is "workload".
 * **Two ways to predict energy.** ``mode="energy"`` regresses energy directly from the features.
   ``mode="power"`` regresses the average power ``energy / latency`` and predicts
-  ``energy = power x latency``; the latency is the measured one (every built candidate has its latency
-  measured before energy is considered), else the prediction of a latency model trained alongside.
-  Power varies far less across schedules than energy (it is bounded by idle and TDP), so it is the
-  easier target; the benchmark ``benchmarks/energy_model_accuracy.py`` compares both modes and
-  ``DEFAULT_ENERGY_MODE`` is the winner on sim.
+  ``energy = power x latency``; the latency is the measured one (every built candidate has its
+  latency measured before energy is considered), else the prediction of a latency model trained
+  alongside. In power mode the latency is also an input: the achieved rates (work / latency,
+  ``features.rate_features``), because average power is idle power plus energy per operation times
+  operations per second. Power varies far less across schedules than energy (it is bounded by idle
+  power and the cap), so it is the easier target: on sim it roughly halves the energy MAPE of the
+  direct model (benchmarks/energy_model_accuracy.py) and is ``DEFAULT_ENERGY_MODE``.
+* **Relative features** (``relative=True``): amounts that grow with the problem are given per unit
+  of the workload (``features.relative_features``), so a model moved to another shape stays inside
+  the feature range it was trained on. Within one workload this changes nothing.
 * **Weighted loss.** A sample's weight is ``floor + (1 - floor) * (min(y) / y) ** power``: the
   normalised efficiency (as MetaSchedule / Ansor weight by normalised throughput), with a floor so
-  the tail still counts. Weights are normalised to mean 1. The favoured quantity is energy for the
-  energy model (both modes) and latency for the latency model.
-* **Uncertainty.** ``ensemble`` members are trained on bootstrap resamples (multinomial counts folded
-  into the sample weights, seeded) with different seeds; ``predict`` returns the geometric mean of the
-  members and the standard deviation of the members' predictions, both in the target's units.
+  the tail still counts; normalised to mean 1. The favoured quantity is energy for the energy model
+  (both modes) and latency for the latency model. It helps where the model's capacity is short of the
+  function's (tests/test_energy_model.py shows it on a synthetic function); on sim, with the default
+  capacity, weighted and unweighted are within noise of each other.
+* **Uncertainty.** ``ensemble`` members: member 0 (the anchor) is trained on all samples; the others
+  on Bayesian-bootstrap reweightings (exponential weights, seeded), so every sample keeps some weight.
+  ``predict`` returns the anchor's prediction as the mean (classic bootstrap members averaged were
+  less accurate with 64 samples: they drop the few extreme, most informative points) and the spread
+  of the members around it as the standard deviation, both in the target's units.
 * **Persistence and transfer.** ``save(path)`` writes one JSON file: settings, feature names, the
   training data (optional) and each member in XGBoost's own UBJSON model format (base64). No pickle.
-  ``CostModel.load(path)`` gives a model that predicts identically; ``fit(..., warm_start=True)``
-  continues boosting every member on new data (new trees fit the residuals of the old model on the
-  new shape), and ``update(..., how="refit")`` retrains on the saved data plus the new data.
+  ``CostModel.load(path)`` gives a model that predicts identically. ``fit(..., warm_start=True)``
+  (``update(how="boost")``) shifts the loaded model by its mean log error on the new data, then adds
+  trees fitted to what remains; ``update(how="refit")`` retrains on the saved data plus the new.
 """
 from __future__ import annotations
 

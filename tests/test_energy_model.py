@@ -95,15 +95,31 @@ def test_occupancy_calculator():
     assert blocks_per_sm(32, 0, H100) == 32  # the block limit
 
 
+def test_rate_and_relative_features(softmax_candidates):
+    from energy_model.features import RATE_FEATURES, rate_features, relative_features
+
+    f = candidate_features(softmax_candidates[0], H100)
+    rates = rate_features(f, 1e-4)
+    assert list(rates) == list(RATE_FEATURES) and all(math.isfinite(v) for v in rates.values())
+    assert rate_features(f, 2e-4)["achieved_bandwidth_fraction"] == pytest.approx(
+        rates["achieved_bandwidth_fraction"] / 2, rel=1e-6)
+    assert all(math.isnan(v) for v in rate_features(f, float("nan")).values())
+    rel = relative_features({**f, **rates})
+    assert rel["workload_flops_log2"] == f["workload_flops_log2"]
+    assert rel["roofline_s"] == pytest.approx(f["roofline_s"] / f["workload_roofline_s"])
+    assert rel["global_bytes_log2"] == pytest.approx(f["global_bytes_log2"] - f["workload_min_bytes_log2"])
+
+
 # -- the model -------------------------------------------------------------------------------------
 def test_save_load_round_trip_and_warm_start(tmp_path):
     features, y, _ = synthetic(96, seed=1)
     latency = list(np.asarray(y) / 300.0 * np.exp(np.linspace(-0.2, 0.2, len(y))))
     for model in (CostModel("latency", ensemble=3, seed=3, n_estimators=80),
+                  CostModel("latency", ensemble=2, seed=3, n_estimators=40, baseline="bottleneck", relative=False),
                   CostModel("energy", mode="energy", ensemble=3, seed=3, n_estimators=80),
                   CostModel("energy", mode="power", ensemble=3, seed=3, n_estimators=80)):
         model.fit(features, y, latency_s=latency)
-        path = model.save(tmp_path / f"{model.target}-{model.mode}.json")
+        path = model.save(tmp_path / f"{model.target}-{model.mode}-{model.baseline}.json")
         assert "pickle" not in path.read_text()[:200]
         back = CostModel.load(path)
         mean, std = model.predict(features[:20], latency_s=latency[:20])
@@ -119,13 +135,13 @@ def test_save_load_round_trip_and_warm_start(tmp_path):
     # A model loaded from another "shape" (here: targets off by 30 %) learns the new data by boosting on.
     new_features, new_y, new_true = synthetic(96, seed=2)
     new_y = new_y * 1.3
-    old = CostModel.load(tmp_path / "latency-latency.json")
+    old = CostModel.load(tmp_path / "latency-latency-workload.json")
     before = metrics.mape(old.predict(new_features)[0], new_true * 1.3)
     old.fit(new_features[:64], new_y[:64], warm_start=True)
     after = metrics.mape(old.predict(new_features[64:])[0], new_true[64:] * 1.3)
     assert after < before
     assert len(old.data.y) == 96 + 64
-    refit = CostModel.load(tmp_path / "latency-latency.json").update(new_features[:64], new_y[:64], how="refit")
+    refit = CostModel.load(tmp_path / "latency-latency-workload.json").update(new_features[:64], new_y[:64], how="refit")
     assert len(refit.data.y) == 96 + 64
 
 
