@@ -3,6 +3,19 @@
 A Candidate is a concrete schedule: a design space's trace with every sampling decision made and the
 postprocessors applied. Validity (VerifyGPUCode among the postprocessors: threads, shared memory,
 vector width against the target) is checked here, before anything is built.
+
+Sampling repairs draws kernel by kernel. A multi-kernel module (attention lowers to four kernels)
+is valid only if every kernel is, so whole-draw rejection needs about 1 / (product of the kernels'
+pass rates) draws per candidate: ~65 for attention prefill, most failing VerifyGPUCode in the QK^T or
+the P @ V kernel. Each sampling decision of a design space belongs to one group of blocks (the data
+flow of the trace's random variables from ``get_sblock``). A draw that fails is checked kernel by
+kernel with the check that failed (the module cut down to one top-level statement), and only the
+decisions of the failing kernels' groups are drawn again; the others are kept. A failure that cannot
+be traced to some kernels, or that is in all of them (so always with one kernel: GEMM, most softmax
+spaces), starts a fresh draw exactly as before. Every candidate returned has passed the same full
+checks as before. The kernels' checks depend on disjoint decisions (the unroll step shared by all
+aside), so within a design space a candidate is drawn from the distribution whole-draw rejection
+gives; across design spaces, those whose kernels are repaired cheaply give more candidates.
 """
 from __future__ import annotations
 
@@ -16,7 +29,8 @@ import tvm
 import tvm_ffi
 from tvm.s_tir import Schedule
 from tvm.s_tir import meta_schedule as ms
-from tvm.s_tir.schedule import Trace
+from tvm.s_tir import stmt as s_stmt
+from tvm.s_tir.schedule import LoopRV, SBlockRV, Trace
 
 from kernels import Workload, as_workload
 
@@ -36,6 +50,107 @@ class SamplingError(RuntimeError):
     pass
 
 
+# Replays after which a draw still being repaired starts afresh: the decisions shared by all kernels
+# (the unroll step) are only drawn anew with a fresh draw. A SIMT attention kernel passes about one
+# draw in 50, so this is rarely reached.
+MAX_ROUNDS_PER_DRAW = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class DecisionGroups:
+    """Which block group each sampling decision of a design-space trace belongs to.
+
+    Two random variables are in one group when an instruction uses or makes both (``get_loops`` of a
+    block, ``split`` of a loop by sampled factors, ``annotate`` of a block with a sampled value,
+    ``compute_at`` of one block under another's loop). Blocks that end up in different kernels are in
+    different groups unless the schedule ties them together; the root block's group (the unroll
+    decision) reaches every kernel.
+    """
+
+    samples: tuple[int, ...]  # trace positions of the sampling instructions
+    group_of: dict  # sampling position -> group id
+    blocks: tuple[tuple[int, int, int], ...]  # (position, output index, group id) of every block RV made
+
+
+def _random_variables(values):
+    for value in values:
+        if isinstance(value, (SBlockRV, LoopRV, tvm.tirx.Var)):
+            yield value
+        elif isinstance(value, (list, tuple)) or type(value).__name__ == "Array":
+            yield from _random_variables(value)
+
+
+def decision_groups(trace: Trace) -> DecisionGroups:
+    parent: dict[int, int] = {}
+
+    def find(key: int) -> int:
+        while parent[key] != key:
+            parent[key] = parent[parent[key]]
+            key = parent[key]
+        return key
+
+    insts = list(trace.insts)
+    for inst in insts:
+        keys = [rv.__chandle__() for rv in _random_variables(list(inst.inputs) + list(inst.outputs))]
+        for key in keys:
+            parent.setdefault(key, key)
+        for key in keys[1:]:
+            a, b = find(keys[0]), find(key)
+            if a != b:
+                parent[b] = a
+    ids: dict[int, int] = {}
+    samples, group_of, blocks = [], {}, []
+    for position, inst in enumerate(insts):
+        outputs = list(inst.outputs)
+        if inst.kind.name.startswith("Sample"):
+            rvs = list(_random_variables(list(inst.inputs) + outputs))
+            samples.append(position)
+            # A sampling instruction with no random variable at all is a group of its own.
+            key = find(rvs[0].__chandle__()) if rvs else ("alone", position)
+            group_of[position] = ids.setdefault(key, len(ids))
+        for index, output in enumerate(outputs):
+            if isinstance(output, SBlockRV):
+                blocks.append((position, index, ids.setdefault(find(output.__chandle__()), len(ids))))
+    return DecisionGroups(tuple(samples), group_of, tuple(blocks))
+
+
+def _kernel_statements(mod) -> list:
+    """The top-level statements of the scheduled function's root block: one kernel each."""
+    body = mod["main"].body.block.body
+    return list(body.seq) if type(body).__name__ == "SeqStmt" else [body]
+
+
+def _kernel_module(mod, index: int):
+    """The module with only the ``index``-th top-level statement (kernel) of the root block kept."""
+    func = mod["main"]
+    realize = func.body
+    root = realize.block
+    block = s_stmt.SBlock(root.iter_vars, root.reads, root.writes, root.name_hint, _kernel_statements(mod)[index],
+                          root.init, root.alloc_buffers, root.match_buffers, root.annotations)
+    return tvm.IRModule({"main": func.with_body(s_stmt.SBlockRealize(realize.iter_values, realize.predicate, block))})
+
+
+def _kernel_groups(sch: Schedule, groups: DecisionGroups) -> list[set[int]]:
+    """Per top-level statement of the freshly scheduled module, the decision groups whose blocks it holds."""
+    insts = list(sch.trace.insts)
+    kernels: list[set[int]] = [set() for _ in _kernel_statements(sch.mod)]
+    for position, index, group in groups.blocks:
+        try:
+            sref = sch.get_sref(insts[position].outputs[index])
+        except TVM_ERRORS:  # inlined or replaced by a later instruction
+            continue
+        if sref is None or sref.parent is None:  # the root block
+            continue
+        while sref.parent.parent is not None:
+            sref = sref.parent
+        kernels[max(sref.seq_index, 0)].add(group)
+    return kernels
+
+
+def _decision_key(decision) -> str:
+    return json.dumps(_to_python(decision))
+
+
 @dataclasses.dataclass
 class DesignSpace:
     index: int
@@ -43,6 +158,10 @@ class DesignSpace:
     trace: Trace  # without decisions and without postprocessing
     postprocs: list
     mutators: dict  # Mutator -> probability
+
+    @functools.cached_property
+    def groups(self) -> DecisionGroups:
+        return decision_groups(self.trace)
 
 
 @dataclasses.dataclass
@@ -82,6 +201,27 @@ def _to_python(obj):
     return str(obj)
 
 
+@dataclasses.dataclass
+class _Outcome:
+    """What one replay of a trace gave: a valid candidate, or why not."""
+
+    schedule: Schedule
+    candidate: Candidate | None = None
+    failed_postproc: object = None  # the postprocessor that said no
+    problem: str | None = None  # launch_problem of the lowered kernels
+    decisions: dict | None = None  # sampling position -> decision drawn
+    kernel_groups: list | None = None  # per top-level statement (kernel), its decision groups
+
+
+@dataclasses.dataclass
+class _Repair:
+    """A design space's draw in progress during one ``sample`` call."""
+
+    kept: dict = dataclasses.field(default_factory=dict)  # sampling position -> decision kept
+    verdicts: dict = dataclasses.field(default_factory=dict)  # (check, kernel, its decisions) -> passed
+    rounds: int = 0  # replays since the last fresh draw
+
+
 class ScheduleSpace:
     """The design spaces of one workload on one GPU, and the operators the search needs."""
 
@@ -106,6 +246,7 @@ class ScheduleSpace:
                     DesignSpace(len(self.design_spaces), rule_set, trace, list(context.space_generator.postprocs),
                                 dict(context.space_generator.mutator_probs))
                 )
+        self.last_sample: dict = {}
         if not self.design_spaces:
             raise SamplingError(f"{self.workload.spec}: MetaSchedule generated no design space")
 
@@ -132,22 +273,129 @@ class ScheduleSpace:
         raise SamplingError(f"{self.workload.spec}: no {rule_set} design space: {error}")
 
     # -- replay -------------------------------------------------------------------------------
-    def _replay(self, space: DesignSpace, trace: Trace, seed: int) -> Candidate | None:
-        """Apply a trace (decisions missing are sampled with ``seed``), then postprocess and verify."""
+    def _evaluate(self, space: DesignSpace, trace: Trace, seed: int, groups: DecisionGroups | None = None) -> _Outcome:
+        """Apply a trace (decisions missing are sampled with ``seed``), then postprocess and verify.
+
+        With ``groups``, the outcome also records the decisions drawn and which decision groups each
+        kernel holds, so that a failure can be traced to kernels (see ``_failing_groups``).
+        """
         sch = Schedule(self.mod, seed=seed, debug_mask=0)
+        outcome = _Outcome(sch)
         try:
             trace.apply_to_schedule(sch, remove_postproc=True)
+        except TVM_ERRORS:
+            return outcome
+        if groups is not None:
+            try:
+                applied = sch.trace
+                insts = list(applied.insts)
+                outcome.decisions = {p: applied.get_decision(insts[p]) for p in groups.samples}
+                outcome.kernel_groups = _kernel_groups(sch, groups)
+            except (*TVM_ERRORS, KeyError):
+                outcome.decisions = outcome.kernel_groups = None
+        try:
             sch.enter_postproc()
             for postproc in space.postprocs:
                 if not postproc.apply(sch):
-                    return None
+                    outcome.failed_postproc = postproc
+                    return outcome
             candidate = Candidate(self.workload, space.index, sch)
             candidate.launches = kernel_launches(sch.mod, self.target)
         except TVM_ERRORS:
+            return outcome
+        outcome.problem = launch_problem(candidate.launches, self.gpu)
+        if outcome.problem is None:
+            outcome.candidate = candidate
+        return outcome
+
+    def _replay(self, space: DesignSpace, trace: Trace, seed: int) -> Candidate | None:
+        return self._evaluate(space, trace, seed).candidate
+
+    def _failing_groups(self, space: DesignSpace, outcome: _Outcome, verdicts: dict) -> set[int] | None:
+        """The decision groups of the kernels that failed, or None where the failure cannot be traced.
+
+        Each kernel is checked alone (the module with only its top-level statement) with the check
+        that failed: VerifyGPUCode as configured for the space, or ``launch_problem`` of its lowered
+        kernels. ``verdicts`` remembers kernels already checked with the same decisions.
+        """
+        groups = space.groups
+        if outcome.decisions is None or outcome.kernel_groups is None:
             return None
-        if launch_problem(candidate.launches, self.gpu) is not None:
+        sch = outcome.schedule
+        postproc = outcome.failed_postproc
+        if postproc is not None and type(postproc).__name__ == "VerifyGPUCode":
+            name = "verify"
+
+            def passes(mod) -> bool:
+                return bool(postproc.apply(Schedule(mod, debug_mask=0, enable_check=False)))
+        elif postproc is None and outcome.problem is not None:
+            name = "launch"
+
+            def passes(mod) -> bool:
+                return launch_problem(kernel_launches(mod, self.target), self.gpu) is None
+        else:
             return None
-        return candidate
+        try:
+            statements = _kernel_statements(sch.mod)
+        except (*TVM_ERRORS, KeyError):
+            return None
+        if len(statements) != len(outcome.kernel_groups):
+            return None
+        in_kernels = set().union(*outcome.kernel_groups)
+        shared = {g for g in groups.group_of.values() if g not in in_kernels}  # the unroll decision, say
+        keys = []
+        for kernel in outcome.kernel_groups:
+            relevant = kernel | shared
+            keys.append((name, len(keys), tuple((p, _decision_key(d)) for p, d in sorted(outcome.decisions.items())
+                                                if groups.group_of[p] in relevant)))
+        unknown = [index for index, key in enumerate(keys) if key not in verdicts]
+        if len(unknown) == 1 and all(verdicts[key] for key in keys if key in verdicts):
+            # The module failed and every other kernel is known to pass (or it is the only kernel):
+            # blame this one without checking it alone.
+            verdicts[keys[unknown[0]]] = False
+        redraw: set[int] = set()
+        for index, kernel in enumerate(outcome.kernel_groups):
+            passed = verdicts.get(keys[index])
+            if passed is None:
+                try:
+                    passed = passes(_kernel_module(sch.mod, index))
+                except TVM_ERRORS:
+                    passed = False
+                verdicts[keys[index]] = passed
+            if not passed:
+                if not kernel:  # a failing kernel with no decision of its own: nothing to redraw
+                    return None
+                redraw |= kernel
+        if not redraw or redraw >= in_kernels:
+            # Every kernel failed (always so with one kernel): a fresh draw, as whole-draw rejection.
+            return None
+        return redraw
+
+    def _repair_step(self, space: DesignSpace, rng: random.Random, repair: _Repair) -> Candidate | None:
+        """One replay of ``space``'s draw in progress: the valid candidate it gave, or None.
+
+        The replay keeps the decisions ``repair`` holds (none: a fresh draw) and draws the others. If
+        it fails in some kernels, the decisions of those kernels' groups are dropped for the next
+        replay and all others kept; a failure that cannot be traced to kernels starts a fresh draw.
+        """
+        groups = space.groups
+        kept = repair.kept
+        if kept:
+            insts = list(space.trace.insts)
+            trace = Trace(insts, {insts[p]: d for p, d in kept.items()})
+        else:
+            trace = space.trace
+        outcome = self._evaluate(space, trace, rng.randrange(1, 2**30), groups)
+        repair.rounds += 1
+        if outcome.candidate is not None:
+            repair.kept, repair.rounds = {}, 0
+            return outcome.candidate
+        redraw = self._failing_groups(space, outcome, repair.verdicts)
+        if redraw is None or repair.rounds >= MAX_ROUNDS_PER_DRAW:
+            repair.kept, repair.rounds = {}, 0
+        else:
+            repair.kept = {p: d for p, d in outcome.decisions.items() if groups.group_of[p] not in redraw}
+        return None
 
     def from_trace_json(self, trace_json: str, design_space: int) -> Candidate:
         """A candidate back from its stored trace (no sampling, no postprocessing: the trace has both)."""
@@ -161,20 +409,31 @@ class ScheduleSpace:
         """n distinct valid candidates (by structural hash), drawn round-robin over the design spaces.
 
         Most random draws fail VerifyGPUCode (too many threads or too much shared memory for the
-        drawn tiles), so this keeps drawing up to ``max_attempts`` (default 200 per candidate asked).
+        drawn tiles) in some kernel. Each design space keeps a draw in progress, and every attempt
+        (one replay, taking the spaces in turn) repairs it: the decisions of the kernels that failed
+        are drawn again, the others kept (see ``_repair_step``). ``max_attempts`` bounds the
+        replays, default 200 per candidate asked; ``last_sample`` tells how it went.
         """
         rng = random.Random(seed)
         seen = set(exclude or ())
         found: list[Candidate] = []
         attempts = max_attempts if max_attempts is not None else 200 * max(n, 1)
+        repairs = [_Repair() for _ in self.design_spaces]  # each space's draw in progress
+        used = duplicates = 0
         for attempt in range(attempts):
             if len(found) >= n:
                 break
             space = self.design_spaces[attempt % len(self.design_spaces)]
-            candidate = self._replay(space, space.trace, rng.randrange(1, 2**30))
-            if candidate is not None and candidate.structural_hash not in seen:
+            candidate = self._repair_step(space, rng, repairs[space.index])
+            used += 1
+            if candidate is None:
+                continue
+            if candidate.structural_hash in seen:
+                duplicates += 1
+            else:
                 seen.add(candidate.structural_hash)
                 found.append(candidate)
+        self.last_sample = {"replays": used, "duplicates": duplicates, "found": len(found)}
         return found
 
     def mutate(self, candidate: Candidate, rng: random.Random) -> Candidate | None:
