@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kernels import SUITE_SPECS, as_workload  # noqa: E402
-from measurements.backend import make_backend  # noqa: E402
+from measurements.backend import make_backend, record_result  # noqa: E402
 from measurements.records import RecordsDB  # noqa: E402
 from search_space import gpu_spec  # noqa: E402
 from tuner.objectives import Objective, best  # noqa: E402
@@ -38,10 +38,7 @@ def _vendor(db: RecordsDB, backend, workload, workload_id: int) -> dict:
     for kind in ("latency", "energy"):
         if kind not in found:
             result = backend.measure_vendor(workload, kind)
-            db.add_measurement(workload_id=workload_id, kind=kind, backend=backend.name,
-                               value=result.value if result.ok else None, spread=result.spread,
-                               device_name=device.name, driver=device.driver, details=result.details,
-                               ok=result.ok, error=result.error)
+            record_result(db, result, workload_id=workload_id, backend=backend.name, device=device)
             if result.ok:
                 found[kind] = db.measurements(workload_id, kind=kind)[-1]
     any_row = found.get("latency") or found.get("energy")

@@ -79,6 +79,18 @@ class Backend(abc.ABC):
         self.close()
 
 
+def record_result(db, result: MeasureResult, *, workload_id: int, backend: str, device: DeviceInfo,
+                  candidate_id: int | None = None, run_id: int | None = None, extra: dict | None = None) -> int:
+    """Store one result in a RecordsDB (``extra`` joins its details); a failed result keeps no value."""
+    return db.add_measurement(
+        workload_id=workload_id, candidate_id=candidate_id, run_id=run_id, kind=result.kind, backend=backend,
+        value=result.value if result.ok else None, spread=result.spread, device_name=device.name,
+        driver=device.driver, sm_clock_mhz=result.sm_clock_mhz, temperature_c=result.temperature_c,
+        details={**(result.details or {}), **(extra or {})}, ok=result.ok, error=result.error,
+        started_at=result.started_at, finished_at=result.finished_at,
+    )
+
+
 def check_kind(kind: str) -> None:
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, not {kind!r}")

@@ -137,6 +137,11 @@ class Run:
     updated_at: float
 
 
+def _candidate(r: sqlite3.Row) -> Candidate:
+    return Candidate(r["id"], r["workload_id"], r["structural_hash"], r["design_space"], r["trace"],
+                     _load(r["features"]), r["created_at"])
+
+
 def _dump(obj: Any) -> str | None:
     return None if obj is None else json.dumps(obj, sort_keys=True)
 
@@ -257,11 +262,11 @@ class RecordsDB:
         rows = self._conn.execute(
             "SELECT * FROM candidates WHERE workload_id = ? ORDER BY id", (workload_id,)
         ).fetchall()
-        return [
-            Candidate(r["id"], r["workload_id"], r["structural_hash"], r["design_space"],
-                      r["trace"], _load(r["features"]), r["created_at"])
-            for r in rows
-        ]
+        return [_candidate(r) for r in rows]
+
+    def candidate(self, candidate_id: int) -> Candidate | None:
+        row = self._conn.execute("SELECT * FROM candidates WHERE id = ?", (candidate_id,)).fetchone()
+        return None if row is None else _candidate(row)
 
     # -- tuning runs
 

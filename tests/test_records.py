@@ -176,3 +176,12 @@ def test_a_version_1_database_is_migrated(tmp_path):
         assert db.schema_version == SCHEMA_VERSION == 2
         assert [w.spec for w in db.workloads()] == ["gemm:1,1,1"]
         assert db.runs() == []
+
+
+def test_a_candidate_is_found_by_id(tmp_path):
+    with RecordsDB.open(tmp_path / "c.db") as db:
+        wid = db.add_workload("softmax:8,8", "softmax", {"rows": 8, "cols": 8})
+        cid = db.add_candidate(wid, "abc", 1, "[]", features={"x": 1.0})
+        assert db.candidate(cid) == db.candidates(wid)[0]
+        assert db.candidate(cid).features == {"x": 1.0}
+        assert db.candidate(cid + 1) is None

@@ -573,6 +573,17 @@ def plot_pareto(df, workload: str | None = None, backend: str | None = None, ven
     return fig
 
 
+def _axes_grid(axes, rows: int, cols: int, size: tuple[float, float], caller: str) -> list:
+    """The caller's rows x cols Axes as a flat list, or those of a new figure of ``size``."""
+    if axes is None:
+        _, grid = _new_figure(rows, cols, size=size)
+        axes = grid
+    axes = list(np.ravel(np.asarray(axes, dtype=object)))
+    if len(axes) != rows * cols:
+        raise ValueError(f"{caller} needs {rows * cols} axes, got {len(axes)}")
+    return axes
+
+
 def plot_tuning_curves(df, workload: str | None = None, backend: str | None = None,
                        axes: "Sequence[Axes] | np.ndarray | None" = None) -> "Figure":
     """Four panels: the fastest latency so far (top) and the energy of the best point under each run's
@@ -581,12 +592,7 @@ def plot_tuning_curves(df, workload: str | None = None, backend: str | None = No
     df = _frame(df)
     rows, workload, backend = _select(df, workload, backend)
     curves = tuning_curves(rows)
-    if axes is None:
-        fig, grid = _new_figure(2, 2, size=(10.0, 7.0))
-        axes = grid.ravel()
-    axes = list(np.ravel(np.asarray(axes, dtype=object)))
-    if len(axes) != 4:
-        raise ValueError(f"plot_tuning_curves needs 4 axes, got {len(axes)}")
+    axes = _axes_grid(axes, 2, 2, (10.0, 7.0), "plot_tuning_curves")
     fig = axes[0].figure
     ls, lu = _unit(curves["best_latency_s"], _LATENCY_UNITS)
     es, eu = _unit(curves["objective_energy_j"], _ENERGY_UNITS)
@@ -621,12 +627,7 @@ def plot_model_accuracy(df, workload: str | None = None, backend: str | None = N
     the runs) in each title. ``axes``: two Axes."""
     df = _frame(df)
     rows, workload, backend = _select(df, workload, backend)
-    if axes is None:
-        fig, grid = _new_figure(1, 2, size=(10.0, 4.6))
-        axes = grid.ravel()
-    axes = list(np.ravel(np.asarray(axes, dtype=object)))
-    if len(axes) != 2:
-        raise ValueError(f"plot_model_accuracy needs 2 axes, got {len(axes)}")
+    axes = _axes_grid(axes, 1, 2, (10.0, 4.6), "plot_model_accuracy")
     fig = axes[0].figure
     colors = _run_colors(list(dict.fromkeys(rows["objective"].dropna())))
     for ax, target in zip(axes, ("energy", "latency")):

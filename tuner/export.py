@@ -166,7 +166,7 @@ def _select(db: RecordsDB, workload: WorkloadRow, objective: Objective, backend:
         raise ExportError(f"{workload.spec}: no candidate has an ok energy measurement on backend "
                           f"{chosen_backend!r}, which objective {objective.label} needs "
                           "(export with --objective latency, or measure energy first)")
-    candidate = next(c for c in db.candidates(workload.id) if c.id == point.key)
+    candidate = db.candidate(point.key)
     mine = [m for m in db.measurements(workload.id, candidate_id=candidate.id)
             if m.ok and m.backend == chosen_backend]
     return Selection(

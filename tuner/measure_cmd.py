@@ -20,6 +20,8 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
+from measurements.backend import record_result
+
 
 def _console():
     from .cli import console  # here, not at import: tuner.cli imports this module
@@ -66,11 +68,10 @@ def _make_backend(name: str, target: str, device: int):
 
 
 def _find_candidate(records, candidate_id: int):
-    for workload in records.workloads():
-        for candidate in records.candidates(workload.id):
-            if candidate.id == candidate_id:
-                return workload, candidate
-    return None, None
+    candidate = records.candidate(candidate_id)
+    if candidate is None:
+        return None, None
+    return next(w for w in records.workloads() if w.id == candidate.workload_id), candidate
 
 
 def _format_value(kind: str, value: float | None) -> str:
@@ -124,18 +125,20 @@ def _print_results(title: str, backend_name: str, device, results) -> None:
 
 
 def _record(records, workload_id: int, candidate_id: int | None, backend, device, result) -> int:
-    return records.add_measurement(
-        workload_id=workload_id, candidate_id=candidate_id, kind=result.kind, backend=backend.name,
-        value=result.value if result.ok else None, spread=result.spread, device_name=device.name,
-        driver=device.driver, sm_clock_mhz=result.sm_clock_mhz, temperature_c=result.temperature_c,
-        details=result.details or {}, ok=result.ok, error=result.error, started_at=result.started_at,
-        finished_at=result.finished_at,
-    )
+    return record_result(records, result, workload_id=workload_id, backend=backend.name, device=device,
+                         candidate_id=candidate_id)
 
 
-def _write_json(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2, default=str))
+def _report(title: str, backend_name: str, info, results, json_out: Path | None, about: dict) -> None:
+    """The table, the optional JSON file, and exit status 1 when any measurement failed."""
+    _print_results(title, backend_name, info, results)
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        payload = {**about, "backend": backend_name, "device": dataclasses.asdict(info),
+                   "results": [dataclasses.asdict(r) for r in results]}
+        json_out.write_text(json.dumps(payload, indent=2, default=str))
+    if not all(r.ok for r in results):
+        raise typer.Exit(1)
 
 
 def measure_command(
@@ -220,13 +223,8 @@ def _measure_candidate(db: Path, candidate_id: int, kinds, backend_name, target,
             info = backend.device()  # idle power is known once energy was measured
         finally:
             backend.close()
-    _print_results(f"candidate {candidate_id} of {workload.spec}", backend.name, info, results)
-    if json_out is not None:
-        _write_json(json_out, {"candidate_id": candidate_id, "workload": workload.spec, "backend": backend.name,
-                               "device": dataclasses.asdict(info),
-                               "results": [dataclasses.asdict(r) for r in results]})
-    if not all(r.ok for r in results):
-        raise typer.Exit(1)
+    _report(f"candidate {candidate_id} of {workload.spec}", backend.name, info, results, json_out,
+            {"candidate_id": candidate_id, "workload": workload.spec})
 
 
 def _measure_vendor(spec: str, db: Optional[Path], kinds, backend_name, target, device, json_out) -> None:
@@ -263,10 +261,5 @@ def _measure_vendor(spec: str, db: Optional[Path], kinds, backend_name, target, 
             workload_id = records.add_workload(workload.spec, workload.family, workload.params)
             for result in results:
                 _record(records, workload_id, None, backend, info, result)
-    _print_results(f"{name} at {workload.spec}", backend.name, info, results)
-    if json_out is not None:
-        _write_json(json_out, {"vendor": name, "workload": workload.spec, "backend": backend.name,
-                               "device": dataclasses.asdict(info),
-                               "results": [dataclasses.asdict(r) for r in results]})
-    if not all(r.ok for r in results):
-        raise typer.Exit(1)
+    _report(f"{name} at {workload.spec}", backend.name, info, results, json_out,
+            {"vendor": name, "workload": workload.spec})

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from kernels import as_workload
-from measurements.backend import Backend, MeasureResult
+from measurements.backend import Backend, MeasureResult, record_result
 from measurements.records import RecordsDB
 from search_space import Builder, ScheduleSpace, gpu_spec
 
@@ -113,7 +113,7 @@ class Tuner:
     def _config_json(self) -> dict:
         c = self.config
         return {"trials": c.trials, "energy_measurements": c.energy_budget(self.objective), "batch": c.batch,
-                "seed": c.seed, "build": c.build, "target": self.gpu.arch, "device": self.backend.device().name}
+                "seed": c.seed, "build": c.build, "target": self.gpu.arch, "device": self.device.name}
 
     def _load_previous(self) -> None:
         """What earlier invocations of this run measured: nothing is measured twice."""
@@ -170,7 +170,7 @@ class Tuner:
     # -- breeding ------------------------------------------------------------------------------
     def _candidate(self, known: _Known):
         if known.candidate is None:
-            row = next(c for c in self.db.candidates(self.workload_id) if c.id == known.candidate_id)
+            row = self.db.candidate(known.candidate_id)
             known.candidate = self.space.from_trace_json(row.trace, row.design_space)
         return known.candidate
 
@@ -244,15 +244,8 @@ class Tuner:
 
     # -- measuring -----------------------------------------------------------------------------
     def _record(self, known: _Known, result: MeasureResult, extra: dict | None = None) -> None:
-        details = dict(result.details or {})
-        details.update(extra or {})
-        self.db.add_measurement(
-            workload_id=self.workload_id, candidate_id=known.candidate_id, run_id=self.run_id,
-            kind=result.kind, backend=self.backend.name, value=result.value if result.ok else None,
-            spread=result.spread, device_name=self.device.name, driver=self.device.driver,
-            sm_clock_mhz=result.sm_clock_mhz, temperature_c=result.temperature_c, details=details,
-            ok=result.ok, error=result.error, started_at=result.started_at, finished_at=result.finished_at,
-        )
+        record_result(self.db, result, workload_id=self.workload_id, backend=self.backend.name, device=self.device,
+                      candidate_id=known.candidate_id, run_id=self.run_id, extra=extra)
 
     def _check_budget(self, deadline: float | None) -> None:
         if self.status.trials >= self.config.trials:
