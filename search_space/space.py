@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import random
 from typing import Iterable
 
@@ -29,6 +30,7 @@ import tvm
 import tvm_ffi
 from tvm.s_tir import Schedule
 from tvm.s_tir import meta_schedule as ms
+from tvm.s_tir.meta_schedule import _ffi_api as _ms_ffi
 from tvm.s_tir import stmt as s_stmt
 from tvm.s_tir.schedule import LoopRV, SBlockRV, Trace
 
@@ -222,6 +224,72 @@ class _Repair:
     rounds: int = 0  # replays since the last fresh draw
 
 
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def mutate_tile_size(trace: Trace, rng: random.Random) -> Trace | None:
+    """TVM's MutateTileSize, visiting the trace in program order.
+
+    TVM's own collects its sites by iterating the trace's decision map, which is ordered by object
+    address, so one seed gave different mutants in two processes (or two spaces of one process).
+    Same moves otherwise: move a factor from one tile of a split to another (the innermost within
+    its ``max_innermost_factor``), or redraw a cooperative-fetch vector length.
+    """
+    fetched = [inst.inputs[1] for inst in trace.insts
+               if inst.kind.name == "Annotate" and str(inst.attrs[0]) == "meta_schedule.cooperative_fetch"]
+    tiles_sites, vector_sites = [], []
+    for inst in trace.insts:
+        decision = trace.get_decision(inst)
+        if decision is None:
+            continue
+        if inst.kind.name == "SamplePerfectTile":
+            tiles = [int(t) for t in decision]
+            if len(tiles) >= 2 and math.prod(tiles) >= 2:
+                tiles_sites.append((inst, tiles))
+        elif (inst.kind.name == "SampleCategorical" and len(inst.attrs[1]) > 1
+              and any(inst.outputs[0].same_as(var) for var in fetched)):
+            vector_sites.append((inst, int(decision)))
+    sites = len(tiles_sites) + len(vector_sites)
+    if sites == 0:
+        return None
+    pick = rng.randrange(sites)
+    if pick >= len(tiles_sites):
+        inst, original = vector_sites[pick - len(tiles_sites)]
+        probs = [float(p) for i, p in enumerate(inst.attrs[1]) if i != original]
+        chosen = rng.choices(range(len(probs)), weights=probs)[0]
+        return trace.with_decision(inst, chosen + (chosen >= original), True)
+    inst, tiles = tiles_sites[pick]
+    n = len(tiles)
+    for _ in range(64):
+        x = rng.randrange(n)
+        if tiles[x] <= 1:
+            continue
+        y = rng.randrange(n - 1)
+        y += y >= x
+        factors = _divisors(tiles[x])
+        if y != n - 1:
+            divide = factors[rng.randrange(1, len(factors))]
+        else:
+            limit = int(inst.attrs[1])
+            fitting = [i for i in range(1, len(factors)) if factors[i] * tiles[y] <= limit]
+            if not fitting:
+                if n <= 2:
+                    return None
+                continue
+            divide = factors[rng.randrange(1, fitting[-1] + 1)]
+        tiles[x] //= divide
+        tiles[y] *= divide
+        return trace.with_decision(inst, tiles, True)
+    return None
+
+
+def _in_stable_order(mutator_probs) -> dict:
+    """TVM's Map iterates in object-address order, which differs between processes (and between two
+    spaces of one process); by type name, the weighted pick of a mutator repeats with the seed."""
+    return dict(sorted(((m, float(p)) for m, p in mutator_probs.items()), key=lambda mp: type(mp[0]).__name__))
+
+
 class ScheduleSpace:
     """The design spaces of one workload on one GPU, and the operators the search needs."""
 
@@ -244,7 +312,7 @@ class ScheduleSpace:
                 seen.add(key)
                 self.design_spaces.append(
                     DesignSpace(len(self.design_spaces), rule_set, trace, list(context.space_generator.postprocs),
-                                dict(context.space_generator.mutator_probs))
+                                _in_stable_order(context.space_generator.mutator_probs))
                 )
         self.last_sample: dict = {}
         if not self.design_spaces:
@@ -442,11 +510,16 @@ class ScheduleSpace:
         trace = candidate.trace.simplified(remove_postproc=True)
         # Weighted order without replacement: a mutator with nothing to change (no tile to resize in
         # a softmax, say) returns None and the next one gets its turn.
-        pending = [(m, float(p)) for m, p in space.mutators.items()]
+        pending = list(space.mutators.items())
         while pending:
             index = rng.choices(range(len(pending)), weights=[p for _, p in pending])[0]
             mutator, _ = pending.pop(index)
-            mutated = mutator.apply(trace)
+            # Mutator.apply seeds itself from the device's entropy; seeding it from rng (and
+            # visiting tile sites in program order) makes a run with a given seed repeat exactly.
+            if type(mutator).__name__ == "MutateTileSize":
+                mutated = mutate_tile_size(trace, rng)
+            else:
+                mutated = _ms_ffi.MutatorApply(mutator, trace, rng.randrange(1, 2**30))
             if mutated is not None:
                 return self._replay(space, mutated, rng.randrange(1, 2**30))
         return None

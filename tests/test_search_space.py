@@ -1,3 +1,4 @@
+import math
 import random
 
 import pytest
@@ -44,9 +45,9 @@ def test_exclude_and_seed(gemm_space):
 def test_mutation_and_crossover_give_new_valid_schedules(gemm_space):
     rng = random.Random(0)
     parents = gemm_space.sample(10, seed=3)
-    mutants = [m for m in (gemm_space.mutate(p, rng) for p in parents) if m is not None]
-    assert len(mutants) >= 5
-    assert sum(m.structural_hash != p.structural_hash for m, p in zip(mutants, parents)) >= 3
+    pairs = [(p, m) for p, m in ((p, gemm_space.mutate(p, rng)) for p in parents) if m is not None]
+    assert len(pairs) >= 5
+    assert sum(m.structural_hash != p.structural_hash for p, m in pairs) >= 3
     by_space = {}
     for p in parents:
         by_space.setdefault(p.design_space, []).append(p)
@@ -56,6 +57,46 @@ def test_mutation_and_crossover_give_new_valid_schedules(gemm_space):
     with pytest.raises(ValueError):
         other = next(p for p in parents if p.design_space != a.design_space)
         gemm_space.crossover(a, other, rng)
+
+
+def test_a_seed_gives_the_same_mutants_in_another_space(gemm_space):
+    """TVM's MutateTileSize picks its site in object-address order; etune's visits the trace in order,
+    so a tuning run repeats with its seed (in another process too)."""
+    other = ScheduleSpace("gemm:256,256,256")
+    parents = gemm_space.sample(8, seed=5)
+    twins = other.sample(8, seed=5)
+
+    def mutants(space, candidates):
+        rng = random.Random(1)
+        return [(m.structural_hash if m else None) for m in (space.mutate(c, rng) for c in candidates for _ in range(3))]
+
+    ours = mutants(gemm_space, parents)
+    assert sum(h is not None for h in ours) >= 12
+    assert ours == mutants(other, twins)
+
+
+def test_tile_mutation_changes_one_decision_and_keeps_extents_and_the_innermost_limit(gemm_space):
+    from search_space.space import mutate_tile_size
+
+    rng = random.Random(2)
+    tiles_moved = 0
+    for candidate in gemm_space.sample(6, seed=6):
+        trace = candidate.trace.simplified(remove_postproc=True)
+        for _ in range(5):
+            mutated = mutate_tile_size(trace, rng)
+            changed = [inst for inst in trace.insts if trace.get_decision(inst) is not None
+                       and str(mutated.get_decision(inst)) != str(trace.get_decision(inst))]
+            assert len(changed) == 1
+            inst = changed[0]
+            if inst.kind.name == "SamplePerfectTile":
+                before = [int(t) for t in trace.get_decision(inst)]
+                after = [int(t) for t in mutated.get_decision(inst)]
+                assert math.prod(after) == math.prod(before)
+                assert after[-1] <= max(int(inst.attrs[1]), before[-1])
+                tiles_moved += 1
+            else:  # a cooperative-fetch vector length, redrawn among the others
+                assert inst.kind.name == "SampleCategorical"
+    assert tiles_moved >= 8
 
 
 def test_trace_json_round_trip(gemm_space):
