@@ -48,6 +48,13 @@ def test_score_ranks_points_outside_the_slack_after_those_inside():
     assert objective.score(1e-6, None, 1e-6) == math.inf
 
 
+def test_only_an_energy_objective_with_a_slack_is_bounded_by_the_fastest():
+    slack = Objective.parse("energy@0.05")
+    assert slack.bounded_by_fastest
+    assert slack.within_slack(105e-6, 100e-6) and not slack.within_slack(105.1e-6, 100e-6)
+    assert not any(Objective.parse(t).bounded_by_fastest for t in ("latency", "edp", "energy@none"))
+
+
 def test_pareto_front_is_sorted_and_dominance_free():
     front = pareto_front(POINTS + [Point("dominated", 120e-6, 45e-3, True)])
     assert [p.key for p in front] == ["fast", "near", "slow"]

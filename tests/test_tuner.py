@@ -48,6 +48,19 @@ def test_a_run_spends_its_budgets_and_records_every_measurement(tmp_path):
                          for a, b in zip(front, front[1:]))
 
 
+def test_breeding_spreads_over_launch_shapes_and_alternates_rankings():
+    from tuner.search import interleave_by_shape
+
+    shapes = ["A"] * 6 + ["B", "C"]
+    by_energy = [0, 1, 2, 3, 4, 5, 6, 7]  # family A ranks best
+    # At most a quarter (here 2) of one shape while others exist, then the rest by the first ranking.
+    assert interleave_by_shape([by_energy], shapes, 4) == [0, 1, 6, 7]
+    assert interleave_by_shape([by_energy], shapes, 6) == [0, 1, 6, 7, 2, 3]
+    # Two rankings (objective, latency) are taken in turn, without repeats.
+    by_latency = [7, 0, 6, 1, 2, 3, 4, 5]
+    assert interleave_by_shape([by_energy, by_latency], list("ABCDEFGH"), 4) == [0, 7, 1, 2]
+
+
 def test_a_run_repeats_with_its_seed(tmp_path):
     """Same seed, same candidates in the same order, same winner: runs can be compared and bugs
     reproduced (mutation, model training and sim noise all follow the seed)."""
@@ -117,19 +130,19 @@ def _safe_counts(db_path):
         return Counter()
 
 
-def test_energy_aware_tuning_spends_few_energy_measurements_and_never_loses_to_latency_only(tmp_path):
-    """On sim's GEMV (where fewer active SMs save static power), the energy@0.05 run's best uses no
-    more energy than the latency run's best (to within sim's noise), within its own slack, with <= 20 % energy measurements.
-    The >= 10 % saving of issue 5 is not robust on sim at this budget (benchmarks/objective_tradeoff.py
-    reports it per seed); this pins the behaviour that must always hold."""
+def test_energy_aware_tuning_saves_10_percent_at_most_5_percent_slower_with_few_energy_measurements(tmp_path):
+    """Issue 5's acceptance on sim's GEMV, the suite workload where sim has such a trade-off: schedules
+    that stream the matrix from 32 blocks on 32 SMs come within 5 % of the fastest (all SMs busy) and
+    burn ~100 W less static power. Same trial budget for both objectives; the run is deterministic for
+    its seed, and benchmarks/objective_tradeoff.py shows the target met on seeds 0-4
+    (docs/sim_results.md), so this seed stands for them rather than being picked from a few that pass."""
     db_path = tmp_path / "t.db"
-    common = dict(backend="sim", db=db_path, trials=48, batch=16, build=False, seed=1)
+    common = dict(backend="sim", db=db_path, trials=96, batch=16, build=False, seed=1)
     latency = tune("gemm:1,4096,4096", "latency", **common)
     energy = tune("gemm:1,4096,4096", "energy@0.05", **common)
-    assert latency.trials == energy.trials == 48
+    assert latency.trials == energy.trials == 96
     assert latency.best.energy_measured and latency.energy_measurements == 1
     assert energy.best.energy_measured
-    # Both runs may settle on the same family of schedules; then only sim's 0.5 % noise separates them.
-    assert energy.best.energy_j <= 1.01 * latency.best.energy_j
-    assert energy.best.latency_s <= 1.05 * energy.fastest.latency_s
+    assert energy.best.energy_j <= 0.90 * latency.best.energy_j
+    assert energy.best.latency_s <= 1.05 * latency.best.latency_s
     assert energy.energy_measurements <= 0.2 * energy.trials

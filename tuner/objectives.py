@@ -57,6 +57,14 @@ class Objective:
         return self.kind
 
     @property
+    def bounded_by_fastest(self) -> bool:
+        """Energy within a slack of the fastest latency found: finding fast schedules is half the job."""
+        return self.kind == "energy" and self.max_slowdown is not None
+
+    def within_slack(self, latency_s: float, fastest_s: float) -> bool:
+        return latency_s <= (1 + self.max_slowdown) * fastest_s
+
+    @property
     def needs_energy(self) -> bool:
         return self.kind != "latency"
 
@@ -71,10 +79,9 @@ class Objective:
             return energy_j * latency_s
         if self.max_slowdown is None or fastest_s is None:
             return energy_j
-        bound = (1 + self.max_slowdown) * fastest_s
-        if latency_s <= bound:
+        if self.within_slack(latency_s, fastest_s):
             return energy_j
-        return 1e6 * (1 + latency_s / bound) + energy_j
+        return 1e6 * (1 + latency_s / ((1 + self.max_slowdown) * fastest_s)) + energy_j
 
 
 @dataclasses.dataclass(frozen=True)

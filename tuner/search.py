@@ -75,6 +75,29 @@ class _Known:
     candidate: object | None = None  # search_space.Candidate, rebuilt lazily for breeding
 
 
+def _shape(features: dict) -> tuple:
+    """A schedule's launch shape (blocks, threads per block): schedules that share it differ in
+    unrolling or inner tiling and mostly cost alike, while energy moves with the shape (how many SMs
+    are busy, how many warps each holds)."""
+    return (round(features.get("blocks_log2", 0.0), 2), round(features.get("threads_per_block", 0.0)))
+
+
+def interleave_by_shape(rankings: list[list[int]], shapes: list, count: int) -> list[int]:
+    """``count`` indices taken from the rankings in turn, at most a quarter of them (at least 2) of
+    one shape, so that one family of near-identical schedules cannot crowd out the others (niching,
+    in genetic-search terms). Too few shapes to fill ``count``: the rest by the first ranking."""
+    per_shape = max(2, count // 4)
+    taken: dict = {}
+    picked: list[int] = []
+    for row in zip(*rankings):
+        for i in row:
+            if i not in picked and taken.get(shapes[i], 0) < per_shape:
+                picked.append(i)
+                taken[shapes[i]] = taken.get(shapes[i], 0) + 1
+    picked += [i for i in rankings[0] if i not in picked]
+    return picked[:count]
+
+
 class _Stop(Exception):
     def __init__(self, reason: str):
         self.reason = reason
@@ -189,7 +212,20 @@ class Tuner:
                     energies[i] = e
         fastest = self._fastest_s()
         order = sorted(range(len(timed)), key=lambda i: self.objective.score(timed[i].latency_s, energies[i], fastest))
-        return [timed[i] for i in order[: max(4, self.config.batch)]]
+        order = self._with_fastest(order, [k.latency_s for k in timed], max(4, self.config.batch),
+                                   [k.features or {} for k in timed])
+        return [timed[i] for i in order]
+
+    def _with_fastest(self, order: list[int], latency_s: list[float], count: int,
+                      features: list[dict]) -> list[int]:
+        """The first ``count`` of ``order``, spread over launch shapes; under a slack, alternately the
+        fastest, because the slack's bound is the fastest latency found: a run that stops looking for
+        faster schedules lets its bound drift up and hands back a slower winner than the user's slack
+        allows."""
+        rankings = [order]
+        if self.objective.bounded_by_fastest:
+            rankings.append(sorted(range(len(latency_s)), key=lambda i: latency_s[i]))
+        return interleave_by_shape(rankings, [_shape(f) for f in features], count)
 
     def _breed(self, count: int) -> list:
         """Up to ``count`` new valid candidates this run has not measured: a quarter fresh samples
@@ -237,7 +273,8 @@ class Tuner:
         fastest = self._fastest_s()
         ranked = sorted(indices, key=lambda i: self.objective.score(
             predicted_latency[i], energies[i] if energies[i] is not None else predicted_latency[i], fastest))
-        exploit = ranked[: max(1, count - round(self.config.explore * count))]
+        exploit = self._with_fastest(ranked, predicted_latency, max(1, count - round(self.config.explore * count)),
+                                     features)
         rest = [i for i in ranked if i not in exploit]
         self.rng.shuffle(rest)
         return exploit + rest[: count - len(exploit)]
@@ -318,8 +355,14 @@ class Tuner:
             allowed = min(per_generation, self._energy_left() - 1)
             if allowed <= 0:
                 return
-            predicted, std = self._predict_energy([k.features for k in timed], [k.latency_s for k in timed])
             fastest = self._fastest_s()
+            if self.objective.bounded_by_fastest and fastest is not None:
+                # Slower than the slack's bound, a schedule can never win: its energy would only teach
+                # the model about schedules the objective has already ruled out.
+                timed = [k for k in timed if self.objective.within_slack(k.latency_s, fastest)]
+                if not timed:
+                    return
+            predicted, std = self._predict_energy([k.features for k in timed], [k.latency_s for k in timed])
             indices = self.policy.select(
                 predicted_mean=predicted, predicted_std=std, latency_s=[k.latency_s for k in timed],
                 score=lambda lat, energy: self.objective.score(lat, energy, fastest), budget=allowed,
