@@ -262,6 +262,21 @@ def _tvm_reason(exc: BaseException) -> str:
     return next((l for l in reversed(lines) if "Error" in l or "error" in l), lines[-1] if lines else repr(exc))
 
 
+def _compile(functions: dict, gpu, on_cuda, failure: str):
+    """tvm.compile of {name: PrimFunc} for the GPU, with ``on_cuda(code)`` as TVM's CUDA compiler;
+    a failure is one ExportError starting with ``failure``."""
+    import tvm
+
+    target = gpu.tvm_target()
+    mod = tvm.IRModule({name: f.with_attr("global_symbol", name) for name, f in functions.items()})
+    with _cuda_compile_callback(lambda code, *_: on_cuda(code)):
+        try:
+            with target:
+                return tvm.compile(mod, target=target)
+        except Exception as exc:
+            raise ExportError(f"{failure}: {_tvm_reason(exc)}") from None
+
+
 def _device_module(executable):
     modules = [m for m in executable.mod.imports if m.kind == "cuda"]
     if not modules:
@@ -272,23 +287,13 @@ def _device_module(executable):
 def cuda_source(name: str, prim_func, gpu) -> str:
     """The CUDA source TVM generates for one kernel function (no nvcc run: a callback hands the
     source back in place of a binary on a CUDA-enabled TVM; a CPU-only TVM keeps the source)."""
-    import tvm
-
-    gpu = _gpu(gpu)
-    target = gpu.tvm_target()
     captured: list[str] = []
 
-    def capture(code, *_):
+    def capture(code):
         captured.append(code)
         return code
 
-    mod = tvm.IRModule({name: prim_func.with_attr("global_symbol", name)})
-    with _cuda_compile_callback(capture):
-        try:
-            with target:
-                executable = tvm.compile(mod, target=target)
-        except Exception as exc:
-            raise ExportError(f"{name}: TVM cannot lower the kernel: {_tvm_reason(exc)}") from None
+    executable = _compile({name: prim_func}, _gpu(gpu), capture, f"{name}: TVM cannot lower the kernel")
     return captured[-1] if captured else _device_module(executable).inspect_source()
 
 
@@ -310,26 +315,17 @@ def compile_library(functions: dict, gpu, path: str | Path) -> CompiledLibrary:
     that does not compile is an export error, and ptxas reports its resources), and the library is
     marked not runnable.
     """
-    import tvm
-
     from search_space.build import BuildError, nvcc_compile
 
     gpu = _gpu(gpu)
     path = Path(path)
-    target = gpu.tvm_target()
-    mod = tvm.IRModule({name: f.with_attr("global_symbol", name) for name, f in functions.items()})
     compiled: list = []
     with tempfile.TemporaryDirectory(prefix="etune-export-") as workdir:
-        def compile_callback(code, *_):
+        def compile_with_nvcc(code):
             compiled.append(nvcc_compile(code, gpu.arch, Path(workdir)))
             return compiled[-1][0]
 
-        with _cuda_compile_callback(compile_callback):
-            try:
-                with target:
-                    executable = tvm.compile(mod, target=target)
-            except Exception as exc:
-                raise ExportError(f"compiling the kernel library failed: {_tvm_reason(exc)}") from None
+        executable = _compile(functions, gpu, compile_with_nvcc, "compiling the kernel library failed")
         runnable = bool(compiled)
         note = None
         if not runnable:
