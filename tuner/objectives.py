@@ -61,8 +61,12 @@ class Objective:
         """Energy within a slack of the fastest latency found: finding fast schedules is half the job."""
         return self.kind == "energy" and self.max_slowdown is not None
 
+    def slack_bound_s(self, fastest_s: float) -> float:
+        """The slowest latency the slack allows, given the fastest found."""
+        return (1 + self.max_slowdown) * fastest_s
+
     def within_slack(self, latency_s: float, fastest_s: float) -> bool:
-        return latency_s <= (1 + self.max_slowdown) * fastest_s
+        return latency_s <= self.slack_bound_s(fastest_s)
 
     @property
     def needs_energy(self) -> bool:
@@ -79,9 +83,10 @@ class Objective:
             return energy_j * latency_s
         if self.max_slowdown is None or fastest_s is None:
             return energy_j
-        if self.within_slack(latency_s, fastest_s):
+        bound = self.slack_bound_s(fastest_s)
+        if latency_s <= bound:
             return energy_j
-        return 1e6 * (1 + latency_s / ((1 + self.max_slowdown) * fastest_s)) + energy_j
+        return 1e6 * (1 + latency_s / bound) + energy_j
 
 
 @dataclasses.dataclass(frozen=True)

@@ -212,11 +212,11 @@ class Tuner:
                     energies[i] = e
         fastest = self._fastest_s()
         order = sorted(range(len(timed)), key=lambda i: self.objective.score(timed[i].latency_s, energies[i], fastest))
-        order = self._with_fastest(order, [k.latency_s for k in timed], max(4, self.config.batch),
+        order = self._top_spread(order, [k.latency_s for k in timed], max(4, self.config.batch),
                                    [k.features or {} for k in timed])
         return [timed[i] for i in order]
 
-    def _with_fastest(self, order: list[int], latency_s: list[float], count: int,
+    def _top_spread(self, order: list[int], latency_s: list[float], count: int,
                       features: list[dict]) -> list[int]:
         """The first ``count`` of ``order``, spread over launch shapes; under a slack, alternately the
         fastest, because the slack's bound is the fastest latency found: a run that stops looking for
@@ -273,7 +273,7 @@ class Tuner:
         fastest = self._fastest_s()
         ranked = sorted(indices, key=lambda i: self.objective.score(
             predicted_latency[i], energies[i] if energies[i] is not None else predicted_latency[i], fastest))
-        exploit = self._with_fastest(ranked, predicted_latency, max(1, count - round(self.config.explore * count)),
+        exploit = self._top_spread(ranked, predicted_latency, max(1, count - round(self.config.explore * count)),
                                      features)
         rest = [i for i in ranked if i not in exploit]
         self.rng.shuffle(rest)
