@@ -1,8 +1,9 @@
 """The measurement interface the tuner sees: a Backend turns built candidates into latency and energy.
 
-Two implementations: ``nvml`` (a real NVIDIA GPU, measurements.nvml_backend) and ``sim`` (the
-analytic H100 of DESIGN.md, measurements.sim). The tuner never knows which one it talks to, except
-that every record carries the backend's name, so a sim figure can never pass for a hardware one.
+Three implementations: ``nvml`` (a real NVIDIA GPU, measurements.nvml_backend), ``sim`` (an analytic
+H100/H200, measurements.sim) and ``replay`` (a recorded dataset, measurements.replay). The tuner never
+knows which one it talks to, except that every record carries the backend's name, so a sim figure can
+never pass for a hardware one.
 """
 from __future__ import annotations
 
@@ -52,6 +53,13 @@ class Backend(abc.ABC):
     """Measures candidates of one workload family or another on one device."""
 
     name: str
+    # The build target a backend's numbers belong to (a replayed dataset's), or None: the caller's.
+    target: str | None = None
+
+    def recorded_pool(self, spec: str):
+        """The only schedules this backend can measure for ``spec`` (measurements.replay.RecordedPool),
+        or None when it measures any schedule."""
+        return None
 
     @abc.abstractmethod
     def device(self) -> DeviceInfo:
@@ -91,15 +99,26 @@ def record_result(db, result: MeasureResult, *, workload_id: int, backend: str, 
     )
 
 
+def model_output(backend: str, device_names) -> bool:
+    """True for figures of the analytic model: sim's own, or a replay of a dataset that sim made."""
+    names = [device_names] if isinstance(device_names, str) else list(device_names or ())
+    return backend == "sim" or any(n.startswith("replay:sim:") for n in names)
+
+
 def check_kind(kind: str) -> None:
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, not {kind!r}")
 
 
 def make_backend(name: str, gpu: str = "h100", **options) -> Backend:
-    """``nvml``, ``sim``, or ``auto`` (nvml when NVML finds a GPU, else sim)."""
+    """``nvml``, ``sim``, ``replay:PATH`` (a recorded dataset), or ``auto`` (nvml when NVML finds a
+    GPU, else sim)."""
     from .nvml_energy import nvml_available
 
+    if name.startswith("replay:"):
+        from .replay import ReplayBackend
+
+        return ReplayBackend(name.removeprefix("replay:"), **options)
     if name == "auto":
         name = "nvml" if nvml_available() else "sim"
     if name == "sim":
@@ -110,4 +129,4 @@ def make_backend(name: str, gpu: str = "h100", **options) -> Backend:
         from .nvml_backend import NvmlBackend
 
         return NvmlBackend(**options)
-    raise BackendError(f"unknown backend {name!r} (choose nvml, sim or auto)")
+    raise BackendError(f"unknown backend {name!r} (choose nvml, sim, replay:PATH or auto)")

@@ -37,6 +37,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Sequence
 
+from measurements.backend import model_output
 from measurements.records import Candidate as CandidateRow
 from measurements.records import RecordsDB, Run
 from measurements.records import Workload as WorkloadRow
@@ -96,7 +97,7 @@ class Selection:
 
     @property
     def simulated(self) -> bool:
-        return self.backend == "sim"
+        return model_output(self.backend, self.device_names)
 
 
 def _objective(objective: Objective | str) -> Objective:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import statistics
 from collections import defaultdict
 
+from measurements.backend import model_output
 from measurements.records import RecordsDB
 
 from .objectives import Objective, Point, best, pareto_front
@@ -74,7 +75,7 @@ def report(db: RecordsDB, specs: list[str] | None = None, backend: str | None = 
                 "workload": workload.spec,
                 "backend": name,
                 "device": devices[0] if len(devices) == 1 else devices,
-                "simulated": name == "sim",
+                "simulated": model_output(name, devices),
                 "best": best_by_objective,
                 "pareto": [{"candidate_id": p.key, "latency_s": p.latency_s, "energy_j": p.energy_j}
                            for p in pareto_front(points)],

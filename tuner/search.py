@@ -20,6 +20,7 @@ from kernels import as_workload
 from measurements.backend import Backend, MeasureResult, record_result
 from measurements.records import RecordsDB
 from search_space import Builder, ScheduleSpace, gpu_spec
+from search_space.pool import PoolSpace
 
 from .objectives import Objective, Point, best
 
@@ -115,12 +116,19 @@ class Tuner:
         self.backend = backend
         self.db = db
         self.config = config or TuneConfig()
+        gpu = backend.target or gpu  # a replayed dataset's numbers belong to its own target
         self.gpu = gpu_spec(gpu) if isinstance(gpu, str) else gpu
         self.on_status = on_status or (lambda status: None)
         self.log = log or (lambda message: None)
         self.rng = random.Random(self.config.seed)
         self.space = ScheduleSpace(self.workload, self.gpu, seed=self.config.seed)
         self.builder = Builder(self.gpu, workdir=self.config.workdir, jobs=self.config.jobs) if self.config.build else None
+        pool = backend.recorded_pool(self.workload.spec)
+        if pool is not None:  # only recorded schedules can be measured: search among them, builds as recorded
+            self.space = PoolSpace(self.space, pool.entries)
+            self.builder = pool
+            if self.space.unreplayable:
+                self.log(f"{len(self.space.unreplayable)} recorded schedules do not replay with this TVM; left out")
         self.device = backend.device()
         self.workload_id = db.add_workload(self.workload.spec, self.workload.family, self.workload.params)
         self.run_id = db.start_run(self.workload_id, objective.label, backend.name, self._config_json())
