@@ -20,7 +20,7 @@ timer). ``number`` calls per repeat are chosen so a repeat takes ~1 ms of GPU ti
 resolution, and cheap), after ~50 ms of warm-up to bring the clocks up; value = median seconds per
 call over the repeats, spread = their coefficient of variation.
 
-Energy: DESIGN.md's protocol (`nvml_energy.measure_energy`) with the GPU lock held and idle power
+Energy: docs/design.md's protocol (`nvml_energy.measure_energy`) with the GPU lock held and idle power
 measured once per backend. One "launch" of the protocol is one ``time_evaluator`` call with
 ``number=N, repeat=1, min_repeat_ms=0``: N + 1 calls (TVM adds one untimed warm-up call) issued
 back-to-back by C++, so kernels of ~10 us keep the GPU busy, which one Python call per kernel cannot
@@ -180,7 +180,8 @@ def energy_record(result, calls_per_launch: int, extra: dict | None = None) -> d
         {"calls": w.launches * c, "seconds": w.seconds, "joules": w.joules,
          "joules_per_call": w.joules_per_call / c, "seconds_per_call": w.seconds_per_call / c,
          "avg_power_w": w.avg_power_w, "temperature_c": w.temperature_c, "sm_clock_mhz": w.sm_clock_mhz,
-         "power_w": w.power_w}
+         "power_w": w.power_w,
+         "sampled_joules_per_call": None if w.sampled_joules is None else w.sampled_joules / (w.launches * c)}
         for w in result.windows
     ]
     energy = result.energy_per_call_j / c
@@ -210,7 +211,8 @@ def energy_record(result, calls_per_launch: int, extra: dict | None = None) -> d
 
 def _energy_options(options: dict) -> dict:
     return {"min_window_s": options["min_window_s"], "max_windows": options["max_windows"],
-            "target_cv": options["target_cv"], "idle_power_w": options["idle_power_w"]}
+            "target_cv": options["target_cv"], "idle_power_w": options["idle_power_w"],
+            "integrate_power": options.get("integrate_power", False)}
 
 
 def _energy(timer: _TvmTimer, source: NvmlEnergySource, options: dict) -> dict:
@@ -241,14 +243,16 @@ def candidate_task(spec: str, library: str, kind: str, options: dict) -> dict:
     _worker_env()
     import tvm
 
-    from .tvm_runner import describe_mismatch, run_once
+    from .tvm_runner import cuda_runtime_problem, describe_mismatch, run_once
 
     prepared = _prepared(spec, options["seed"])
     workload = prepared.workload
     # device_type and energy_source exist for tests: the same code on an llvm library and a fake meter.
-    device = tvm.device(options.get("device_type", "cuda"), options["cuda_index"])
+    device_type = options.get("device_type", "cuda")
+    problem = cuda_runtime_problem() if device_type == "cuda" else None
+    device = tvm.device(device_type, options["cuda_index"])
     if not device.exist:
-        raise RuntimeError(f"TVM sees no CUDA device {options['cuda_index']} (is this TVM built with CUDA?)")
+        raise RuntimeError(f"TVM sees no CUDA device {options['cuda_index']}: {problem or 'is this TVM built with CUDA?'}")
     module = tvm.runtime.load_module(library)
     args, outputs = run_once(module["main"], workload, prepared.device_inputs(device), device)
     ok, rel_err = workload.check(outputs, prepared.reference)
@@ -273,8 +277,9 @@ def vendor_task(spec: str, kind: str, options: dict) -> dict:
     from .tvm_runner import describe_mismatch
 
     prepared = _prepared(spec, options["seed"])
+    batch = {"graph_batch_s": options["vendor_graph_batch_s"]} if options.get("vendor_graph_batch_s") else {}
     kernel = vendor.prepare(prepared.workload, device_index=options["cuda_index"], inputs=prepared.inputs,
-                            reference=prepared.reference)
+                            reference=prepared.reference, **batch)
     facts = vendor.describe(kernel)
     if not kernel.ok:
         return {"ok": False, "error": describe_mismatch(prepared.workload, kernel.rel_err), "details": facts}
@@ -334,7 +339,8 @@ class NvmlBackend(Backend):
     def __init__(self, device_index: int = 0, min_window_s: float = 1.0, max_windows: int = 10,
                  target_cv: float = 0.01, latency_repeats: int = 20, timeout_s: float | None = None,
                  lock_wait: bool = True, lock_timeout_s: float | None = None, seed: int = 0,
-                 energy_batch_s: float = ENERGY_BATCH_S, idle_settle_s: float = 0.5):
+                 energy_batch_s: float = ENERGY_BATCH_S, idle_settle_s: float = 0.5,
+                 vendor_graph_batch_s: float | None = None, integrate_power: bool = False):
         self.device_index = int(device_index)
         self.min_window_s, self.max_windows, self.target_cv = min_window_s, max_windows, target_cv
         self.latency_repeats = latency_repeats
@@ -343,6 +349,10 @@ class NvmlBackend(Backend):
         self.seed = seed
         self.energy_batch_s = energy_batch_s
         self.idle_settle_s = idle_settle_s
+        # For reference measurements: vendor launches of another length, and sampled power integrated
+        # over every counter window (benchmarks/device_check.py's acceptance phase).
+        self.vendor_graph_batch_s = vendor_graph_batch_s
+        self.integrate_power = integrate_power
         self._idle_power_w: float | None = None
         self._idle_error: str | None = None
         self._runner: IsolatedRunner | None = None
@@ -441,7 +451,8 @@ class NvmlBackend(Backend):
             "latency_warmup_s": LATENCY_WARMUP_S, "latency_budget_s": LATENCY_BUDGET_S,
             "energy_batch_s": self.energy_batch_s, "min_window_s": self.min_window_s,
             "max_windows": self.max_windows, "target_cv": self.target_cv,
-            "idle_power_w": self._idle_power_w,
+            "idle_power_w": self._idle_power_w, "vendor_graph_batch_s": self.vendor_graph_batch_s,
+            "integrate_power": self.integrate_power,
         }
 
     def _lock(self) -> GpuLock:

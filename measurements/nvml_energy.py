@@ -1,4 +1,4 @@
-"""Energy per kernel call from the NVML energy counter (DESIGN.md, "Energy measurement protocol").
+"""Energy per kernel call from the NVML energy counter (docs/design.md, "Energy measurement protocol").
 
 The protocol is written against the small `EnergySource` interface so that it can be tested on a
 simulated device; on a real GPU the source is `NvmlEnergySource`.
@@ -128,6 +128,10 @@ class NvmlEnergySource:
             except (pynvml.NVMLError, KeyError):
                 pass
             self._instant_power = False
+        return self.usage_power_w()
+
+    def usage_power_w(self) -> float:
+        """``nvmlDeviceGetPowerUsage``: the board's own (averaged) power reading."""
         return pynvml.nvmlDeviceGetPowerUsage(self._handle) / 1000.0
 
     def temperature_c(self) -> float:
@@ -162,6 +166,9 @@ class EnergyWindow:
     temperature_c: float | None
     sm_clock_mhz: float | None
     power_w: float | None  # instantaneous reading, not the window average
+    # With integrate_power: the window's energy from sampled power (nvmlDeviceGetPowerUsage), a second
+    # reference that shares no code with the counter's.
+    sampled_joules: float | None = None
 
 
 @dataclass(frozen=True)
@@ -195,7 +202,8 @@ def _read_telemetry(source: EnergySource) -> _Telemetry:
     return _Telemetry(safe(source.temperature_c), safe(source.sm_clock_mhz), safe(source.power_w))
 
 
-def _make_window(launches: int, t0: float, t1: float, joules: float, tel: _Telemetry) -> EnergyWindow:
+def _make_window(launches: int, t0: float, t1: float, joules: float, tel: _Telemetry,
+                 sampled_joules: float | None = None) -> EnergyWindow:
     seconds = t1 - t0
     window = EnergyWindow(
         launches=launches,
@@ -209,6 +217,7 @@ def _make_window(launches: int, t0: float, t1: float, joules: float, tel: _Telem
         temperature_c=tel.temperature_c,
         sm_clock_mhz=tel.sm_clock_mhz,
         power_w=tel.power_w,
+        sampled_joules=sampled_joules,
     )
     log.info(
         "energy window: %d launches, %.3f s, %.3f J, %.6g J/call, %s C, %s MHz, %s W",
@@ -275,6 +284,7 @@ class _Options:
     edge_batch_s: float
     edge_timeout_s: float
     sample_interval_s: float
+    integrate_power: bool = False
 
 
 def _warm_up(launcher: _Launcher, clock: Clock, warmup_s: float, batch_s: float) -> None:
@@ -322,15 +332,26 @@ def _enough(windows: list[EnergyWindow], target_cv: float) -> bool:
     return len(windows) >= 3 and _cv([w.joules_per_call for w in windows]) <= target_cv
 
 
-def _counter_windows(launcher: _Launcher, source: EnergySource, clock: Clock,
+def _counter_windows(launcher: _Launcher, source: EnergySource, clock: Clock, sleep: Sleep,
                      opts: _Options) -> list[EnergyWindow]:
     windows: list[EnergyWindow] = []
     t0, e0, _ = _busy_until_step(launcher, source, clock, opts)
     while len(windows) < opts.max_windows and not _enough(windows, opts.target_cv):
+        sampler = None
+        if opts.integrate_power:
+            read_power = getattr(source, "usage_power_w", source.power_w)
+            first = (clock(), read_power())
+            sampler = _PowerSampler(read_power, clock, sleep, opts.sample_interval_s)
+            sampler.start()
         launches, telemetry = _run_body(launcher, source, clock, t0, opts)
         t1, e1, tail = _busy_until_step(launcher, source, clock, opts)
+        sampled = None
+        if sampler is not None:  # the samples' mean power over the counter's window
+            samples = sorted([first, *sampler.stop(), (clock(), read_power())])
+            if samples[-1][0] > samples[0][0]:
+                sampled = _trapezoid_j(samples) / (samples[-1][0] - samples[0][0]) * (t1 - t0)
         joules = _counter_delta_mj(e0, e1) / 1000.0
-        windows.append(_make_window(launches + tail, t0, t1, joules, telemetry))
+        windows.append(_make_window(launches + tail, t0, t1, joules, telemetry, sampled))
         t0, e0 = t1, e1  # the next window starts on this window's closing edge
     return windows
 
@@ -338,8 +359,8 @@ def _counter_windows(launcher: _Launcher, source: EnergySource, clock: Clock,
 class _PowerSampler:
     """Samples power on a background thread, so sampling continues while the main thread syncs."""
 
-    def __init__(self, source: EnergySource, clock: Clock, sleep: Sleep, interval_s: float):
-        self._source, self._clock, self._sleep, self._interval_s = source, clock, sleep, interval_s
+    def __init__(self, read: Callable[[], float], clock: Clock, sleep: Sleep, interval_s: float):
+        self._read, self._clock, self._sleep, self._interval_s = read, clock, sleep, interval_s
         self._stop = threading.Event()
         self._samples: list[tuple[float, float]] = []
         self._error: BaseException | None = None
@@ -348,7 +369,7 @@ class _PowerSampler:
     def _run(self) -> None:
         try:
             while not self._stop.is_set():
-                self._samples.append((self._clock(), self._source.power_w()))
+                self._samples.append((self._clock(), self._read()))
                 self._sleep(self._interval_s)
         except BaseException as exc:  # noqa: BLE001 - re-raised on the caller's thread in stop()
             self._error = exc
@@ -375,7 +396,7 @@ def _power_windows(launcher: _Launcher, source: EnergySource, clock: Clock, slee
     while len(windows) < opts.max_windows and not _enough(windows, opts.target_cv):
         t0 = clock()
         samples = [(t0, source.power_w())]
-        sampler = _PowerSampler(source, clock, sleep, opts.sample_interval_s)
+        sampler = _PowerSampler(source.power_w, clock, sleep, opts.sample_interval_s)
         sampler.start()
         try:
             launches, telemetry = _run_body(launcher, source, clock, t0, opts)
@@ -407,6 +428,7 @@ def measure_energy(
     edge_batch_s: float = 0.001,
     edge_timeout_s: float = 2.0,
     sample_interval_s: float = 0.015,
+    integrate_power: bool = False,
 ) -> EnergyResult:
     """Energy per call of `launch` (one asynchronous kernel call); `sync` waits for the device.
 
@@ -417,11 +439,11 @@ def measure_energy(
     if min_window_s <= 0 or max_windows < 1:
         raise ValueError("min_window_s must be > 0 and max_windows >= 1")
     opts = _Options(min_window_s, max_windows, target_cv, batch_s, edge_batch_s, edge_timeout_s,
-                    sample_interval_s)
+                    sample_interval_s, integrate_power)
     launcher = _Launcher(launch, sync, clock)
     _warm_up(launcher, clock, warmup_s, batch_s)
     try:
-        windows = _counter_windows(launcher, source, clock, opts)
+        windows = _counter_windows(launcher, source, clock, sleep, opts)
         method = "counter"
     except EnergyCounterUnsupported as exc:
         log.warning("energy counter unusable (%s); integrating sampled power instead", exc)

@@ -1,4 +1,3 @@
-import os
 import sys
 from pathlib import Path
 
@@ -9,22 +8,37 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def _cuda_runtime_available() -> bool:
-    try:
-        import tvm
+def _nvml_gpu() -> bool:
+    from measurements.nvml_energy import nvml_available
 
-        return bool(tvm.cuda(0).exist)
-    except Exception:
-        return False
+    return nvml_available()
 
 
 def pytest_collection_modifyitems(config, items):
-    if _cuda_runtime_available():
+    """``nvml`` tests need a GPU that NVML sees (vendor kernels run through PyTorch); ``gpu`` tests
+    also need TVM to run CUDA kernels. Without a GPU both skip; on a GPU host whose TVM cannot run
+    CUDA (libcudart missing, say) the ``gpu`` tests fail with that reason: a GPU session must not
+    pass by skipping everything."""
+    wanted = [item for item in items if "gpu" in item.keywords or "nvml" in item.keywords]
+    if not wanted:
         return
-    skip = pytest.mark.skip(reason="needs an NVIDIA GPU and a CUDA-enabled TVM runtime")
-    for item in items:
-        if "gpu" in item.keywords:
+    if not _nvml_gpu():
+        skip = pytest.mark.skip(reason="needs an NVIDIA GPU (NVML finds none)")
+        for item in wanted:
             item.add_marker(skip)
+        return
+    from measurements.tvm_runner import cuda_runtime_problem
+
+    config.stash[_PROBLEM] = cuda_runtime_problem()
+
+
+_PROBLEM = pytest.StashKey[object]()
+
+
+def pytest_runtest_setup(item):
+    problem = item.config.stash.get(_PROBLEM, None)
+    if problem is not None and "gpu" in item.keywords:
+        pytest.fail(f"NVML sees a GPU but TVM cannot run CUDA kernels: {problem}", pytrace=False)
 
 
 @pytest.fixture(scope="session")

@@ -64,3 +64,20 @@ def test_without_a_gpu_the_script_says_why_in_one_line(tmp_path):
     assert run.returncode != 0
     assert "Traceback" not in run.stderr
     assert run.stderr.strip().startswith("energy_acceptance: ") and len(run.stderr.strip().splitlines()) == 1
+
+
+def test_the_long_windows_integrated_power_is_a_second_reference():
+    def long(sampled):
+        result = _energy(0.1508, windows=1)
+        result.details["windows"] = [{"sampled_joules_per_call": sampled}]
+        return result
+
+    values = [0.1510, 0.1505, 0.1512, 0.1508, 0.1500]
+    agree = energy_acceptance.acceptance(iter(map(_energy, values)).__next__, lambda: long(0.1520), 5)
+    assert agree["difference_sampled_power"] == pytest.approx(0.1508 / 0.1520 - 1) and agree["passed"]
+    # The counter agrees with etune's protocol but power integration does not: a divisor or gap error.
+    apart = energy_acceptance.acceptance(iter(map(_energy, values)).__next__, lambda: long(0.1700), 5)
+    assert apart["meets_difference"] and not apart["meets_sampled_power"] and not apart["passed"]
+    assert "integrated sampled power: -11.29 %: missed" in energy_acceptance.markdown(
+        {"vendor": "gemm:4096,4096,4096", "device": {"name": "GPU", "driver": "1"}, "date": "d", "command": "c",
+         "long_window_s": 10.0, **apart})

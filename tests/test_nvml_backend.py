@@ -21,6 +21,7 @@ from measurements.backend import BackendError, make_backend
 from measurements.nvml_backend import NvmlBackend
 from measurements.nvml_energy import EnergyResult, EnergyWindow
 from measurements.records import RecordsDB
+from measurements.tvm_runner import faulting_candidate
 from search_space import BuildResult
 
 
@@ -397,32 +398,14 @@ def test_measure_vendor_and_candidate_on_sim_are_recorded(tmp_path):
 
 
 # -- on a GPU -------------------------------------------------------------------------------------
-def _faulting_candidate(spec="softmax:256,256"):
-    """A kernel with the workload's signature that reads 2 TB past its input: an illegal address."""
-    import tvm
-    from tvm import te
-    from tvm.s_tir import Schedule
-
-    from kernels import parse_spec
-
-    workload = parse_spec(spec)
-    rows, cols = workload.params["rows"], workload.params["cols"]
-    x = te.placeholder((rows, cols), "float16", name="X")
-    y = te.compute((rows, cols), lambda i, j: x[i, j + tvm.tirx.const(1 << 40, "int64")], name="Y")
-    sch = Schedule(tvm.IRModule({"main": te.create_prim_func([x, y])}))
-    i, j = sch.get_loops(sch.get_sblock("Y"))
-    sch.bind(i, "blockIdx.x")
-    sch.bind(j, "threadIdx.x")
-    return types.SimpleNamespace(workload=workload, mod=sch.mod, structural_hash=f"fault{time.time_ns():x}")
-
-
 @pytest.mark.gpu
 def test_faulting_kernel_fails_and_the_next_candidate_measures(tmp_path, monkeypatch):
     from search_space import Builder, ScheduleSpace
 
     monkeypatch.setenv("ETUNE_LOCK_DIR", str(tmp_path))
     good = ScheduleSpace("softmax:256,256", "local").sample(2, seed=1)
-    bad = _faulting_candidate()
+    bad = faulting_candidate()
+    bad.structural_hash = f"fault{time.time_ns():x}"
     candidates = [good[0], bad, good[1]]
     builds = Builder("local", workdir=tmp_path / "builds", jobs=2).build(candidates)
     assert all(b.ok and b.runnable for b in builds), builds
@@ -442,7 +425,7 @@ def test_faulting_kernel_fails_and_the_next_candidate_measures(tmp_path, monkeyp
         assert energy.details["calls_per_launch"] > 1 and 0.5 < energy.details["busy_fraction"] <= 1.0
 
 
-@pytest.mark.gpu
+@pytest.mark.nvml
 def test_vendor_matmul_energy_converges(tmp_path, monkeypatch):
     pytest.importorskip("torch")
     from kernels import gemm

@@ -265,3 +265,13 @@ def test_nvml_power_prefers_instant_field_then_falls_back(monkeypatch):
     assert source.power_w() == 250.0  # the field failed: averaged power from now on
     assert source.power_w() == 250.0
     assert len(calls) == 2
+
+
+def test_integrated_sampled_power_agrees_with_the_counter():
+    """The acceptance check's second reference: sampled power integrated over the counter's window."""
+    gpu = FakeGpu()
+    result = run(gpu, integrate_power=True, min_window_s=1.0, max_windows=2)
+    for w in result.windows:
+        assert w.sampled_joules is not None
+        assert w.sampled_joules == pytest.approx(w.joules, rel=0.03)
+    assert run(FakeGpu()).windows[0].sampled_joules is None  # off unless asked for
