@@ -103,14 +103,13 @@ def markdown(document: dict) -> str:
     return "\n".join(lines)
 
 
-def long_window_backend(device: int = 0, seconds: float = 10.0):
-    """The reference: one window of ``seconds``, ten times etune's launch batch, sampled power
-    integrated beside the counter."""
-    from measurements.nvml_backend import NvmlBackend
+def long_window_settings(seconds: float = 10.0) -> dict:
+    """NvmlBackend settings of the reference: one window of ``seconds``, ten times etune's launch
+    batch, sampled power integrated beside the counter."""
     from measurements.vendor import GRAPH_BATCH_S
 
-    return NvmlBackend(device, min_window_s=seconds, max_windows=1, target_cv=1.0, timeout_s=60 + 3 * seconds,
-                       vendor_graph_batch_s=10 * GRAPH_BATCH_S, integrate_power=True)
+    return {"min_window_s": seconds, "max_windows": 1, "target_cv": 1.0,
+            "vendor_graph_batch_s": 10 * GRAPH_BATCH_S, "integrate_power": True}
 
 
 def main() -> None:
@@ -130,7 +129,7 @@ def main() -> None:
     try:
         protocol = NvmlBackend(args.device)
         # The same code with one window of the long length and no convergence loop.
-        long_window = long_window_backend(args.device, args.long_window_s)
+        long_window = NvmlBackend(args.device, **long_window_settings(args.long_window_s))
     except BackendError as exc:
         raise SystemExit(f"energy_acceptance: {exc}") from None
     try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import sys
 import time
@@ -17,6 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from measurements.backend import make_backend, model_output  # noqa: E402
 from tuner.search import tune  # noqa: E402
 
 
@@ -32,9 +34,13 @@ def main() -> None:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     objective = f"energy@{args.max_slowdown:g}"
+    with make_backend(args.backend) as backend:  # replay:PATH names a file: the label and db name need a slug
+        simulated = model_output(backend.name, backend.device().name)
+    slug = re.sub(r"[^A-Za-z0-9.]+", "-", Path(args.backend.removeprefix("replay:")).name if
+                  args.backend.startswith("replay:") else args.backend)
     rows = []
     for seed in args.seeds:
-        db = args.out / f"tradeoff-{args.backend}-seed{seed}.db"
+        db = args.out / f"tradeoff-{slug}-seed{seed}.db"
         for suffix in ("", "-wal", "-shm"):
             Path(f"{db}{suffix}").unlink(missing_ok=True)
         common = dict(backend=args.backend, db=db, trials=args.trials, build=args.build, seed=seed)
@@ -58,11 +64,11 @@ def main() -> None:
         })
         print(json.dumps(rows[-1]), flush=True)
     document = {"spec": args.spec, "backend": args.backend, "objective": objective, "trials": args.trials,
-                "build": args.build, "simulated": args.backend == "sim", "runs": rows,
+                "build": args.build, "simulated": simulated, "runs": rows,
                 "median_energy_saved": statistics.median(r["energy_saved"] for r in rows),
                 "command": " ".join(sys.argv)}
     (args.out / "objective_tradeoff.json").write_text(json.dumps(document, indent=2))
-    label = "sim (model outputs, not hardware)" if args.backend == "sim" else args.backend
+    label = f"{args.backend} (model outputs, not hardware)" if simulated else args.backend
     lines = [f"# {objective} vs latency-only, {args.spec}, {args.trials} trials each, backend {label}", "",
              "| seed | latency-only best | energy-aware best | energy saved | slowdown | energy meas / trials | target met |",
              "|---|---|---|---|---|---|---|"]

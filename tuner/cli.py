@@ -115,8 +115,8 @@ def _announce_backend(name: str, target: str):
     from measurements.backend import BackendError, make_backend
     from measurements.nvml_energy import nvml_available
 
-    if name not in ("auto", "nvml", "sim"):
-        fail(f"unknown backend {name!r} (choose auto, nvml or sim)")
+    if name not in ("auto", "nvml", "sim") and not name.startswith("replay:"):
+        fail(f"unknown backend {name!r} (choose auto, nvml, sim or replay:DATASET)")
     try:
         backend = make_backend(name, gpu=target if target != "local" else "h100")
     except BackendError as exc:
@@ -126,6 +126,11 @@ def _announce_backend(name: str, target: str):
         why = "no NVIDIA GPU found by NVML" if name == "auto" and not nvml_available() else "as asked"
         console.print(f"backend: [bold]sim[/] (simulated {escape(device.name.removeprefix('sim:'))}; {why}): "
                       "figures are model outputs, not measurements", highlight=False)
+    elif backend.name == "replay":
+        console.print(f"backend: [bold]replay[/] of {escape(device.details['dataset'])} "
+                      f"({escape(device.details['recorded_backend'] or '?')} measurements of "
+                      f"{escape(device.name.split(':', 2)[-1])}, recorded {device.details['recorded_on']}): "
+                      "recorded values with their recorded spread as noise", highlight=False)
     else:
         console.print(f"backend: [bold]nvml[/] ({escape(device.name)}, driver {device.driver})", highlight=False)
     return backend
@@ -148,7 +153,8 @@ def tune(
     objective: str = typer.Option("energy", help="latency, energy, edp (energy takes --max-slowdown)."),
     max_slowdown: Optional[str] = typer.Option(
         None, help="energy: allowed slowdown over the fastest schedule found, e.g. 0.05 (default), or none."),
-    backend: str = typer.Option("auto", help="nvml (the GPU), sim (analytic H100), auto: the GPU if NVML finds one."),
+    backend: str = typer.Option("auto", help="nvml (the GPU), sim (analytic GPU), replay:DATASET (recorded "
+                                "measurements, e.g. data/hw/*.jsonl.gz), auto: the GPU if NVML finds one."),
     db: Path = typer.Option(Path("etune.db"), help="Records database (SQLite); the same command resumes."),
     trials: int = typer.Option(64, min=1, help="Candidates measured for latency per workload."),
     energy_measurements: Optional[int] = typer.Option(
@@ -162,6 +168,7 @@ def tune(
     workdir: Path = typer.Option(Path(".etune/builds"), help="Build artifacts and cache."),
 ) -> None:
     """Tune workloads for an objective; every measurement goes to --db as it is taken."""
+    from measurements.backend import BackendError
     from measurements.records import RecordsDB
 
     from .objectives import DEFAULT_MAX_SLOWDOWN, Objective
@@ -181,8 +188,13 @@ def tune(
     if db.parent and not db.parent.exists():
         fail(f"directory {db.parent} does not exist")
     chosen = _announce_backend(backend, target)
-    if not build and chosen.name != "sim":
+    if not build and chosen.name == "nvml":
         fail("--no-build is for the sim backend only: a GPU runs built kernels")
+    for workload in workloads:  # a replayed dataset answers only for its own workloads: say so up front
+        try:
+            chosen.recorded_pool(workload.spec)
+        except BackendError as exc:
+            fail(str(exc))
     deadline = None if time_budget is None else time.monotonic() + time_budget
     summaries = []
     try:
@@ -236,7 +248,7 @@ def report(
         print(json.dumps(document, indent=2))
         return
     for entry in document["workloads"]:
-        label = "sim (model, not hardware)" if entry["simulated"] else f"nvml ({entry['device']})"
+        label = f"{entry['backend']} ({entry['device']})" + (": model outputs, not hardware" if entry["simulated"] else "")
         table = Table(title=f"{entry['workload']} on {label}", title_justify="left")
         for column in ("", "latency us", "energy mJ", "avg W", "energy measured"):
             table.add_column(column, justify="right" if column else "left")

@@ -1,0 +1,181 @@
+"""benchmarks/device_check.sh --dry-run (every phase on sim, on this CPU machine), and the tuner on
+the dataset it writes through the replay backend: what a GPU session's dataset will feed in CI."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from measurements.dataset import load_dataset
+from tuner.cli import app
+
+REPO = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dry_run")
+    proc = subprocess.run(["bash", "benchmarks/device_check.sh", "--dry-run", "--out", str(out)], cwd=REPO,
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHON": sys.executable})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, proc.stdout
+
+
+def test_the_dry_run_prints_its_plan_and_runs_every_phase(dry_run):
+    out, stdout = dry_run
+    assert "Planned seconds per phase on the GPU" in stdout
+    for phase in ("facts", "correctness", "acceptance", "survey", "vendor"):
+        assert f"| {phase} | ok |" in stdout
+    dataset = load_dataset(out / "dataset.jsonl")
+    assert dataset.backend == "sim" and dataset.header["target"] == "h200" and dataset.header["dry_run"]
+    assert [r["phase"] for r in dataset.of_type("phase")] == ["facts", "correctness", "acceptance", "survey",
+                                                              "vendor"]
+    assert all(r["status"] == "ok" for r in dataset.of_type("phase"))
+    (isolation,) = [r for r in dataset.of_type("check") if r["check"] == "isolation"]
+    assert isolation["passed"] and "SIGABRT" in isolation["errors"][1]
+    (acceptance,) = dataset.of_type("acceptance")
+    assert acceptance["passed"] and len(acceptance["repeats"]) == 5
+    assert (out / "report.md").read_text().startswith("# Device check: NVIDIA H200 (sim (model outputs")
+
+
+def test_the_dry_run_dataset_has_every_family_measured(dry_run):
+    out, _ = dry_run
+    dataset = load_dataset(out / "dataset.jsonl")
+    records = dataset.records()
+    candidates = [r for r in records.values() if r.candidate is not None]
+    assert {r.spec.split(":")[0] for r in candidates} == {"gemm", "softmax", "attention"}
+    assert len(dataset.specs()) == 5
+    for spec in dataset.specs():
+        mine = [r for r in candidates if r.spec == spec]
+        assert len(mine) == 6 and {r.candidate["selected_by"] for r in mine} == {"random", "sim-best"}
+        assert all(r.measured("latency") for r in mine) and all(r.measured("energy") for r in mine)
+        row = mine[0].candidate
+        assert row["trace"] and row["features"]["blocks_log2"] >= 0
+        energy = mine[0].measured("energy")
+        assert energy["details"]["avg_power_w"] > energy["details"]["idle_power_w"] > 0
+    vendors = [r for r in records.values() if r.vendor]
+    assert len(vendors) == 11 and all(r.measured("latency") and r.measured("energy") for r in vendors)
+
+
+def test_the_tuner_runs_on_the_replayed_dataset_and_reports(dry_run, tmp_path):
+    out, _ = dry_run
+    dataset = out / "dataset.jsonl"
+    db = tmp_path / "replay.db"
+    for objective in ("latency", "energy"):
+        result = runner.invoke(app, ["tune", "gemm:1,4096,4096", "--backend", f"replay:{dataset}", "--objective",
+                                     objective, "--trials", "6", "--db", str(db)])
+        assert result.exit_code == 0, result.output
+        assert "backend: replay of" in result.output and "stopped by" in result.output
+    report = runner.invoke(app, ["report", "--db", str(db)])
+    assert report.exit_code == 0, report.output
+    text = " ".join(report.output.split())
+    assert "best latency" in text and "best energy@0.05" in text
+    assert "on replay (replay:sim:NVIDIA H200): model outputs, not hardware" in text
+    # The winner's numbers are the recorded ones (within the recorded noise), not invented.
+    recorded = {r.structural_hash: r for r in load_dataset(dataset).records().values() if r.candidate}
+    from measurements.records import RecordsDB
+
+    with RecordsDB.open(db) as records:
+        rows = {c.id: c.structural_hash for c in records.candidates(records.workloads()[0].id)}
+        for m in records.measurements():
+            if m.ok and m.candidate_id is not None:
+                truth = recorded[rows[m.candidate_id]].measured(m.kind)["value"]
+                assert m.value == pytest.approx(truth, rel=0.05)
+
+
+def test_replay_refuses_a_workload_outside_its_pool_in_one_line(dry_run, tmp_path):
+    out, _ = dry_run
+    proc = subprocess.run([sys.executable, "-m", "tuner.cli", "tune", "softmax:1024,1024", "--backend",
+                           f"replay:{out / 'dataset.jsonl'}", "--db", str(tmp_path / "x.db")],
+                          capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "has no candidates of softmax:1024,1024" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+
+
+class FakeGpuBackend:
+    """A stand-in for the NVML backend: records the settings each measurement ran with."""
+
+    name = "nvml"
+
+    def __init__(self):
+        self.min_window_s, self.max_windows, self.integrate_power = 1.0, 10, False
+        self.target_cv, self.vendor_graph_batch_s = 0.01, None
+        self.calls = []
+
+    def device(self):
+        from measurements.backend import DeviceInfo
+
+        return DeviceInfo("nvml", "Fake H200", "580.0", {"power_limit_w": 700.0})
+
+    def _result(self, structural_hash, kind, value):
+        from measurements.backend import MeasureResult
+
+        self.calls.append((structural_hash, kind, self.min_window_s, self.integrate_power))
+        if structural_hash == "faulting":
+            return MeasureResult(structural_hash, kind, False, error="CUDA: an illegal memory access")
+        details = {"latency_s": 1e-5, "idle_power_w": 70.0, "avg_power_w": value / 1e-5,
+                   "windows": [{"sampled_joules_per_call": value * 1.001}]} if kind == "energy" else {}
+        return MeasureResult(structural_hash, kind, True, value, 0.001, details=details)
+
+    def measure(self, candidates, kind, builds=None, progress=None):
+        assert builds is not None and all(b.runnable and b.library.endswith("lib.so") for b in builds)
+        results = [self._result(c.structural_hash, kind, 1e-5 if kind == "latency" else 2e-3) for c in candidates]
+        for r in results:
+            progress and progress(r)
+        return results
+
+    def measure_vendor(self, workload, kind):
+        result = self._result(None, kind, 1e-5 if kind == "latency" else 2e-3)
+        result.details["vendor"] = "torch"
+        return result
+
+    def close(self):
+        self.closed = True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def test_the_gpu_run_orchestrates_every_phase_from_a_pack(dry_run, tmp_path):
+    """``device_check.py run`` on a pack (made from the dry run's candidates), with a stand-in for
+    the GPU: what the lent machine will execute, except the measuring itself."""
+    import json
+    import types
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import device_check
+
+    out, _ = dry_run
+    rows = list(load_dataset(out / "dataset.jsonl").of_type("candidate"))
+    pack = tmp_path / "pack"
+    pack.mkdir()
+    candidates = [{**{k: r[k] for k in ("spec", "family", "design_space", "trace", "structural_hash", "features",
+                                        "build", "selected_by")}, "library": f"libs/{r['structural_hash']}/lib.so"}
+                  for r in rows]
+    manifest = {"target": "h200", "survey": device_check.SURVEY, "candidates": candidates,
+                "faulting": {"spec": "softmax:256,256", "library": "libs/faulting/lib.so"}}
+    (pack / "manifest.json").write_text(json.dumps(manifest))
+    backend = FakeGpuBackend()
+    args = types.SimpleNamespace(pack=pack, out=tmp_path / "out", budget_s=300.0)
+    args.out.mkdir()
+    device_check.run(args, backend=backend)
+    dataset = load_dataset(args.out / "dataset.jsonl")
+    assert dataset.backend == "nvml" and dataset.gpu == "Fake H200" and backend.closed
+    assert all(r["status"] == "ok" for r in dataset.of_type("phase")), list(dataset.of_type("phase"))
+    checks = {(r["check"], r.get("spec")): r["passed"] for r in dataset.of_type("check")}
+    assert checks[("isolation", None)] and all(checks.values()) and len(checks) == 6
+    (acceptance,) = dataset.of_type("acceptance")
+    assert acceptance["passed"] and acceptance["difference_sampled_power"] == pytest.approx(1 / 1.001 - 1)
+    energy_calls = [c for c in backend.calls if c[1] == "energy"]
+    assert [c[2:] for c in energy_calls if c[0] is None][:6] == [(1.0, False)] * 5 + [(10.0, True)]
+    survey_energy = [c for c in energy_calls if c[0] is not None]
+    assert len(survey_energy) == 30 and {c[2] for c in survey_energy} == {device_check.SURVEY_WINDOW_S}
+    assert backend.min_window_s == 1.0 and not backend.integrate_power  # settings restored
+    assert "| survey | ok |" in (args.out / "report.md").read_text()
