@@ -1,6 +1,6 @@
 """What a latency measurement and an energy measurement cost, in seconds, per backend.
 
-DESIGN.md's budget logic (measure every candidate's latency, only a few candidates' energy) rests on
+docs/design.md's budget logic (measure every candidate's latency, only a few candidates' energy) rests on
 energy being far more expensive: about a second of back-to-back launches per candidate, against
 milliseconds for latency. This samples N candidates of a small workload and times each backend's
 ``measure([candidate], kind)`` for both kinds, one candidate at a time, as the tuner calls it.

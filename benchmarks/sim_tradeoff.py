@@ -3,7 +3,7 @@
 For each workload: sample schedules, simulate them (noise-free), and report the fastest schedule, its
 energy, the least energy among schedules within --slowdown of the fastest latency (what the
 ``energy --max-slowdown`` objective can win), and the fastest sampled latency against the sim's
-idealised vendor kernel and DESIGN.md's measured H100 table. Writes JSON and Markdown.
+idealised vendor kernel and docs/design.md's measured H100 table. Writes JSON and Markdown.
 
     python benchmarks/sim_tradeoff.py --samples 200 --out out/sim_tradeoff
 
@@ -24,7 +24,7 @@ from kernels import SUITE_SPECS, parse_spec  # noqa: E402
 from measurements.sim import simulate, vendor_outcome  # noqa: E402
 from search_space import ScheduleSpace, gpu_spec  # noqa: E402
 
-# DESIGN.md, vendor references measured on an H100 (latency s, energy J per call).
+# docs/design.md, vendor references measured on an H100 (latency s, energy J per call).
 H100_VENDOR_TABLE = {
     "gemm-4096": (213e-6, 152e-3), "gemm-2048x11008x4096": (304e-6, 216e-3),
     "gemm-16x11008x4096": (36e-6, 18.9e-3), "gemv-4096": (20.5e-6, 4.7e-3),

@@ -1,4 +1,4 @@
-"""The public benchmark suite of DESIGN.md (fp16)."""
+"""The public benchmark suite of docs/design.md (fp16)."""
 from __future__ import annotations
 
 from .registry import parse_spec
@@ -20,5 +20,5 @@ SUITE_SPECS: dict[str, str] = {
 
 
 def suite() -> dict[str, Workload]:
-    """Suite workloads by name, in the order of DESIGN.md."""
+    """Suite workloads by name, in the order of docs/design.md."""
     return {name: parse_spec(spec) for name, spec in SUITE_SPECS.items()}

@@ -59,7 +59,7 @@ class Workload:
         return self.inputs + self.outputs
 
     def random_inputs(self, seed: int = 0) -> list[np.ndarray]:
-        """Random, never constant, data: GEMM power depends on the values (DESIGN.md)."""
+        """Random, never constant, data: GEMM power depends on the values (docs/design.md)."""
         rng = np.random.default_rng(seed)
         return [rng.uniform(-1.0, 1.0, size=t.shape).astype(t.dtype) for t in self.inputs]
 

@@ -1,6 +1,6 @@
 """The ``sim`` backend: an analytic GPU that turns a schedule's kernels into latency and energy.
 
-DESIGN.md, "The simulated backend": CI and most development machines have no GPU, so the tuning loop
+docs/design.md, "The simulated backend": CI and most development machines have no GPU, so the tuning loop
 runs against this model. It is a pure function of the candidate's lowered kernels (``KernelLaunch``:
 grid, block, on-chip memory and the dynamic traffic totals of search_space.analysis), the workload
 (compulsory bytes) and a ``GpuSpec``; nothing is built or run. Its numbers are sim figures, never
@@ -55,7 +55,7 @@ class SimParams:
     Rates the GpuSpec has (SMs, tensor and fp32 peaks, HBM bandwidth, L2 size, power cap, idle power)
     come from it. The rest come from public microbenchmarks where there are some, else they are
     round numbers chosen so that sampled schedules and the vendor kernels land near the H100 table
-    of DESIGN.md (latency within ~1-2.5x of the vendor, big GEMM at the cap, softmax ~500 W, GEMV
+    of docs/design.md (latency within ~1-2.5x of the vendor, big GEMM at the cap, softmax ~500 W, GEMV
     ~250 W).
     """
 
@@ -423,7 +423,7 @@ def simulate(launches: Sequence, workload=None, gpu="h100", params: SimParams | 
 class VendorKernel:
     """An idealised vendor kernel: a roofline at fixed efficiencies (a sim figure, not a measurement).
 
-    The efficiencies are fitted to the H100 table of DESIGN.md (cuBLAS, torch.softmax, SDPA flash),
+    The efficiencies are fitted to the H100 table of docs/design.md (cuBLAS, torch.softmax, SDPA flash),
     so they already include the clock those kernels ran at under the cap.
     """
 
@@ -493,7 +493,7 @@ def vendor_outcome(workload, gpu="h100", params: SimParams | None = None) -> Sim
 
 # -- the backend ------------------------------------------------------------------------------------
 # Repeats of the latency protocol, and windows of the energy protocol with what they would cost on
-# hardware (DESIGN.md: a warm-up, then windows of >= 1 s that start and end on counter steps ~100 ms
+# hardware (docs/design.md: a warm-up, then windows of >= 1 s that start and end on counter steps ~100 ms
 # apart, so ~1.05 s each on average).
 LATENCY_REPEATS = 20
 ENERGY_WINDOWS = 3

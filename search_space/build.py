@@ -8,7 +8,7 @@ cubin and each candidate is compiled once. A CPU-only TVM (CI, laptops) never ca
 keeps the source; etune then compiles the source itself, so "built" means the same thing everywhere:
 nvcc produced a cubin for the arch.
 
-Why builds failed on the 16-core H100 host (DESIGN.md): MetaSchedule's LocalBuilder gives every build
+Why builds failed on the 16-core H100 host (docs/design.md): MetaSchedule's LocalBuilder gives every build
 30 s and 16 nvcc runs in parallel took longer. Here the time-out comes from the workload and the
 number of parallel jobs per core, a time-out is reported as such, and a build that timed out never
 poisons the next one (its worker is replaced).
