@@ -660,7 +660,7 @@ def main() -> None:
     p.add_argument("--workdir", type=Path, default=ROOT / ".etune" / "device-builds")
     p.add_argument("--random", type=int, default=16)
     p.add_argument("--best", type=int, default=8)
-    p.add_argument("--sim-trials", type=int, default=48)
+    p.add_argument("--sim-trials", type=int, default=32)
     p.add_argument("--jobs", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p = sub.add_parser("run", help="on the GPU: the phases, from --pack, into --out")
