@@ -48,8 +48,6 @@ FAMILIES = ("gemm", "softmax", "attention")
 # keeps in flight, for the Little's-law time.
 MEMORY_LATENCY_S = 400e-9
 LOADS_IN_FLIGHT = 2
-# Registers every thread needs besides its local arrays (indices, addresses, loop counters).
-REGISTER_BASE = 32
 # One wmma mma_sync: 2 x 16^3 flops by a warp, counted once per thread.
 _MMA_FLOPS_PER_THREAD = 2 * 16**3 / 32
 
@@ -179,15 +177,6 @@ def _kernel_resources(launches, build) -> list:
     return matched
 
 
-def estimate_registers(local_bytes_per_thread: int, threads_per_block: int, gpu) -> int:
-    """Registers per thread without a build: a base for indices and addresses plus one per 4 B of
-    per-thread local arrays, within what ``__launch_bounds__(threads)`` lets one block have."""
-    wanted = REGISTER_BASE + math.ceil(local_bytes_per_thread / 4)
-    threads = gpu.warp_size * math.ceil(max(1, threads_per_block) / gpu.warp_size)
-    fit = max(8, min(255, (gpu.registers_per_block // threads) // 8 * 8))
-    return min(8 * math.ceil(wanted / 8), fit)
-
-
 def _kernel_numbers(launch, resources, gpu) -> dict:
     t = launch.traffic
     threads = launch.threads_per_block
@@ -195,7 +184,9 @@ def _kernel_numbers(launch, resources, gpu) -> dict:
     registers = float(resources.registers) if resources is not None else math.nan
     # Always the static estimate (built or not), so these features mean the same for every candidate;
     # ptxas' own figures are the separate *registers* features.
-    est_registers = float(estimate_registers(launch.local_bytes_per_thread, threads, gpu))
+    from search_space.analysis import estimate_registers  # sim's estimate too
+
+    est_registers = float(estimate_registers(launch.local_bytes_per_thread, threads, gpu)[0])
     warps = max(1, math.ceil(threads / gpu.warp_size))
     per_sm_est = max(1, blocks_per_sm(threads, launch.shared_bytes, gpu, est_registers))
     resident_blocks = min(per_sm_est, math.ceil(blocks / gpu.sm_count))

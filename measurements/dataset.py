@@ -35,9 +35,10 @@ import sys
 from pathlib import Path
 from typing import Iterator
 
+from .backend import KINDS
+
 FORMAT = "etune-dataset"
 VERSION = 1
-KINDS = ("latency", "energy")
 
 
 class DatasetError(ValueError):

@@ -47,6 +47,7 @@ from .backend import Backend, BackendError, DeviceInfo, MeasureResult, Progress,
 from .gpu_lock import GpuBusyError, GpuLock
 from .nvml_energy import NvmlEnergySource, measure_energy, measure_idle_power
 from .runner import IsolatedRunner, TaskResult
+from .stats import coefficient_of_variation
 
 log = logging.getLogger(__name__)
 
@@ -123,13 +124,6 @@ def _telemetry(source: NvmlEnergySource) -> dict:
     return {"temperature_c": _safe(source.temperature_c), "sm_clock_mhz": _safe(source.sm_clock_mhz)}
 
 
-def _cv(values: Sequence[float]) -> float | None:
-    if len(values) < 2:
-        return None
-    mean = statistics.fmean(values)
-    return statistics.stdev(values) / mean if mean > 0 else None
-
-
 def _median_of(values) -> float | None:
     values = [v for v in values if v is not None]
     return statistics.median(values) if values else None
@@ -166,7 +160,7 @@ def _latency(timer: _TvmTimer, options: dict) -> dict:
     return {
         "ok": True,
         "value": median,
-        "spread": _cv(times),
+        "spread": coefficient_of_variation(times),
         "details": {"min_s": min(times), "median_s": median, "mean_s": statistics.fmean(times),
                     "repeats": repeats, "number": number,
                     "timer": "tvm time_evaluator (CUDA events, back-to-back calls)"},
@@ -198,11 +192,10 @@ def energy_record(result, calls_per_launch: int, extra: dict | None = None) -> d
         "calls_per_launch": c,
         **(extra or {}),
     }
-    cv = result.cv
     return {
         "ok": True,
         "value": energy,
-        "spread": None if cv is None or math.isnan(cv) else cv,
+        "spread": result.cv,
         "details": details,
         "temperature_c": _median_of(w.temperature_c for w in result.windows),
         "sm_clock_mhz": _median_of(w.sm_clock_mhz for w in result.windows),

@@ -13,7 +13,6 @@ Consecutive windows share an edge, so the GPU never idles between them.
 from __future__ import annotations
 
 import logging
-import math
 import statistics
 import threading
 import time
@@ -21,6 +20,8 @@ from dataclasses import dataclass
 from typing import Callable, Protocol
 
 import pynvml
+
+from .stats import coefficient_of_variation
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +176,7 @@ class EnergyWindow:
 class EnergyResult:
     energy_per_call_j: float  # median over windows, idle power included
     latency_per_call_s: float  # median over windows, from wall time / launches
-    cv: float  # coefficient of variation of J/call over windows (nan with < 2 windows)
+    cv: float | None  # coefficient of variation of J/call over windows (None with < 2 windows)
     windows: list[EnergyWindow]
     idle_power_w: float | None
     energy_above_idle_per_call_j: float | None  # None when idle power was not given
@@ -225,13 +226,6 @@ def _make_window(launches: int, t0: float, t1: float, joules: float, tel: _Telem
         window.temperature_c, window.sm_clock_mhz, window.power_w,
     )
     return window
-
-
-def _cv(values: list[float]) -> float:
-    if len(values) < 2:
-        return math.nan
-    mean = statistics.fmean(values)
-    return statistics.stdev(values) / mean if mean > 0 else math.inf
 
 
 def _counter_delta_mj(e0: int, e1: int) -> int:
@@ -329,7 +323,8 @@ def _busy_until_step(launcher: _Launcher, source: EnergySource, clock: Clock,
 
 
 def _enough(windows: list[EnergyWindow], target_cv: float) -> bool:
-    return len(windows) >= 3 and _cv([w.joules_per_call for w in windows]) <= target_cv
+    cv = coefficient_of_variation(w.joules_per_call for w in windows)
+    return len(windows) >= 3 and cv is not None and cv <= target_cv
 
 
 def _counter_windows(launcher: _Launcher, source: EnergySource, clock: Clock, sleep: Sleep,
@@ -456,7 +451,7 @@ def measure_energy(
     return EnergyResult(
         energy_per_call_j=energy,
         latency_per_call_s=latency,
-        cv=_cv([w.joules_per_call for w in windows]),
+        cv=coefficient_of_variation(w.joules_per_call for w in windows),
         windows=windows,
         idle_power_w=idle_power_w,
         energy_above_idle_per_call_j=above_idle,

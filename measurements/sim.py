@@ -43,9 +43,10 @@ import time
 from typing import Sequence
 
 from .backend import Backend, DeviceInfo, MeasureResult, Progress, check_kind
+from .stats import coefficient_of_variation
 
 __all__ = ["KernelOutcome", "SimBackend", "SimOutcome", "SimParams", "VENDOR_KERNELS", "VendorKernel",
-           "estimate_registers", "params_for", "simulate", "vendor_outcome"]
+           "params_for", "simulate", "vendor_outcome"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,20 +181,6 @@ class SimOutcome:
         return self.breakdown["energy_above_idle_j"]
 
 
-def estimate_registers(local_bytes_per_thread: int, threads_per_block: int, gpu, params: SimParams) -> tuple[int, int]:
-    """(registers per thread, spilled bytes per thread).
-
-    TVM emits ``__launch_bounds__(threads)``, so ptxas fits one block into the register file and
-    spills whatever does not fit; registers are allocated in units of 8 per thread.
-    """
-    wanted = params.register_base + math.ceil(local_bytes_per_thread / 4)
-    threads = 32 * math.ceil(threads_per_block / 32)
-    fit = min(params.max_registers_per_thread, (gpu.registers_per_block // threads) // 8 * 8)
-    registers = min(wanted, fit)
-    registers = min(8 * math.ceil(registers / 8), fit)
-    return registers, max(0, wanted - registers) * 4
-
-
 def _soft_max(values, p: float) -> float:
     values = [v for v in values if v > 0.0]
     if not values:
@@ -213,7 +200,10 @@ def _blocks_per_sm(k, registers: int, gpu, params: SimParams) -> int:
 
 def _occupancy(k, gpu, params: SimParams) -> tuple[int, int, int]:
     """(registers per thread, spilled bytes per thread, co-resident blocks per SM)."""
-    registers, spill = estimate_registers(k.local_bytes_per_thread, k.threads_per_block, gpu, params)
+    from search_space.analysis import estimate_registers  # the estimate the features use too
+
+    registers, spill = estimate_registers(k.local_bytes_per_thread, k.threads_per_block, gpu,
+                                          params.register_base, params.max_registers_per_thread)
     return registers, spill, _blocks_per_sm(k, registers, gpu, params)
 
 
@@ -548,10 +538,6 @@ class SimBackend(Backend):
     def _samples(self, rng: random.Random, value: float, n: int) -> list[float]:
         return [value * rng.lognormvariate(0.0, self.noise) if self.noise > 0 else value for _ in range(n)]
 
-    @staticmethod
-    def _cv(values: list[float]) -> float:
-        return statistics.pstdev(values) / statistics.fmean(values) if len(values) > 1 else 0.0
-
     def _result(self, key: str, hash_: str | None, kind: str, outcome: SimOutcome, details: dict) -> MeasureResult:
         started = time.time()
         rng = self._rng(key, kind)
@@ -562,7 +548,7 @@ class SimBackend(Backend):
             median = statistics.median(samples)
             details = {"min_s": min(samples), "median_s": median, "repeats": LATENCY_REPEATS, "checked": False,
                        "note": "sim runs no code", **details}
-            return MeasureResult(hash_, kind, True, median, self._cv(samples), None, details, clock_mhz, None,
+            return MeasureResult(hash_, kind, True, median, coefficient_of_variation(samples), None, details, clock_mhz, None,
                                  started, time.time())
         # One energy sample per window; the window's latency wobbles independently.
         energies = self._samples(rng, outcome.energy_j, ENERGY_WINDOWS)
@@ -581,7 +567,7 @@ class SimBackend(Backend):
             "simulated_cost_s": ENERGY_WARMUP_S + ENERGY_WINDOWS * ENERGY_WINDOW_S,
             **details,
         }
-        return MeasureResult(hash_, kind, True, energy, self._cv(energies), None, details, clock_mhz, None,
+        return MeasureResult(hash_, kind, True, energy, coefficient_of_variation(energies), None, details, clock_mhz, None,
                              started, time.time())
 
     # -- Backend --------------------------------------------------------------------------------

@@ -34,6 +34,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from .stats import coefficient_of_variation
+
 VENDOR_NAMES = {
     "gemm": "torch.matmul",
     "softmax": "torch.softmax",
@@ -106,7 +108,7 @@ class VendorKernel:
             "median_s": statistics.median(times),
             "min_s": min(times),
             "mean_s": mean,
-            "cv": statistics.stdev(times) / mean if len(times) > 1 and mean > 0 else None,
+            "cv": coefficient_of_variation(times),
             "repeats": repeats,
             "number": number * self.calls_per_launch,
             "timer": f"cuda events around {self.batching} launches",

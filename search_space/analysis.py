@@ -15,6 +15,23 @@ from tvm.target import Target
 from .targets import GpuSpec
 
 
+# Registers every thread needs besides its local arrays (indices, addresses, loop counters).
+REGISTER_BASE = 32
+MAX_REGISTERS_PER_THREAD = 255
+
+
+def estimate_registers(local_bytes_per_thread: int, threads_per_block: int, gpu, base: int = REGISTER_BASE,
+                       max_per_thread: int = MAX_REGISTERS_PER_THREAD) -> tuple[int, int]:
+    """(registers per thread, spilled bytes per thread) without a build: a base plus one register per
+    4 B of per-thread local arrays. TVM emits ``__launch_bounds__(threads)``, so ptxas fits one block
+    into the register file and spills whatever does not fit; registers come in units of 8."""
+    wanted = base + math.ceil(local_bytes_per_thread / 4)
+    threads = gpu.warp_size * math.ceil(max(1, threads_per_block) / gpu.warp_size)
+    fit = max(8, min(max_per_thread, (gpu.registers_per_block // threads) // 8 * 8))
+    registers = min(8 * math.ceil(wanted / 8), fit)
+    return registers, max(0, wanted - registers) * 4
+
+
 @dataclasses.dataclass(frozen=True)
 class KernelLaunch:
     name: str

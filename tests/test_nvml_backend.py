@@ -174,7 +174,7 @@ def test_energy_record_divides_batched_launches_into_calls():
     assert math.isclose(d["windows"][0]["joules_per_call"], 2.5 / calls)
     assert record["spread"] == 0.004 and record["temperature_c"] == 50.0 and record["sm_clock_mhz"] == 1755.0
     assert d["launch"] == "test"
-    one = EnergyResult(2.5, 0.005, float("nan"), [window], None, None, "power-integration", False)
+    one = EnergyResult(2.5, 0.005, None, [window], None, None, "power-integration", False)
     assert nvml_backend.energy_record(one, 1)["spread"] is None
 
 

@@ -217,10 +217,10 @@ def test_idle_power_without_counter_averages_samples():
     assert measure_idle_power(gpu, 0.5, clock=gpu.clock, sleep=gpu.sleep) == pytest.approx(IDLE_W)
 
 
-def test_single_window_reports_nan_cv_and_not_converged():
+def test_single_window_reports_no_cv_and_not_converged():
     result = run(FakeGpu(), max_windows=1)
     assert len(result.windows) == 1
-    assert math.isnan(result.cv)
+    assert result.cv is None
     assert not result.converged
 
 

@@ -8,7 +8,8 @@ import pytest
 
 from kernels import parse_spec
 from measurements.backend import make_backend
-from measurements.sim import SimBackend, estimate_registers, params_for, simulate, vendor_outcome
+from measurements.sim import SimBackend, simulate, vendor_outcome
+from search_space.analysis import estimate_registers
 from search_space import BuildResult, ScheduleSpace, gpu_spec
 from search_space.analysis import KernelLaunch, Traffic
 
@@ -118,11 +119,10 @@ def test_wave_quantisation():
 
 
 def test_registers_follow_launch_bounds():
-    params = params_for(H100)
-    assert estimate_registers(0, 256, H100, params) == (32, 0)
-    assert estimate_registers(512, 128, H100, params) == (160, 0)
+    assert estimate_registers(0, 256, H100) == (32, 0)
+    assert estimate_registers(512, 128, H100) == (160, 0)
     # 1024 threads can have at most 64 registers each: the rest of the local array spills.
-    assert estimate_registers(512, 1024, H100, params) == (64, 384)
+    assert estimate_registers(512, 1024, H100) == (64, 384)
 
 
 def test_vendor_kernels_match_the_table_roughly():
