@@ -13,6 +13,8 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from .objectives import HELP as OBJECTIVE_HELP
+
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="etune: energy-aware GPU kernel autotuning on TVM MetaSchedule.")
 console = Console()
@@ -110,6 +112,15 @@ def space(
         raise typer.Exit(1)
 
 
+def _objective(text: str, max_slowdown: str | None = None):
+    from .objectives import Objective, ObjectiveError
+
+    try:
+        return Objective.parse(text, max_slowdown)
+    except ObjectiveError as exc:
+        fail(f"bad objective: {exc}")
+
+
 def _announce_backend(name: str, target: str):
     """Make the backend and say which one it is on the first line: sim figures never pass as GPU ones."""
     from measurements.backend import BackendError, make_backend
@@ -145,9 +156,10 @@ def _status_line(status) -> str:
 @app.command("tune")
 def tune(
     specs: List[str] = typer.Argument(..., help="Workloads, e.g. gemm:4096,4096,4096 softmax:4096,4096"),
-    objective: str = typer.Option("energy", help="latency, energy, edp (energy takes --max-slowdown)."),
+    objective: str = typer.Option("energy", help=OBJECTIVE_HELP),
     max_slowdown: Optional[str] = typer.Option(
-        None, help="energy: allowed slowdown over the fastest schedule found, e.g. 0.05 (default), or none."),
+        None, help="Another spelling of energy@S: the allowed slowdown over the fastest schedule found, e.g. "
+                   "0.05 (the default), or none."),
     backend: str = typer.Option("auto", help="nvml (the GPU), sim (analytic H100), auto: the GPU if NVML finds one."),
     db: Path = typer.Option(Path("etune.db"), help="Records database (SQLite); the same command resumes."),
     trials: int = typer.Option(64, min=1, help="Candidates measured for latency per workload."),
@@ -164,20 +176,11 @@ def tune(
     """Tune workloads for an objective; every measurement goes to --db as it is taken."""
     from measurements.records import RecordsDB
 
-    from .objectives import DEFAULT_MAX_SLOWDOWN, Objective
     from .search import TuneConfig, Tuner
 
     workloads = _workloads(specs)
     gpu = _gpu(target)
-    kind = objective.strip().lower()
-    try:
-        if max_slowdown is None:
-            slack = DEFAULT_MAX_SLOWDOWN if kind == "energy" else None
-        else:
-            slack = None if max_slowdown.lower() == "none" else float(max_slowdown)
-        goal = Objective(kind, slack)
-    except ValueError as exc:  # ObjectiveError included
-        fail(f"bad objective: {exc}")
+    goal = _objective(objective, max_slowdown)
     if db.parent and not db.parent.exists():
         fail(f"directory {db.parent} does not exist")
     chosen = _announce_backend(backend, target)
@@ -215,6 +218,7 @@ def report(
     db: Path = typer.Option(Path("etune.db"), help="Records database."),
     specs: Optional[List[str]] = typer.Argument(None, help="Only these workloads."),
     backend: Optional[str] = typer.Option(None, help="Only this backend (nvml or sim)."),
+    objective: Optional[str] = typer.Option(None, help="Only runs tuned for this objective: " + OBJECTIVE_HELP),
     format: str = typer.Option("table", help="table or json."),
 ) -> None:
     """Best record per tuned objective, the energy/latency Pareto front and the vendor reference."""
@@ -226,10 +230,11 @@ def report(
 
     if format not in ("table", "json"):
         fail(f"unknown format {format!r} (choose table or json)")
+    goal = None if objective is None else _objective(objective)
     if not db.exists():
         fail(f"no records database at {db}")
     with RecordsDB.open(db) as records:
-        document = make_report(records, specs=specs, backend=backend)
+        document = make_report(records, specs=specs, backend=backend, objective=goal)
     if specs and not document["workloads"]:
         fail(f"no records for {', '.join(specs)} in {db}")
     if format == "json":

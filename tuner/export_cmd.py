@@ -10,6 +10,8 @@ from typing import List, Optional
 
 import typer
 
+from .objectives import HELP as OBJECTIVE_HELP
+
 FORMATS = ("library", "metaschedule", "both")
 
 
@@ -21,9 +23,7 @@ def _cli():
 
 def export_command(
     db: Path = typer.Option(Path("etune.db"), help="Records database."),
-    objective: str = typer.Option(
-        "energy", help="latency, edp, energy (least energy within 5 % of the fastest), energy@S (slowdown S, "
-                       "e.g. energy@0.1) or energy@none."),
+    objective: str = typer.Option("energy", help=OBJECTIVE_HELP),
     out: Path = typer.Option(Path("etune-kernels"), "--out", "-o", help="Output directory."),
     backend: Optional[str] = typer.Option(
         None, help="Use this backend's measurements (nvml or sim); default: the only one, or the hardware one."),
