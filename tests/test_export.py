@@ -380,9 +380,18 @@ def test_manifest_errors(tmp_path):
     bad_name = _manifest()
     bad_name["kernels"][0]["name"] = "gemm:4,8,16"
     cases.append((bad_name, r"kernels\[0\].name must be an identifier"))
+    # Every path in a manifest stays inside the library folder.
+    for library in ("../../lib.so", "/etc/passwd", "kernels/../../lib.so", "..\\lib.so", "outside.so"):
+        cases.append((_manifest(library=library), "library .* points outside the library folder"))
+    bad_source = _manifest()
+    bad_source["kernels"][0]["source"] = "../gemm.cu"
+    cases.append((bad_source, r"kernels\[0\].source '../gemm.cu' points outside the library folder"))
+    (tmp_path / "outside.so").symlink_to(tmp_path.parent / "elsewhere.so")
     for document, message in cases:
         with pytest.raises(LibraryError, match=message):
             read_manifest(write(document))
+    write(_manifest(library="/etc/passwd"))
+    assert "points outside the library folder" in _one_line_error(runner.invoke(_app(), ["verify", str(tmp_path)]))
     (tmp_path / "empty").mkdir()
     with pytest.raises(LibraryError, match="manifest.json is missing"):
         load_library(tmp_path / "empty")
