@@ -4,6 +4,7 @@ from __future__ import annotations
 import statistics
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import List, Optional
 
@@ -25,6 +26,24 @@ def fail(message: str, code: int = 2) -> None:
     """A user mistake: one readable line on stderr and a non-zero exit, never a traceback."""
     err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
+
+
+@contextmanager
+def records_db(path: Path, **options):
+    """measurements.records.RecordsDB.open for a command (``readonly=True`` for the ones that only
+    read): a path that is no usable records database ends the command with one line (exit 2), and
+    so does an error of the database later on (a full disk, say: exit 1)."""
+    from measurements.records import RecordsDB, RecordsDBError
+
+    try:
+        records = RecordsDB.open(path, **options)
+    except RecordsDBError as exc:
+        fail(str(exc))
+    try:
+        with records:
+            yield records
+    except RecordsDBError as exc:
+        fail(str(exc), code=1)
 
 
 def _workloads(specs: List[str]):
@@ -174,22 +193,18 @@ def tune(
     workdir: Path = typer.Option(Path(".etune/builds"), help="Build artifacts and cache."),
 ) -> None:
     """Tune workloads for an objective; every measurement goes to --db as it is taken."""
-    from measurements.records import RecordsDB
-
     from .search import TuneConfig, Tuner
 
     workloads = _workloads(specs)
     gpu = _gpu(target)
     goal = _objective(objective, max_slowdown)
-    if db.parent and not db.parent.exists():
-        fail(f"directory {db.parent} does not exist")
-    chosen = _announce_backend(backend, target)
-    if not build and chosen.name != "sim":
-        fail("--no-build is for the sim backend only: a GPU runs built kernels")
     deadline = None if time_budget is None else time.monotonic() + time_budget
     summaries = []
-    try:
-        with RecordsDB.open(db) as records:
+    with records_db(db) as records:
+        chosen = _announce_backend(backend, target)
+        try:
+            if not build and chosen.name != "sim":
+                fail("--no-build is for the sim backend only: a GPU runs built kernels")
             for workload in workloads:
                 left = None if deadline is None else max(0.0, deadline - time.monotonic())
                 config = TuneConfig(trials=trials, energy_measurements=energy_measurements, time_budget_s=left,
@@ -208,8 +223,8 @@ def tune(
                 console.print(escape(_status_line(status)) + f"  stopped by {status.stopped_by}", highlight=False)
                 if status.stopped_by == "interrupted":
                     raise KeyboardInterrupt
-    finally:
-        chosen.close()
+        finally:
+            chosen.close()
     console.print(f"records in {db}; see: etune report --db {db}", highlight=False)
 
 
@@ -224,16 +239,12 @@ def report(
     """Best record per tuned objective, the energy/latency Pareto front and the vendor reference."""
     import json
 
-    from measurements.records import RecordsDB
-
     from .report import report as make_report
 
     if format not in ("table", "json"):
         fail(f"unknown format {format!r} (choose table or json)")
     goal = None if objective is None else _objective(objective)
-    if not db.exists():
-        fail(f"no records database at {db}")
-    with RecordsDB.open(db) as records:
+    with records_db(db, readonly=True) as records:
         document = make_report(records, specs=specs, backend=backend, objective=goal)
     if specs and not document["workloads"]:
         fail(f"no records for {', '.join(specs)} in {db}")

@@ -35,10 +35,10 @@ import tempfile
 from collections import defaultdict
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from measurements.records import Candidate as CandidateRow
-from measurements.records import RecordsDB, Run
+from measurements.records import RecordsDB, RecordsDBError, Run
 from measurements.records import Workload as WorkloadRow
 
 from .objectives import Objective, ObjectiveError, Point, best
@@ -108,14 +108,14 @@ def _objective(objective: Objective | str) -> Objective:
         raise ExportError(f"bad objective {objective!r}: {exc}") from None
 
 
-def _open_db(db_path: str | Path) -> RecordsDB:
-    path = Path(db_path)
-    if not path.is_file():  # RecordsDB.open would create an empty database
-        raise ExportError(f"no records database at {path}")
+@contextmanager
+def _open_db(db_path: str | Path) -> Iterator[RecordsDB]:
+    """The records database, read-only; any problem with it is an ExportError (one line)."""
     try:
-        return RecordsDB.open(path)
-    except Exception as exc:  # not SQLite, newer schema, ...
-        raise ExportError(f"cannot open records database {path}: {exc}") from None
+        with RecordsDB.open(db_path, readonly=True) as db:
+            yield db
+    except RecordsDBError as exc:
+        raise ExportError(str(exc)) from None
 
 
 def _wanted_workloads(db: RecordsDB, db_path, workloads: Sequence[str] | None) -> list[WorkloadRow]:

@@ -1,0 +1,132 @@
+"""Issue 13, bad input: every user mistake and every unusable file ends in one readable line and a
+non-zero exit, never a traceback, and loses nothing already recorded."""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from measurements.records import RecordsDB
+from tuner.cli import app
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": str(REPO)}
+runner = CliRunner()
+
+
+def one_line_error(result, code=None) -> str:
+    """The single ``error:`` line on stderr of a command that failed."""
+    assert result.exit_code != 0 and (code is None or result.exit_code == code), (result.exit_code, result.output)
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    assert "Traceback" not in result.output
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """Files a user could point --db at by mistake, and one etune database with a few records."""
+    import sqlite3
+
+    root = tmp_path_factory.mktemp("files")
+    raw = sqlite3.connect(root / "other.db")
+    raw.execute("CREATE TABLE users (name TEXT)")
+    raw.commit()
+    raw.close()
+    (root / "empty.db").write_bytes(b"")
+    (root / "text.db").write_text("not a database\n")
+    (root / "dir.db").mkdir()
+    good = root / "good.db"
+    with RecordsDB.open(good) as db:
+        wid = db.add_workload("softmax:8,8", "softmax", {"rows": 8, "cols": 8})
+        run = db.start_run(wid, "latency", "sim", {})
+        for i in range(100):
+            cid = db.add_candidate(wid, f"h{i}", 0, "trace " * 100)
+            db.add_measurement(workload_id=wid, candidate_id=cid, kind="latency", backend="sim", value=1e-6 * (i + 1),
+                               run_id=run)
+        db.finish_run(run, "finished")
+    data = good.read_bytes()
+    (root / "truncated.db").write_bytes(data[: len(data) // 2])
+    return root
+
+
+BAD = [("other.db", "another application's SQLite database"), ("text.db", "not an SQLite database"),
+       ("dir.db", "is a directory"), ("truncated.db", "malformed"), ("missing.db", "no records database")]
+COMMANDS = [["report"], ["export", "--format", "metaschedule"], ["measure", "--candidate", "1", "--backend", "sim"],
+            ["tune", "softmax:256,256", "--backend", "sim", "--no-build", "--trials", "2"]]
+
+
+@pytest.mark.parametrize("name,message,command", [
+    (name, message, command) for name, message in BAD for command in COMMANDS
+    if not (command[0] == "tune" and name == "missing.db")])  # tune starts a new database
+def test_a_bad_database_is_one_line_for_every_command(files, name, message, command):
+    path = files / name
+    before = path.read_bytes() if path.is_file() else None
+    line = one_line_error(runner.invoke(app, [*command, "--db", str(path)]))
+    assert message in line
+    assert (path.read_bytes() if path.is_file() else None) == before
+
+
+def test_an_empty_file_is_no_database_to_read_but_tune_may_start_one(files, tmp_path):
+    assert "empty file" in one_line_error(runner.invoke(app, ["report", "--db", str(files / "empty.db")]))
+    assert (files / "empty.db").read_bytes() == b""
+
+
+def test_a_full_disk_during_tune_is_one_line_and_keeps_the_records(tmp_path, monkeypatch):
+    opened = RecordsDB.open
+
+    def nearly_full(path, **options):  # what a full disk looks like to SQLite
+        db = opened(path, **options)
+        pages = db._conn.execute("PRAGMA page_count").fetchone()[0]
+        db._conn.execute(f"PRAGMA max_page_count = {pages + 4}")
+        return db
+
+    monkeypatch.setattr(RecordsDB, "open", nearly_full)
+    path = tmp_path / "full.db"
+    result = runner.invoke(app, ["tune", "softmax:256,256", "--backend", "sim", "--no-build", "--trials", "40",
+                                 "--batch", "8", "--db", str(path)])
+    assert "database or disk is full; free some space and run the same command again" in one_line_error(result, 1)
+    monkeypatch.undo()
+    with RecordsDB.open(path, readonly=True) as db:
+        assert db.workloads() and db.runs()
+
+
+def test_measure_json_into_a_directory_is_refused_before_measuring(tmp_path):
+    result = runner.invoke(app, ["measure", "--vendor", "softmax:64,64", "--backend", "sim", "--json", str(tmp_path),
+                                 "--db", str(tmp_path / "m.db")])
+    assert "is a directory; give a file name" in one_line_error(result, 2)
+    assert not (tmp_path / "m.db").exists()
+
+
+def _readonly_mount_prefix(directory: Path) -> list[str] | None:
+    """A command prefix that runs a command with ``directory`` mounted read-only (a user and mount
+    namespace: no privileges needed), or None where this system cannot."""
+    if shutil.which("unshare") is None:
+        return None
+    prefix = ["unshare", "-rm", "sh", "-c",
+              'mount --bind "$0" "$0" && mount -o remount,bind,ro "$0" "$0" && exec "$@"', str(directory)]
+    probe = subprocess.run([*prefix, "touch", str(directory / "probe")], capture_output=True, text=True)
+    if "Read-only file system" not in probe.stderr:
+        return None
+    return prefix
+
+
+def test_a_database_on_a_read_only_file_system_reports_and_refuses_tune(files, tmp_path):
+    shutil.copy(files / "good.db", tmp_path / "good.db")  # closed cleanly: no -wal or -shm beside it
+    prefix = _readonly_mount_prefix(tmp_path)
+    if prefix is None:
+        pytest.skip("cannot mount a folder read-only here (no unshare or user namespaces)")
+    cli = [sys.executable, "-m", "tuner.cli"]
+    report = subprocess.run([*prefix, *cli, "report", "--db", str(tmp_path / "good.db"), "--format", "json"],
+                            capture_output=True, text=True, env=ENV, cwd=REPO, timeout=120)
+    assert report.returncode == 0, report.stderr
+    assert '"softmax:8,8"' in report.stdout and '"latency_measurements": 100' in report.stdout
+    tune = subprocess.run([*prefix, *cli, "tune", "softmax:8,8", "--backend", "sim", "--no-build",
+                           "--db", str(tmp_path / "good.db")], capture_output=True, text=True, env=ENV, cwd=REPO,
+                          timeout=300)
+    assert tune.returncode != 0 and "Traceback" not in tune.stderr, tune.stderr
+    (line,) = tune.stderr.strip().splitlines()
+    assert line.startswith("error:") and "read-only" in line, line
