@@ -130,3 +130,106 @@ def test_a_database_on_a_read_only_file_system_reports_and_refuses_tune(files, t
     assert tune.returncode != 0 and "Traceback" not in tune.stderr, tune.stderr
     (line,) = tune.stderr.strip().splitlines()
     assert line.startswith("error:") and "read-only" in line, line
+
+
+# -- Ctrl-C, SIGTERM, SIGKILL and a second etune on the same run --------------------------------------
+def _tune(db: Path) -> list[str]:
+    return [sys.executable, "-m", "tuner.cli", "tune", "softmax:256,256", "--backend", "sim", "--no-build",
+            "--objective", "latency", "--trials", "500", "--batch", "4", "--db", str(db)]
+
+
+def _latency_counts(db: Path) -> dict:
+    """Latency measurements per candidate of the run (empty until the run has any)."""
+    from collections import Counter
+
+    try:
+        with RecordsDB.open(db, readonly=True) as records:
+            return Counter(m.candidate_id for m in records.measurements(kind="latency"))
+    except Exception:  # not created yet
+        return Counter()
+
+
+def _started(db: Path, at_least: int):
+    """A tune process, once it has recorded ``at_least`` latency measurements."""
+    import time
+
+    process = subprocess.Popen(_tune(db), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**ENV, "PYTHONUNBUFFERED": "1"}, cwd=db.parent)
+    deadline = time.monotonic() + 240
+    while sum(_latency_counts(db).values()) < at_least:
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.2)
+    return process
+
+
+def _stopped(process, signum) -> tuple[str, str]:
+    process.send_signal(signum)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 128 + signum, (process.returncode, out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    return out, lines[0]
+
+
+def test_ctrl_c_and_sigterm_stop_the_run_and_the_same_command_resumes_it(tmp_path):
+    import signal
+
+    db = tmp_path / "s.db"
+    first = _started(db, 4)
+    try:
+        # A second etune on the same run is refused at once: it would measure every candidate again.
+        second = subprocess.run(_tune(db), capture_output=True, text=True, env=ENV, cwd=tmp_path, timeout=240)
+        assert second.returncode == 1 and "Traceback" not in second.stderr, second.stderr
+        (line,) = second.stderr.strip().splitlines()
+        assert f"run 1 (softmax:256,256, latency on sim) is being tuned by another etune (pid {first.pid}" in line
+        _, line = _stopped(first, signal.SIGINT)
+    finally:
+        first.kill()
+    assert line == f"interrupted (Ctrl-C): what was measured is kept in {db}; the same command resumes the run"
+    kept = _latency_counts(db)
+    with RecordsDB.open(db, readonly=True) as records:
+        assert [r.status for r in records.runs()] == ["interrupted"]
+    third = _started(db, sum(kept.values()) + 1)
+    try:
+        out, line = _stopped(third, signal.SIGTERM)
+    finally:
+        third.kill()
+    assert line.startswith("terminated (SIGTERM): what was measured is kept in")
+    assert f"the previous invocation of run 1 was interrupted; resuming with {len(kept)} candidates" in out
+    counts = _latency_counts(db)
+    assert set(counts.values()) == {1} and len(counts) > len(kept)  # nothing lost, nothing measured twice
+
+
+def test_build_workers_die_with_their_parent(tmp_path):
+    import signal
+    import time
+
+    import psutil
+
+    busy = tmp_path / "busy"
+    script = (f"import os, sys, time; sys.path.insert(0, {str(REPO)!r})\n"
+              "from search_space.build import build_pool\n"
+              "def build(marker):\n"
+              "    open(marker, 'w').close()\n"
+              "    time.sleep(600)\n"
+              "pool = build_pool(1, 600)\n"
+              "print(pool.submit(os.getpid).result(), flush=True)\n"
+              f"pool.submit(build, {str(busy)!r})\n"
+              "time.sleep(600)\n")
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=ENV)
+    try:
+        worker = int(parent.stdout.readline())
+        deadline = time.monotonic() + 60
+        while not busy.exists():  # the worker is in the middle of a "build"
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(30)
+        deadline = time.monotonic() + 30
+        while psutil.pid_exists(worker) and psutil.Process(worker).status() != psutil.STATUS_ZOMBIE:
+            assert time.monotonic() < deadline, "the build worker outlived its parent"
+            time.sleep(0.1)
+    finally:
+        parent.kill()
+        if "worker" in locals() and psutil.pid_exists(worker):
+            psutil.Process(worker).kill()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from measurements.records import APPLICATION_ID, SCHEMA_VERSION, RecordsDB, RecordsDBError
+from measurements.records import APPLICATION_ID, SCHEMA_VERSION, RecordsDB, RecordsDBError, RunBusyError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -289,3 +289,25 @@ def test_a_full_disk_is_one_line_and_keeps_what_was_recorded(tmp_path):
         kept = len(db.candidates(wid))
     with RecordsDB.open(path, readonly=True) as db:
         assert len(db.candidates(wid)) == kept
+
+
+def test_one_process_at_a_time_tunes_a_run(tmp_path):
+    path = tmp_path / "lock.db"
+    first, second = RecordsDB.open(path), RecordsDB.open(path)
+    wid = first.add_workload("softmax:8,8", "softmax", {})
+    run = first.start_run(wid, "latency", "sim", {})
+    assert first.previous_ending(run) is None  # a new run
+    with pytest.raises(RunBusyError, match=rf"run {run} \(softmax:8,8, latency on sim\) is being tuned by another "
+                                           rf"etune \(pid {os.getpid()} on host .*\)"):
+        second.start_run(wid, "latency", "sim", {})
+    assert second.start_run(wid, "energy@0.05", "sim", {}) != run  # another run of the workload is free
+    first.close()  # as if it were killed: the lock goes with the process's file descriptors
+    assert second.start_run(wid, "latency", "sim", {}) == run
+    assert second.previous_ending(run) == "ended without finishing (killed?)"
+    second.finish_run(run, "interrupted")
+    assert len(list(tmp_path.glob("*.lock"))) == 1  # the energy run's, still held
+    second.close()
+    assert not list(tmp_path.glob("*.lock"))  # released locks leave no file behind
+    with RecordsDB.open(path) as again:
+        assert again.start_run(wid, "latency", "sim", {}) == run
+        assert again.previous_ending(run) == "was interrupted"

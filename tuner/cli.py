@@ -192,7 +192,12 @@ def tune(
     jobs: Optional[int] = typer.Option(None, min=1, help="Parallel builds (default: CPU cores)."),
     workdir: Path = typer.Option(Path(".etune/builds"), help="Build artifacts and cache."),
 ) -> None:
-    """Tune workloads for an objective; every measurement goes to --db as it is taken."""
+    """Tune workloads for an objective; every measurement goes to --db as it is taken, and the same
+    command resumes a run that was interrupted (Ctrl-C, SIGTERM) or killed."""
+    import signal
+
+    from search_space import interrupts
+
     from .search import TuneConfig, Tuner
 
     workloads = _workloads(specs)
@@ -200,7 +205,7 @@ def tune(
     goal = _objective(objective, max_slowdown)
     deadline = None if time_budget is None else time.monotonic() + time_budget
     summaries = []
-    with records_db(db) as records:
+    with records_db(db) as records, interrupts.stop_on(signal.SIGINT, signal.SIGTERM):
         chosen = _announce_backend(backend, target)
         try:
             if not build and chosen.name != "sim":
@@ -223,6 +228,16 @@ def tune(
                 console.print(escape(_status_line(status)) + f"  stopped by {status.stopped_by}", highlight=False)
                 if status.stopped_by == "interrupted":
                     raise KeyboardInterrupt
+        except BaseException as exc:
+            # Ctrl-C or SIGTERM: in a run (which recorded it), while making design spaces, or
+            # turned into another error by TVM on its way through a callback.
+            if not isinstance(exc, KeyboardInterrupt) and interrupts.received() is None:
+                raise
+            signum = interrupts.received() or signal.SIGINT
+            how = "terminated (SIGTERM)" if signum == signal.SIGTERM else "interrupted (Ctrl-C)"
+            err_console.print(f"{how}: what was measured is kept in {escape(str(db))}; the same command resumes "
+                              "the run", highlight=False, soft_wrap=True)
+            raise typer.Exit(128 + signum)
         finally:
             chosen.close()
     console.print(f"records in {db}; see: etune report --db {db}", highlight=False)
