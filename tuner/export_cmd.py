@@ -12,8 +12,6 @@ import typer
 
 from .objectives import HELP as OBJECTIVE_HELP
 
-FORMATS = ("library", "metaschedule", "both")
-
 
 def _cli():
     from .cli import console, fail  # here, not at import: tuner.cli imports this module
@@ -32,27 +30,20 @@ def export_command(
         "library", help="library (one shared library + manifest.json + CUDA sources), metaschedule "
                         "(TVM MetaSchedule JSON database) or both."),
     workloads: Optional[List[str]] = typer.Argument(None, help="Only these workloads (default: all in --db)."),
+    force: bool = typer.Option(False, "--force", help="Replace an earlier etune export in --out."),
 ) -> None:
     """Export the best schedule of every tuned workload under an objective: a kernel library and/or a
     MetaSchedule database."""
     from rich.markup import escape
     from rich.table import Table
 
-    from .export import ExportError, export_library, export_ms_database
+    from .export import ExportError, export
 
     console, fail = _cli()
-    if format not in FORMATS:
-        fail(f"unknown format {format!r} (choose {', '.join(FORMATS)})")
     try:
-        manifest = None
-        if format in ("library", "both"):
-            with console.status(f"rebuilding and compiling the best schedules from {db}"):
-                manifest = export_library(db, objective, out, backend=backend, gpu=target, workloads=workloads)
-        ms_summary = None
-        if format in ("metaschedule", "both"):
-            with console.status("writing the MetaSchedule database"):
-                ms_summary = export_ms_database(db, out, backend=backend, gpu=target, objective=objective,
-                                                workloads=workloads)
+        with console.status(f"rebuilding the best schedules from {db} and writing {format} into {out}"):
+            manifest, ms_summary = export(db, objective, out, format, backend=backend, gpu=target,
+                                          workloads=workloads, force=force)
     except ExportError as exc:
         fail(str(exc))
 
