@@ -75,6 +75,43 @@ def test_an_empty_file_is_no_database_to_read_but_tune_may_start_one(files, tmp_
     assert (files / "empty.db").read_bytes() == b""
 
 
+@pytest.mark.parametrize("args,message", [
+    (["--backend", "bogus"], "no records for backend bogus in {db} (it has softmax:8,8; backends sim; runs tuned "
+                             "for latency)"),
+    (["--objective", "energy@0.1"], "no records for runs tuned for energy@0.1 in"),
+    (["gemm:8,8,8", "--backend", "sim"], "no records for gemm:8,8,8 and backend sim in"),
+    (["--objective", "energy@+1"], "bad objective"),
+])
+def test_report_says_what_it_did_not_find(files, args, message):
+    db = files / "good.db"
+    assert message.format(db=db) in one_line_error(runner.invoke(app, ["report", "--db", str(db), *args]))
+    result = runner.invoke(app, ["report", "--db", str(db), "softmax:8, 8", "--objective", "latency", "--format",
+                                 "json"])
+    assert result.exit_code == 0 and '"softmax:8,8"' in result.stdout, result.output
+
+
+def test_report_on_an_empty_database_is_an_error(tmp_path):
+    RecordsDB.open(tmp_path / "new.db").close()
+    line = one_line_error(runner.invoke(app, ["report", "--db", str(tmp_path / "new.db")]), 1)
+    assert "holds no records yet: tune something first" in line
+
+
+def test_a_tune_that_measured_nothing_is_an_error(tmp_path, monkeypatch):
+    from measurements.backend import MeasureResult
+    from measurements.sim import SimBackend
+
+    def fail_all(self, candidates, kind, builds=None, progress=None):
+        results = [MeasureResult(c.structural_hash, kind, False, error="wrong output") for c in candidates]
+        for result in results:
+            progress and progress(result)
+        return results
+
+    monkeypatch.setattr(SimBackend, "measure", fail_all)
+    result = runner.invoke(app, ["tune", "softmax:256,256", "--backend", "sim", "--no-build", "--trials", "3",
+                                 "--batch", "3", "--db", str(tmp_path / "t.db")])
+    assert "no schedule was measured for softmax:256,256 (stopped by trials)" in one_line_error(result, 1)
+
+
 def test_a_full_disk_during_tune_is_one_line_and_keeps_the_records(tmp_path, monkeypatch):
     opened = RecordsDB.open
 

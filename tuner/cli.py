@@ -241,6 +241,9 @@ def tune(
         finally:
             chosen.close()
     console.print(f"records in {db}; see: etune report --db {db}", highlight=False)
+    unmeasured = [f"{s.workload} (stopped by {s.stopped_by})" for s in summaries if s.fastest is None]
+    if unmeasured:
+        fail(f"no schedule was measured for {', '.join(unmeasured)}", code=1)
 
 
 @app.command("report")
@@ -259,10 +262,17 @@ def report(
     if format not in ("table", "json"):
         fail(f"unknown format {format!r} (choose table or json)")
     goal = None if objective is None else _objective(objective)
+    specs = [w.spec for w in _workloads(specs)] if specs else None
     with records_db(db, readonly=True) as records:
         document = make_report(records, specs=specs, backend=backend, objective=goal)
-    if specs and not document["workloads"]:
-        fail(f"no records for {', '.join(specs)} in {db}")
+        if not document["workloads"]:  # say what was asked for and what there is, never a silent exit 0
+            if not records.workloads():
+                fail(f"{db} holds no records yet: tune something first (etune tune --db {db})", code=1)
+            asked = [", ".join(specs or []), backend and f"backend {backend}", goal and f"runs tuned for {goal.label}"]
+            there = [", ".join(w.spec for w in records.workloads()),
+                     "backends " + ", ".join(sorted({m.backend for m in records.measurements()})),
+                     "runs tuned for " + ", ".join(sorted({r.objective for r in records.runs()}) or ["nothing"])]
+            fail(f"no records for {' and '.join(a for a in asked if a)} in {db} (it has {'; '.join(there)})", code=1)
     if format == "json":
         print(json.dumps(document, indent=2))
         return
