@@ -17,7 +17,8 @@ DEFAULT_MAX_SLOWDOWN = 0.05
 # The help text of every --objective option (etune tune, export, report).
 HELP = ("latency, edp, energy (least energy within 5 % of the fastest), energy@S (slowdown S, e.g. energy@0.1) "
         "or energy@none (least energy, however slow).")
-_SLACK = re.compile(r"[0-9]+(?:\.[0-9]*)?|\.[0-9]+")  # ASCII digits only: float() takes "1_0" and "１"
+# ASCII digits only (float() also takes "1_0" and "１"); an exponent as in labels: energy@1e-05
+_SLACK = re.compile(r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:e[-+]?[0-9]+)?")
 
 
 class ObjectiveError(ValueError):
