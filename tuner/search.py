@@ -415,23 +415,25 @@ class Tuner:
 
     # -- the run -------------------------------------------------------------------------------
     def run(self) -> Status:
+        with interrupts.stop_on(signal.SIGINT):  # Ctrl-C stops the run even inside TVM's callbacks
+            return self._run()
+
+    def _run(self) -> Status:
         deadline = None if self.config.time_budget_s is None else time.monotonic() + self.config.time_budget_s
         self.on_status(self.status)
-        with interrupts.stop_on(signal.SIGINT):
+        try:
             try:
-                try:
-                    while True:
-                        self._generation(deadline)
-                except _Stop as stop:
-                    self.status.stopped_by = stop.reason
-                self._final_checks()
-                self.db.finish_run(self.run_id, "finished" if self.status.stopped_by != "time" else "stopped")
-            except BaseException as exc:
-                # A KeyboardInterrupt, or whatever TVM made of one on its way through a callback.
-                if not isinstance(exc, KeyboardInterrupt) and interrupts.received() is None:
-                    raise
-                self.status.stopped_by = "interrupted"
-                self.db.finish_run(self.run_id, "interrupted")
+                while True:
+                    self._generation(deadline)
+            except _Stop as stop:
+                self.status.stopped_by = stop.reason
+            self._final_checks()
+            self.db.finish_run(self.run_id, "finished" if self.status.stopped_by != "time" else "stopped")
+        except BaseException as exc:  # a KeyboardInterrupt, or what TVM made of one in a callback
+            if not isinstance(exc, KeyboardInterrupt) and interrupts.received() is None:
+                raise
+            self.status.stopped_by = "interrupted"
+            self.db.finish_run(self.run_id, "interrupted")
         self._update_best()
         self.on_status(self.status)
         return self.status
