@@ -268,7 +268,10 @@ def _connect(path: Path, readonly: bool) -> sqlite3.Connection:
     conn = sqlite3.connect(uri, uri=True, timeout=30.0, isolation_level=None)
     try:
         conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
-    except sqlite3.OperationalError:
+    except sqlite3.OperationalError as exc:
+        if "unable to open" not in str(exc):
+            conn.close()
+            raise
         # A WAL database in a read-only folder without its -shm file (a read-only file system, say):
         # SQLite can read it only as immutable, which is what it is there.
         conn.close()
