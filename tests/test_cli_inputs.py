@@ -207,7 +207,9 @@ def _started(db: Path, at_least: int):
 def _stopped(process, signum) -> tuple[str, str]:
     process.send_signal(signum)
     out, err = process.communicate(timeout=120)
-    assert process.returncode == 128 + signum, (process.returncode, out, err)
+    # 128 + signum as a shell reports a process ended by the signal; now and then CPython ends by
+    # raising SIGINT on itself once it saw a KeyboardInterrupt somewhere (the shell shows 130 then too).
+    assert process.returncode in (128 + signum, -signum), (process.returncode, out, err)
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
     return out, lines[0]
