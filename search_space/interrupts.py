@@ -4,8 +4,9 @@ A KeyboardInterrupt raised inside a TVM callback does not come back as one: TVM'
 as a RuntimeError with an empty message, which the schedule space takes for an invalid candidate,
 and the run goes on. One raised inside a ctypes callback (XGBoost's data iterator) is printed with a
 traceback and dropped. So within ``stop_on(...)`` a signal also leaves a note here, the code that
-swallows TVM's errors calls ``check()``, which raises KeyboardInterrupt once a signal was noted, and
-the tuner checks at every step; a dropped one is not printed.
+swallows TVM's errors calls ``check()``, which raises KeyboardInterrupt once a signal was noted, the
+tuner checks at every step and takes any error after the note for the interrupt; what Python could
+only print after it (the dropped interrupt, objects it left half-made) is not printed.
 """
 from __future__ import annotations
 
@@ -38,9 +39,10 @@ def stop_on(*signums: int) -> Iterator[None]:
     hook = sys.unraisablehook
 
     def unraisable(what) -> None:
-        # A KeyboardInterrupt of ours that a callback could not raise (ctypes prints it with a
-        # traceback and goes on) is not printed: check() raises it again at the next step.
-        if not (_received is not None and isinstance(what.exc_value, KeyboardInterrupt)):
+        # Once a signal was noted, what Python can only print is the interrupt's own doing: our
+        # KeyboardInterrupt, which a ctypes callback could not raise (check() raises it again at the
+        # next step), or an object it left half-made, whose __del__ then fails (XGBoost's DataIter).
+        if _received is None:
             hook(what)
 
     if installed:
