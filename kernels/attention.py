@@ -75,8 +75,9 @@ def attention(
         p /= p.sum(axis=-1, keepdims=True)
         return [np.einsum("bhij,bhjd->bhid", p, v.astype(np.float64)).astype(dtype)]
 
-    # Score pairs that count: all of them, or the visible ones under the causal mask.
-    pairs = Q * KV if not causal else sum(min(KV, i + offset + 1) for i in range(Q))
+    # Score pairs that count: all of them, or the visible ones under the causal mask (query i sees
+    # i + offset + 1 <= KV keys, summed over i in closed form).
+    pairs = Q * KV if not causal else Q * (offset + 1) + Q * (Q - 1) // 2
     itemsize = np.dtype(dtype).itemsize
     spec = f"attention:{B},{H},{Q},{KV},{D}" + (",causal" if causal else "")
     return Workload(
@@ -89,6 +90,8 @@ def attention(
             TensorSpec("V", (B, H, KV, D), dtype),
         ),
         outputs=(TensorSpec("O", (B, H, Q, D), dtype),),
+        # The unfused module keeps the fp32 scores in GPU memory between its kernels.
+        scratch=(TensorSpec("scores", (B, H, Q, KV), "float32"),),
         # Two products (QK^T and PV) of 2*D flops per visible pair, plus ~5 flops of softmax per pair.
         flops=B * H * pairs * (4 * D + 5),
         min_bytes=B * H * (2 * Q * D + 2 * KV * D) * itemsize,

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Iterator, Mapping
 
 MANIFEST_FILE = "manifest.json"
@@ -65,6 +65,19 @@ def _check_tensors(path, where: str, value) -> None:
             raise _bad(path, f"{here}.dtype", "a dtype name like 'float16'", t.get("dtype"))
 
 
+def _confined(path, directory: Path, where: str, value: Any) -> Path:
+    """``directory / value`` for a manifest's relative path that stays inside the library folder
+    (no absolute path, no ``..``, no symbolic link out of it); LibraryError otherwise."""
+    if not isinstance(value, str) or not value:
+        raise _bad(path, where, "a file name", value)
+    relative = PurePosixPath(value)
+    target = directory / relative
+    if (relative.is_absolute() or "\\" in value or ".." in relative.parts
+            or not target.resolve().is_relative_to(directory.resolve())):
+        raise LibraryError(f"{path}: {where} {value!r} points outside the library folder {directory}")
+    return target
+
+
 def read_manifest(directory: str | Path) -> dict:
     """The manifest of an exported library, checked; LibraryError with one line if it is not one."""
     directory = Path(directory)
@@ -84,8 +97,7 @@ def read_manifest(directory: str | Path) -> dict:
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise LibraryError(f"{path} has format version {version!r}; this etune reads up to {FORMAT_VERSION}: "
                            "upgrade etune")
-    if not isinstance(manifest.get("library"), str) or not manifest["library"]:
-        raise _bad(path, "library", "a file name", manifest.get("library"))
+    _confined(path, directory, "library", manifest.get("library"))
     if not isinstance(manifest.get("runnable"), bool):
         raise _bad(path, "runnable", "true or false", manifest.get("runnable"))
     kernels = manifest.get("kernels")
@@ -103,6 +115,8 @@ def read_manifest(directory: str | Path) -> dict:
         names.add(name)
         if not isinstance(k.get("spec"), str):
             raise _bad(path, f"kernels[{i}].spec", "a workload spec", k.get("spec"))
+        if "source" in k:
+            _confined(path, directory, f"kernels[{i}].source", k["source"])
         _check_tensors(path, f"kernels[{i}].inputs", k.get("inputs"))
         _check_tensors(path, f"kernels[{i}].outputs", k.get("outputs"))
         if not k["outputs"]:
@@ -335,7 +349,7 @@ def load_library(directory: str | Path) -> KernelLibrary:
             f"{directory} cannot run: it was exported with a TVM without a CUDA runtime, so the library "
             "holds CUDA source, not a compiled binary. Export it again (etune export) on a GPU host with a "
             "CUDA-enabled TVM.")
-    path = directory / manifest["library"]
+    path = directory / manifest["library"]  # inside the folder: read_manifest checked it
     if not path.is_file():
         raise LibraryError(f"{path} is missing (the manifest lists it)")
     import tvm

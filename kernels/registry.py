@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Callable
 
 from .attention import attention
@@ -44,8 +45,15 @@ FAMILIES: dict[str, Family] = {
 }
 
 
-def parse_spec(spec: str) -> Workload:
-    """The workload a spec names; raises WorkloadError with one readable line otherwise."""
+# ASCII digits only: int() also takes "+1_6", full-width and other Unicode digits.
+_SIZE = re.compile(r"[0-9]+")
+
+
+def parse_spec(spec: str, memory_bytes: int | None = None) -> Workload:
+    """The workload a spec names; raises WorkloadError with one readable line otherwise.
+
+    Its tensors must fit ``memory_bytes`` of GPU memory; without it, the largest GPU etune knows
+    (``workload.MAX_MEMORY_BYTES``: a spec is parsed before any target is chosen)."""
     if not isinstance(spec, str) or ":" not in spec:
         raise WorkloadError(
             f"cannot parse workload {spec!r}: expected FAMILY:SIZES, e.g. gemm:4096,4096,4096 "
@@ -70,17 +78,19 @@ def parse_spec(spec: str) -> Workload:
             kwargs[token] = True
         elif kwargs:
             raise WorkloadError(f"sizes must come before flags and options in {spec!r}; usage: {family.usage}")
+        elif _SIZE.fullmatch(token):
+            sizes.append(int(token))
         else:
-            try:
-                sizes.append(int(token))
-            except ValueError:
-                raise WorkloadError(f"{token!r} in {spec!r} is not an integer size; usage: {family.usage}") from None
+            raise WorkloadError(f"{token!r} in {spec!r} is not an integer size (a positive integer in digits 0-9); usage: {family.usage}")
     if len(sizes) != len(family.positional):
         raise WorkloadError(
             f"{family.name} needs {len(family.positional)} sizes ({', '.join(family.positional)}), "
             f"got {len(sizes)} in {spec!r}; usage: {family.usage}"
         )
-    return family.make(*sizes, **kwargs)
+    workload = family.make(*sizes, **kwargs)
+    if memory_bytes is not None:
+        workload.check_memory(memory_bytes)
+    return workload
 
 
 def as_workload(value: Workload | str) -> Workload:

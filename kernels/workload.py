@@ -3,9 +3,19 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Callable, Sequence
 
 import numpy as np
+
+# Bounds on sizes, checked when a workload is made (so at parse time, before any target is chosen).
+# The kernels index tensors with int32, so no dimension and no tensor may exceed 2**31 - 1 elements.
+MAX_ELEMENTS = 2**31 - 1
+# Every tensor a workload keeps in GPU memory must fit at once. A spec is parsed before a target is
+# chosen, so the bound is the largest GPU memory etune targets (the H200's 141 GB); parse_spec takes
+# a tighter one from a caller that knows its GPU.
+MAX_MEMORY_BYTES = 141 * 10**9
+MAX_MEMORY_NAME = "H200"
 
 
 class WorkloadError(ValueError):
@@ -19,8 +29,12 @@ class TensorSpec:
     dtype: str
 
     @property
+    def elements(self) -> int:
+        return math.prod(self.shape)  # Python integers: np.prod would wrap around at 2**63
+
+    @property
     def nbytes(self) -> int:
-        return int(np.prod(self.shape)) * np.dtype(self.dtype).itemsize
+        return self.elements * np.dtype(self.dtype).itemsize
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +57,25 @@ class Workload:
     rel_tolerance: float
     build_prim_func: Callable[[], object] = dataclasses.field(repr=False, compare=False)
     reference_fn: Callable[..., Sequence[np.ndarray]] = dataclasses.field(repr=False, compare=False)
+    # Intermediate tensors the module keeps in GPU memory between its kernels (attention's scores).
+    scratch: tuple[TensorSpec, ...] = ()
+
+    def __post_init__(self):
+        for t in self.inputs + self.outputs + self.scratch:
+            if t.elements > MAX_ELEMENTS:
+                raise WorkloadError(f"{self.spec}: {t.name} would hold {t.elements} elements; etune's kernels "
+                                    f"index with int32, so at most {MAX_ELEMENTS}")
+        self.check_memory(MAX_MEMORY_BYTES, MAX_MEMORY_NAME)
+
+    @property
+    def memory_bytes(self) -> int:
+        """GPU memory the workload's tensors take at once (arguments and intermediates)."""
+        return sum(t.nbytes for t in self.inputs + self.outputs + self.scratch)
+
+    def check_memory(self, memory_bytes: int, gpu: str = "the GPU") -> None:
+        if self.memory_bytes > memory_bytes:
+            raise WorkloadError(f"{self.spec}: its tensors need {self.memory_bytes / 1e9:.3g} GB of GPU memory, "
+                                f"more than the {memory_bytes / 1e9:.3g} GB of {gpu}")
 
     @functools.cached_property
     def prim_func(self):
@@ -86,6 +119,9 @@ def positive_ints(family: str, **sizes: int) -> None:
     for name, value in sizes.items():
         if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0:
             raise WorkloadError(f"{family}: {name} must be a positive integer, got {value!r}")
+        if value > MAX_ELEMENTS:
+            raise WorkloadError(f"{family}: {name}={value} is too large (at most {MAX_ELEMENTS}: etune's kernels "
+                                "index with int32)")
 
 
 def check_dtype(family: str, what: str, dtype: str, allowed: Sequence[str]) -> None:

@@ -4,13 +4,24 @@ Every write is its own transaction, so a tuning run killed at any moment keeps e
 had committed (measurements are expensive: an energy measurement costs about a second of GPU time).
 Vendor reference measurements are rows with `candidate_id` NULL and details like
 {"vendor": "torch.matmul"}.
+
+`RecordsDB.open` is the one way in, for every command: ``readonly=True`` (report, export, analysis)
+never writes, not even the journal mode, and refuses a file that is not an etune records database;
+for writing (tune, measure) it creates a new database or takes an empty file, and refuses another
+application's SQLite file. Whatever goes wrong with the file (a directory, not SQLite, damaged,
+read-only, a newer schema, a full disk) is a RecordsDBError with one readable line.
 """
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
+import os
+import socket
 import sqlite3
 import time
+import urllib.parse
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +29,34 @@ from typing import Any, Iterator
 
 SCHEMA_VERSION = 2  # stored in PRAGMA user_version; bump it and add a migration when the schema changes
 KINDS = ("latency", "energy")
+# PRAGMA application_id of an etune records database ("etun"), set whenever etune writes one. Files
+# written before it was set are recognised by their tables and user_version.
+APPLICATION_ID = 0x6574756E
+_ETUNE_TABLES = {"workloads", "candidates", "measurements"}
+_SQLITE_HEADER = b"SQLite format 3\x00"
+# How the previous invocation of a run ended, by the status it left (see Tuner._load_previous).
+_ENDINGS = {"running": "ended without finishing (killed?)", "interrupted": "was interrupted",
+            "stopped": "stopped at its time budget", "finished": "finished"}
+# What some SQLite errors mean for the user.
+_HINTS = {"database or disk is full": "free some space and run the same command again: what was recorded is kept",
+          "attempt to write a readonly database": "it is read-only here",
+          "database is locked": "another process holds it locked",
+          "file is not a database": "it is not an SQLite database",
+          "database disk image is malformed": "it is damaged (truncated or corrupt)"}
+
+
+class RecordsDBError(RuntimeError):
+    """A records database cannot be opened, read or written: one readable line."""
+
+
+class RunBusyError(RecordsDBError):
+    """Another process is tuning the run."""
+
+
+def _explain(path, exc: sqlite3.Error) -> RecordsDBError:
+    message = str(exc).strip() or type(exc).__name__
+    hint = next((h for m, h in _HINTS.items() if m in message), None)
+    return RecordsDBError(f"records database {path}: {message}" + (f"; {hint}" if hint else ""))
 
 _SCHEMA_V1 = (
     """CREATE TABLE workloads (
@@ -150,34 +189,170 @@ def _load(text: str | None) -> Any:
     return None if text is None else json.loads(text)
 
 
+class _RunLock:
+    """An flock on a file beside the database, held by the one process tuning a run. The kernel drops
+    it when its holder dies, so a run killed outright (SIGKILL) never stays locked."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.fd: int | None = None
+
+    def acquire(self) -> str | None:
+        """None once held; who holds it ("pid N on host H") when another process does."""
+        try:
+            while True:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    holder = os.pread(fd, 256, 0).decode(errors="replace").strip()
+                    os.close(fd)
+                    return holder or "a process that has not said who it is yet"
+                try:
+                    same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+                except FileNotFoundError:
+                    same = False
+                if same:
+                    break
+                os.close(fd)  # the holder before us removed the file as we opened it: lock the new one
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on host {socket.gethostname()}".encode(), 0)
+        except OSError as exc:
+            raise RecordsDBError(f"cannot lock the run with {self.path}: {exc.strerror}") from None
+        self.fd = fd
+        return None
+
+    def release(self) -> None:
+        if self.fd is not None:
+            fd, self.fd = self.fd, None
+            try:
+                os.unlink(self.path)  # before unlocking, so that the next holder locks a new file
+            except OSError:
+                pass
+            os.close(fd)
+
+
+def _check_file(path: Path, must_exist: bool, write: bool) -> None:
+    """What can be told of the path before SQLite opens it (SQLite would create a missing file, say
+    "file is not a database" of a text file only once it reads it, and "unable to open database
+    file" of a read-only one)."""
+    if path.is_dir():
+        raise RecordsDBError(f"{path} is a directory, not a records database file (e.g. {path / 'etune.db'})")
+    if not path.exists():
+        if must_exist:
+            raise RecordsDBError(f"no records database at {path}")
+        if not path.parent.is_dir():
+            raise RecordsDBError(f"directory {path.parent} does not exist")
+        if write and not os.access(path.parent, os.W_OK):
+            raise RecordsDBError(f"folder {path.parent} is read-only here: etune cannot create {path.name} in it")
+        return
+    try:
+        with path.open("rb") as f:
+            header = f.read(len(_SQLITE_HEADER))
+    except OSError as exc:
+        raise RecordsDBError(f"cannot read {path}: {exc.strerror}") from None
+    if header and header != _SQLITE_HEADER:
+        raise RecordsDBError(f"{path} is not an SQLite database, so not an etune records database")
+    if not header and must_exist:
+        raise RecordsDBError(f"{path} is an empty file, not an etune records database")
+    if write and not (os.access(path, os.W_OK) and os.access(path.parent, os.W_OK)):
+        raise RecordsDBError(f"{path} is read-only here (the file or its folder): etune cannot record into it; "
+                             "etune report and etune export can still read it")
+
+
+def _connect(path: Path, readonly: bool) -> sqlite3.Connection:
+    # isolation_level=None: no implicit transactions; _write() opens each one explicitly.
+    if not readonly:
+        return sqlite3.connect(str(path), timeout=30.0, isolation_level=None)
+    uri = f"file:{urllib.parse.quote(str(path.resolve()))}?mode=ro"
+    conn = sqlite3.connect(uri, uri=True, timeout=30.0, isolation_level=None)
+    try:
+        conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+    except sqlite3.OperationalError as exc:
+        if "unable to open" not in str(exc):
+            conn.close()
+            raise
+        # A WAL database in a read-only folder without its -shm file (a read-only file system, say):
+        # SQLite can read it only as immutable, which is what it is there.
+        conn.close()
+        conn = sqlite3.connect(uri + "&immutable=1", uri=True, timeout=30.0, isolation_level=None)
+    conn.execute("PRAGMA query_only=ON")
+    return conn
+
+
+def _whose(conn: sqlite3.Connection) -> str:
+    """"etune", "empty" (no table: a new or 0-byte file) or "other" (another application's)."""
+    application_id = conn.execute("PRAGMA application_id").fetchone()[0]
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    if application_id == APPLICATION_ID:
+        return "etune"
+    if application_id == 0 and not tables and version == 0:
+        return "empty"
+    if application_id == 0 and _ETUNE_TABLES <= tables and version >= 1:
+        return "etune"
+    return "other"
+
+
 class RecordsDB:
     """A records database file. Use `RecordsDB.open(path)`; one instance per thread."""
 
-    def __init__(self, conn: sqlite3.Connection, path: str):
+    def __init__(self, conn: sqlite3.Connection, path: str, readonly: bool = False):
         self._conn = conn
         self.path = path
+        self.readonly = readonly
+        self._locks: dict[str, _RunLock] = {}  # run key -> its lock, held by this process
+        self._run_keys: dict[int, str] = {}  # run id -> run key
+        self._previous: dict[int, str | None] = {}  # run id -> status it had when start_run found it
 
     @classmethod
-    def open(cls, path: str | Path) -> "RecordsDB":
-        # isolation_level=None: no implicit transactions; _write() opens each one explicitly.
-        conn = sqlite3.connect(str(path), timeout=30.0, isolation_level=None)
-        conn.row_factory = sqlite3.Row
-        conn.execute("PRAGMA journal_mode=WAL")
-        # NORMAL in WAL mode: COMMIT returns after the transaction is written to the WAL file with
-        # write(2), i.e. it is in the OS page cache, so a SIGKILLed process loses nothing it
-        # committed. Only an OS crash or power cut can drop the last commits (never corrupting the
-        # file); FULL would guard against that too at the price of an fsync per commit.
-        conn.execute("PRAGMA synchronous=NORMAL")
-        conn.execute("PRAGMA foreign_keys=ON")
-        db = cls(conn, str(path))
+    def open(cls, path: str | Path, *, readonly: bool = False, create: bool = True) -> "RecordsDB":
+        """The records database at ``path``. ``readonly``: never writes, and the file must be an
+        etune records database of a schema this etune reads. Otherwise a new path or an empty file
+        becomes one (unless ``create`` is False), another application's SQLite file is refused, and
+        an older schema is brought up to date. RecordsDBError with one line when it cannot."""
+        path = Path(path)
+        _check_file(path, must_exist=readonly or not create, write=not readonly)
+        conn = None
         try:
+            conn = _connect(path, readonly)
+            conn.row_factory = sqlite3.Row
+            whose = _whose(conn)
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if whose == "other":
+                raise RecordsDBError(f"{path} is another application's SQLite database, not etune records"
+                                     + ("" if readonly else ": etune does not write into it; give a new path"))
+            if readonly and whose == "empty":
+                raise RecordsDBError(f"{path} is an empty SQLite database, not etune records: nothing to read")
+            if version > SCHEMA_VERSION:
+                raise RecordsDBError(f"{path} was written by a newer etune (schema version {version}; this one "
+                                     f"knows up to {SCHEMA_VERSION}): upgrade etune")
+            if readonly:
+                if version < SCHEMA_VERSION:
+                    raise RecordsDBError(f"{path} has the schema of an older etune (version {version}): open it "
+                                         "for writing once (etune tune) to bring it up to date")
+                return cls(conn, str(path), readonly=True)
+            conn.execute("PRAGMA journal_mode=WAL")
+            # NORMAL in WAL mode: COMMIT returns after the transaction is written to the WAL file with
+            # write(2), i.e. it is in the OS page cache, so a SIGKILLed process loses nothing it
+            # committed. Only an OS crash or power cut can drop the last commits (never corrupting the
+            # file); FULL would guard against that too at the price of an fsync per commit.
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            db = cls(conn, str(path))
             db._migrate()
-        except BaseException:
-            conn.close()
+            return db
+        except BaseException as exc:
+            if conn is not None:
+                conn.close()
+            if isinstance(exc, sqlite3.Error):
+                raise _explain(path, exc) from None
             raise
-        return db
 
     def close(self) -> None:
+        for lock in self._locks.values():
+            lock.release()
+        self._locks.clear()
         self._conn.close()
 
     def __enter__(self) -> "RecordsDB":
@@ -188,32 +363,44 @@ class RecordsDB:
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
-        # IMMEDIATE takes the write lock up front, so a read-then-insert cannot race another writer.
-        self._conn.execute("BEGIN IMMEDIATE")
+        if self.readonly:
+            raise RecordsDBError(f"records database {self.path} was opened read-only")
         try:
-            yield self._conn
-        except BaseException:
-            if self._conn.in_transaction:  # some errors make SQLite roll back by itself
-                self._conn.execute("ROLLBACK")
-            raise
-        self._conn.execute("COMMIT")
+            # IMMEDIATE takes the write lock up front, so a read-then-insert cannot race another writer.
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn
+            except BaseException:
+                if self._conn.in_transaction:  # some errors make SQLite roll back by itself
+                    self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+        except (sqlite3.IntegrityError, sqlite3.ProgrammingError):
+            raise  # etune's own mistakes, not the file's
+        except sqlite3.DatabaseError as exc:  # full, read-only, damaged, locked for too long...
+            raise _explain(self.path, exc) from None
+
+    def _read(self, sql: str, args=()) -> list[sqlite3.Row]:
+        try:
+            return self._conn.execute(sql, args).fetchall()
+        except sqlite3.DatabaseError as exc:
+            raise _explain(self.path, exc) from None
 
     def _migrate(self) -> None:
         with self._write() as conn:
             version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise RuntimeError(
-                    f"{self.path} has schema version {version}; this etune knows up to "
-                    f"{SCHEMA_VERSION}. Upgrade etune."
-                )
+            if version > SCHEMA_VERSION:  # another etune upgraded it since open() looked
+                raise RecordsDBError(f"{self.path} was written by a newer etune (schema version {version}; "
+                                     f"this one knows up to {SCHEMA_VERSION}): upgrade etune")
             for v in range(version, SCHEMA_VERSION):
                 for statement in _MIGRATIONS[v]:
                     conn.execute(statement)
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
 
     @property
     def schema_version(self) -> int:
-        return self._conn.execute("PRAGMA user_version").fetchone()[0]
+        return self._read("PRAGMA user_version")[0][0]
 
     # -- workloads
 
@@ -228,7 +415,7 @@ class RecordsDB:
             return conn.execute("SELECT id FROM workloads WHERE spec = ?", (spec,)).fetchone()[0]
 
     def workloads(self) -> list[Workload]:
-        rows = self._conn.execute("SELECT * FROM workloads ORDER BY id").fetchall()
+        rows = self._read("SELECT * FROM workloads ORDER BY id")
         return [Workload(r["id"], r["spec"], r["family"], _load(r["params"]), r["created_at"])
                 for r in rows]
 
@@ -259,44 +446,71 @@ class RecordsDB:
                 raise KeyError(f"no candidate {candidate_id}")
 
     def candidates(self, workload_id: int) -> list[Candidate]:
-        rows = self._conn.execute(
-            "SELECT * FROM candidates WHERE workload_id = ? ORDER BY id", (workload_id,)
-        ).fetchall()
+        rows = self._read("SELECT * FROM candidates WHERE workload_id = ? ORDER BY id", (workload_id,))
         return [_candidate(r) for r in rows]
 
     def candidate(self, candidate_id: int) -> Candidate | None:
-        row = self._conn.execute("SELECT * FROM candidates WHERE id = ?", (candidate_id,)).fetchone()
-        return None if row is None else _candidate(row)
+        rows = self._read("SELECT * FROM candidates WHERE id = ?", (candidate_id,))
+        return _candidate(rows[0]) if rows else None
 
     # -- tuning runs
 
     def start_run(self, workload_id: int, objective: str, backend: str, config: dict) -> int:
         """Id of the run tuning this workload for this objective on this backend; a second call
-        (a resumed run) finds the same run, marks it running again and updates its config."""
+        (a resumed run) finds the same run, marks it running again and updates its config.
+
+        One process at a time tunes a run: it holds the run's lock (a file beside the database) from
+        here to finish_run or close; RunBusyError while another process holds it. How the previous
+        invocation ended is then ``previous_ending(run_id)``."""
+        key = hashlib.sha1(f"{workload_id}\0{objective}\0{backend}".encode()).hexdigest()[:16]
+        lock = self._locks.get(key) or _RunLock(Path(f"{os.path.realpath(self.path)}-run-{key}.lock"))
+        if lock.fd is None:
+            holder = lock.acquire()
+            if holder is not None:
+                spec = self._read("SELECT spec FROM workloads WHERE id = ?", (workload_id,))
+                run = self._read("SELECT id FROM runs WHERE workload_id = ? AND objective = ? AND backend = ?",
+                                 (workload_id, objective, backend))
+                raise RunBusyError(
+                    f"run {run[0][0] if run else '?'} ({spec[0][0] if spec else workload_id}, {objective} on "
+                    f"{backend}) is being tuned by another etune ({holder}) with {self.path}: wait for it to end, "
+                    "or stop it, then run this command again")
+            self._locks[key] = lock
         now = time.time()
         with self._write() as conn:
-            conn.execute(
+            inserted = conn.execute(
                 "INSERT INTO runs (workload_id, objective, backend, config, status, created_at, updated_at)"
-                " VALUES (?, ?, ?, ?, 'running', ?, ?)"
-                " ON CONFLICT (workload_id, objective, backend) DO UPDATE SET"
-                " config = excluded.config, status = 'running', updated_at = excluded.updated_at",
+                " VALUES (?, ?, ?, ?, 'running', ?, ?) ON CONFLICT (workload_id, objective, backend) DO NOTHING",
                 (workload_id, objective, backend, _dump(config), now, now),
-            )
-            return conn.execute(
-                "SELECT id FROM runs WHERE workload_id = ? AND objective = ? AND backend = ?",
+            ).rowcount
+            run_id, status = conn.execute(
+                "SELECT id, status FROM runs WHERE workload_id = ? AND objective = ? AND backend = ?",
                 (workload_id, objective, backend),
-            ).fetchone()[0]
+            ).fetchone()
+            conn.execute("UPDATE runs SET config = ?, status = 'running', updated_at = ? WHERE id = ?",
+                         (_dump(config), now, run_id))
+        self._run_keys[run_id] = key
+        self._previous[run_id] = None if inserted else status
+        return run_id
+
+    def previous_ending(self, run_id: int) -> str | None:
+        """How the invocation before the one start_run began ended ("was interrupted", "ended without
+        finishing (killed?)"...); None for a run start_run created."""
+        status = self._previous.get(run_id)
+        return None if status is None else _ENDINGS.get(status, f"left it {status}")
 
     def finish_run(self, run_id: int, status: str) -> None:
         with self._write() as conn:
             conn.execute("UPDATE runs SET status = ?, updated_at = ? WHERE id = ?",
                          (status, time.time(), run_id))
+        lock = self._locks.pop(self._run_keys.pop(run_id, ""), None)
+        if lock is not None:
+            lock.release()
 
     def runs(self, workload_id: int | None = None) -> list[Run]:
         sql, args = "SELECT * FROM runs", ()
         if workload_id is not None:
             sql, args = sql + " WHERE workload_id = ?", (workload_id,)
-        rows = self._conn.execute(sql + " ORDER BY id", args).fetchall()
+        rows = self._read(sql + " ORDER BY id", args)
         return [Run(r["id"], r["workload_id"], r["objective"], r["backend"], _load(r["config"]),
                     r["status"], r["created_at"], r["updated_at"]) for r in rows]
 
@@ -348,7 +562,7 @@ class RecordsDB:
         sql = "SELECT * FROM measurements"
         if where:
             sql += " WHERE " + " AND ".join(where)
-        rows = self._conn.execute(sql + " ORDER BY id", args).fetchall()
+        rows = self._read(sql + " ORDER BY id", args)
         return [
             Measurement(
                 r["id"], r["candidate_id"], r["workload_id"], r["kind"], r["backend"],
@@ -361,8 +575,5 @@ class RecordsDB:
 
     def has_measurement(self, candidate_id: int, kind: str) -> bool:
         """True if the candidate has any `kind` measurement, failed ones included (not retried)."""
-        row = self._conn.execute(
-            "SELECT 1 FROM measurements WHERE candidate_id = ? AND kind = ? LIMIT 1",
-            (candidate_id, kind),
-        ).fetchone()
-        return row is not None
+        return bool(self._read("SELECT 1 FROM measurements WHERE candidate_id = ? AND kind = ? LIMIT 1",
+                               (candidate_id, kind)))

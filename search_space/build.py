@@ -160,6 +160,29 @@ def _build_in_worker(module_json: str, gpu: dict, artifact_dir: str) -> dict:
                 "seconds": time.perf_counter() - started}
 
 
+def _worker_init(parent_pid: int) -> None:
+    """Runs first in each build worker: a worker dies with the etune process that started it."""
+    import ctypes
+    import signal
+
+    # Ctrl-C in a terminal reaches the whole process group: the parent decides, and its pool kills
+    # the workers when it stops.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:  # Linux: SIGKILL when the parent goes, even by SIGKILL (then nothing else would tell us)
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
+    except (AttributeError, OSError):
+        pass
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def build_pool(jobs: int, timeout: float):
+    """TVM's PopenPoolExecutor, with workers that die with this process."""
+    from tvm.support.popen_pool import PopenPoolExecutor
+
+    return PopenPoolExecutor(max_workers=jobs, timeout=timeout, initializer=_worker_init, initargs=(os.getpid(),))
+
+
 def default_jobs() -> int:
     return max(1, os.cpu_count() or 1)
 
@@ -192,7 +215,6 @@ class Builder:
     def build(self, candidates: Sequence, progress: Callable[[BuildResult], None] | None = None) -> list[BuildResult]:
         """One BuildResult per candidate, in order; never raises for a candidate's failure."""
         import tvm
-        from tvm.support.popen_pool import PopenPoolExecutor
 
         results: list[BuildResult | None] = [None] * len(candidates)
         pending = []
@@ -206,7 +228,7 @@ class Builder:
         if pending:
             timeout = self.timeout_s or max(default_timeout(candidates[i].workload, self.jobs) for i in pending)
             gpu = dataclasses.asdict(self.gpu)
-            pool = PopenPoolExecutor(max_workers=min(self.jobs, len(pending)), timeout=timeout)
+            pool = build_pool(min(self.jobs, len(pending)), timeout)
             try:
                 futures = {
                     pool.submit(_build_in_worker, tvm.ir.save_json(candidates[i].mod), gpu,

@@ -36,6 +36,7 @@ from tvm.s_tir.schedule import LoopRV, SBlockRV, Trace
 
 from kernels import Workload, as_workload
 
+from . import interrupts
 from .analysis import KernelLaunch, kernel_launches, launch_problem
 from .rules import RULE_SETS, schedule_rules
 from .targets import GpuSpec, gpu_spec
@@ -323,6 +324,7 @@ class ScheduleSpace:
         kind = _DEFAULT_KIND[rule_set]
         error = None
         for cross_thread_reduction in (True, False):
+            interrupts.check()  # the errors caught below may be a Ctrl-C that TVM wrapped
             generator = ms.space_generator.PostOrderApply(
                 sch_rules=schedule_rules(rule_set, cross_thread_reduction), postprocs=kind, mutator_probs=kind
             )
@@ -347,6 +349,7 @@ class ScheduleSpace:
         With ``groups``, the outcome also records the decisions drawn and which decision groups each
         kernel holds, so that a failure can be traced to kernels (see ``_failing_groups``).
         """
+        interrupts.check()  # the errors this catches may be a Ctrl-C that TVM wrapped
         sch = Schedule(self.mod, seed=seed, debug_mask=0)
         outcome = _Outcome(sch)
         try:

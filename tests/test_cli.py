@@ -57,3 +57,22 @@ def test_tune_then_report_on_sim(tmp_path):
     assert 1 <= entry["counts"]["energy_measurements"] <= 3
     table = runner.invoke(app, ["report", "--db", str(db)])
     assert table.exit_code == 0 and "model outputs, not hardware" in " ".join(table.output.split())
+
+
+def test_tune_and_report_take_the_objective_spellings_export_takes(tmp_path):
+    import json
+
+    db = tmp_path / "o.db"
+    tune = ["tune", "softmax:256,256", "--backend", "sim", "--no-build", "--trials", "2", "--batch", "2",
+            "--db", str(db)]
+    result = runner.invoke(app, tune + ["--objective", "energy@0.1"])
+    assert result.exit_code == 0, result.output
+    # --max-slowdown is another spelling of the same objective: the same run resumes.
+    result = runner.invoke(app, tune + ["--objective", "energy", "--max-slowdown", "0.1"])
+    assert result.exit_code == 0 and "run 1" in result.output, result.output
+    result = runner.invoke(app, tune + ["--objective", "energy@0.1", "--max-slowdown", "0.2"])
+    assert result.exit_code == 2 and "contradicts" in result.output
+    result = runner.invoke(app, ["report", "--db", str(db), "--objective", "Energy@0.10", "--format", "json"])
+    assert result.exit_code == 0, result.output
+    (entry,) = json.loads(result.output)["workloads"]
+    assert list(entry["best"]) == ["energy@0.1"] and [r["objective"] for r in entry["runs"]] == ["energy@0.1"]

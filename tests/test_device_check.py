@@ -179,3 +179,23 @@ def test_the_gpu_run_orchestrates_every_phase_from_a_pack(dry_run, tmp_path):
     assert len(survey_energy) == 30 and {c[2] for c in survey_energy} == {device_check.SURVEY_WINDOW_S}
     assert backend.min_window_s == 1.0 and not backend.integrate_power  # settings restored
     assert "| survey | ok |" in (args.out / "report.md").read_text()
+
+
+def test_measure_on_replay_answers_recorded_candidates_and_refuses_others(dry_run, tmp_path):
+    out, _ = dry_run
+    dataset = out / "dataset.jsonl"
+    pool = {r.structural_hash for r in load_dataset(dataset).records().values() if r.candidate}
+    db = tmp_path / "m.db"
+    tuned = runner.invoke(app, ["tune", "gemm:1,4096,4096", "--backend", "sim", "--no-build", "--trials", "4",
+                                "--seed", "7", "--objective", "latency", "--db", str(db)])
+    assert tuned.exit_code == 0, tuned.output
+    from measurements.records import RecordsDB
+
+    with RecordsDB.open(db) as records:
+        outside = [c.id for c in records.candidates(records.workloads()[0].id) if c.structural_hash not in pool]
+    assert outside
+    proc = subprocess.run([sys.executable, "-m", "tuner.cli", "measure", "--backend", f"replay:{dataset}",
+                           "--db", str(db), "--candidate", str(outside[0]), "--kind", "latency"],
+                          capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 2 and "is not in the replay dataset" in proc.stderr, proc.stdout + proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1

@@ -2,6 +2,7 @@
 database, the library loader's checks, and the etune export / verify commands."""
 import json
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -137,8 +138,13 @@ def _gpu():
     return gpu_spec("h100")
 
 
-def test_best_under_each_objective(sim_db):
+def test_best_under_each_objective(sim_db, tmp_path):
     path, chosen = sim_db
+    path = Path(shutil.copy(path, tmp_path / "etune.db"))
+    with RecordsDB.open(path) as db:  # runs of the other objectives (the fixture's is energy@0.05)
+        for objective in ("latency", "energy@none", "edp"):
+            for workload in db.workloads():
+                db.finish_run(db.start_run(workload.id, objective, "sim", {}), "finished")
     for objective, index in (("latency", 0), ("energy@0.05", 1), ("energy@none", 2), ("edp", 2)):
         picks = {s.workload.spec: s.candidate.structural_hash for s in select_best(path, objective)}
         assert picks == {spec: hashes[index] for spec, hashes in chosen.items()}, objective
@@ -175,8 +181,11 @@ def test_ms_database_queries_the_chosen_schedules(exported, sim_db, tmp_path):
         assert _hash(database.query_ir_module(mod, target, "main")) == chosen[spec][0]
         top = database.get_top_k(database.commit_workload(mod), 3)
         assert [float(r.run_secs[0]) for r in top] == [f[0] for f in FAKE]
-    # Exporting again into the same directory replaces the files rather than appending to them.
-    assert [w["records"] for w in export_ms_database(sim_db[0], tmp_path, objective="latency")["workloads"]] == [1, 1]
+    # Exporting again into the same directory replaces the files (asked to) rather than appending to them.
+    with pytest.raises(ExportError, match="holds an earlier etune export: add --force to replace it"):
+        export_ms_database(sim_db[0], tmp_path, objective="energy@0.05")
+    summary = export_ms_database(sim_db[0], tmp_path, objective="energy@0.05", force=True)
+    assert [w["records"] for w in summary["workloads"]] == [1, 1]
     assert len(load_ms_database(tmp_path)) == 2
 
 
@@ -187,11 +196,15 @@ def _hash(mod) -> str:
 
 
 # -- selection on a fake database (no TVM) ------------------------------------------------------------------
-def _fake_db(path, rows):
-    """rows: spec -> list of (hash, backend, latencies, energies)."""
+def _fake_db(path, rows, objectives=("latency", "energy@0.05", "energy@none", "edp")):
+    """rows: spec -> list of (hash, backend, latencies, energies); a finished run of each objective on
+    each backend."""
     with RecordsDB.open(path) as db:
         for spec, candidates in rows.items():
             wid = db.add_workload(spec, spec.partition(":")[0], {})
+            for objective in objectives:
+                for backend in sorted({c[1] for c in candidates}):
+                    db.finish_run(db.start_run(wid, objective, backend, {}), "finished")
             for h, backend, latencies, energies in candidates:
                 cid = db.add_candidate(wid, h, 0, "[]")
                 for kind, values in (("latency", latencies), ("energy", energies)):
@@ -246,6 +259,11 @@ def test_export_errors_are_one_readable_line(tmp_path):
         select_best(path, "energy", workloads=["gemm:8,8,8"])
     with pytest.raises(ExportError, match="bad objective"):
         select_best(path, "fastest")
+    # A run of the objective asked for, not another objective's winner.
+    only = _fake_db(tmp_path / "only.db", {"gemm:8,8,8": [("a", "sim", [1e-6], [1e-3])]}, objectives=("latency",))
+    with pytest.raises(ExportError, match=r"gemm:8,8,8 has no run tuned for energy@0.05 on sim \(tuned for: "
+                                          r"latency\): tune it with --objective energy@0.05"):
+        select_best(only, "energy")
 
 
 def test_cli_user_mistakes_give_one_line(tmp_path, sim_db):
@@ -263,6 +281,47 @@ def test_cli_user_mistakes_give_one_line(tmp_path, sim_db):
     ]
     for args, message in cases:
         assert message in _one_line_error(runner.invoke(app, args)), args
+
+
+def test_export_never_deletes_a_users_files_and_replaces_an_earlier_export_only_with_force(sim_db, tmp_path):
+    app = _app()
+    out = tmp_path / "out"
+
+    def export(*extra):
+        return runner.invoke(app, ["export", "--db", str(sim_db[0]), "--objective", "energy@0.05", "--out", str(out),
+                                   "softmax:64,64", *extra])
+
+    def snapshot():
+        return {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+    # A folder of the user's: refused, with --force too, and nothing in it touched.
+    (out / "kernels").mkdir(parents=True)
+    (out / "kernels" / "mine.cu").write_text("// mine")
+    (out / "manifest.json").write_text("{}")
+    before = snapshot()
+    for extra in ((), ("--force",)):
+        line = _one_line_error(export(*extra))
+        assert "holds files etune did not write (kernels/mine.cu and 1 more)" in line
+        assert snapshot() == before
+    # An empty folder is fine; the export lists what it wrote.
+    shutil.rmtree(out)
+    out.mkdir()
+    assert export().exit_code == 0
+    marker = json.loads((out / "etune-export.json").read_text())
+    assert set(marker["files"]) == {"manifest.json", "libetune_kernels.so", "kernels/softmax_64_64.cu"}
+    first = snapshot()
+    # An earlier export: replaced only with --force, and a failed export leaves it as it was.
+    assert "holds an earlier etune export: add --force" in _one_line_error(export())
+    assert "no run tuned for latency" in _one_line_error(runner.invoke(app, [
+        "export", "--db", str(sim_db[0]), "--objective", "latency", "--out", str(out), "--force"]))
+    assert snapshot() == first
+    assert export("--force").exit_code == 0
+    assert json.loads((out / "manifest.json").read_text())["kernels"][0]["spec"] == "softmax:64,64"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging folder left behind
+    # A file of the user's in an earlier export: not replaced even with --force.
+    (out / "notes.txt").write_text("mine")
+    assert "holds files etune did not write (notes.txt)" in _one_line_error(export("--force"))
+    assert (out / "notes.txt").read_text() == "mine"
 
 
 def test_verify_without_a_runnable_library_or_gpu_is_one_line(exported):
@@ -380,9 +439,18 @@ def test_manifest_errors(tmp_path):
     bad_name = _manifest()
     bad_name["kernels"][0]["name"] = "gemm:4,8,16"
     cases.append((bad_name, r"kernels\[0\].name must be an identifier"))
+    # Every path in a manifest stays inside the library folder.
+    for library in ("../../lib.so", "/etc/passwd", "kernels/../../lib.so", "..\\lib.so", "outside.so"):
+        cases.append((_manifest(library=library), "library .* points outside the library folder"))
+    bad_source = _manifest()
+    bad_source["kernels"][0]["source"] = "../gemm.cu"
+    cases.append((bad_source, r"kernels\[0\].source '../gemm.cu' points outside the library folder"))
+    (tmp_path / "outside.so").symlink_to(tmp_path.parent / "elsewhere.so")
     for document, message in cases:
         with pytest.raises(LibraryError, match=message):
             read_manifest(write(document))
+    write(_manifest(library="/etc/passwd"))
+    assert "points outside the library folder" in _one_line_error(runner.invoke(_app(), ["verify", str(tmp_path)]))
     (tmp_path / "empty").mkdir()
     with pytest.raises(LibraryError, match="manifest.json is missing"):
         load_library(tmp_path / "empty")

@@ -42,12 +42,33 @@ def test_flops_and_bytes():
         ("attention:1,1,8,8,64,banana", "not an integer"),
         ("softmax:4,4,causal", "not an integer size"),
         ("softmax:4", "needs 2 sizes"),
+        # ASCII digits only (int() takes all of these)
+        ("gemm:+16,4,4", "not an integer size"),
+        ("gemm:1_6,4,4", "not an integer size"),
+        ("gemm:\uff11\uff16,4,4", "not an integer size"),
+        ("gemm:\u0661\u0666,4,4", "not an integer size"),
+        ("gemm:1 6,4,4", "not an integer size"),
+        # Sizes without bounds: int32 indexing, and the largest GPU memory
+        ("gemm:99999999999999999999,1,1", "M=99999999999999999999 is too large"),
+        ("gemm:100000,100000,100000", "A would hold 10000000000 elements"),
+        ("attention:1,1,2000000000,2000000000,1,causal", "scores would hold 4000000000000000000 elements"),
     ],
 )
 def test_bad_specs_raise_one_clear_error(spec, message):
     with pytest.raises(WorkloadError, match=message) as info:
         parse_spec(spec)
     assert "\n" not in str(info.value)
+
+
+def test_sizes_fit_the_memory_asked_for():
+    assert parse_spec(" gemm: 64 , 64,64 ").spec == "gemm:64,64,64"  # spaces around the fields are fine
+    assert parse_spec("gemm:40000,40000,40000").memory_bytes == 3 * 40000**2 * 2
+    with pytest.raises(WorkloadError, match="need 9.6 GB of GPU memory, more than the 8 GB"):
+        parse_spec("gemm:40000,40000,40000", memory_bytes=8 * 10**9)
+    # The causal pair count has a closed form (it was a Python loop over q_len).
+    for q_len, kv_len in ((1, 1), (3, 3), (3, 7), (2**15, 2**15)):
+        pairs = sum(min(kv_len, i + kv_len - q_len + 1) for i in range(q_len))
+        assert attention(1, 1, q_len, kv_len, 1, causal=True).flops == pairs * (4 + 5)
 
 
 def _naive_attention(q, k, v, causal):

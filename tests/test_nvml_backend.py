@@ -332,7 +332,7 @@ def _one_line_error(result, stderr, code=2):
 
 def test_measure_missing_database(tmp_path):
     line = _one_line_error(*_invoke("--db", str(tmp_path / "nope.db"), "--candidate", "1", "--backend", "sim"))
-    assert "no such database" in line
+    assert "no records database at" in line
     assert not (tmp_path / "nope.db").exists()  # not created by asking
 
 

@@ -72,3 +72,23 @@ def test_parse_and_label_round_trip(text, label):
 def test_bad_objectives_are_refused(kind, slack):
     with pytest.raises(ObjectiveError):
         Objective(kind, slack)
+
+
+@pytest.mark.parametrize("text,max_slowdown,label", [
+    ("energy@0.05", None, "energy@0.05"), ("Energy @ 0.1", None, "energy@0.1"), ("energy", "0.1", "energy@0.1"),
+    ("energy@0.1", "0.1", "energy@0.1"), ("energy", "none", "energy@none"), ("energy@.5", None, "energy@0.5"),
+    ("energy", 0.2, "energy@0.2"), (" latency ", None, "latency"), ("energy", "0.00001", "energy@1e-05"),
+    ("energy@1e-05", None, "energy@1e-05")])
+def test_one_spelling_of_the_slowdown(text, max_slowdown, label):
+    assert Objective.parse(text, max_slowdown).label == label
+
+
+@pytest.mark.parametrize("text,max_slowdown,message", [
+    ("energy@0.1", "0.2", "contradicts"), ("latency@0.1", None, "only the energy objective"),
+    ("edp", "0.1", "energy objective only"), ("energy@+0.1", None, "bad slowdown"),
+    ("energy@0_05", None, "bad slowdown"), ("energy@\uff11", None, "bad slowdown"), ("energy@", None, "bad slowdown"),
+("energy@nan", None, "bad slowdown"), ("energy@12", None, "must be in"),
+    ("fastest", None, "unknown objective")])
+def test_bad_spellings_are_refused(text, max_slowdown, message):
+    with pytest.raises(ObjectiveError, match=message):
+        Objective.parse(text, max_slowdown)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from measurements.records import SCHEMA_VERSION, RecordsDB
+from measurements.records import APPLICATION_ID, SCHEMA_VERSION, RecordsDB, RecordsDBError, RunBusyError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -185,3 +185,129 @@ def test_a_candidate_is_found_by_id(tmp_path):
         assert db.candidate(cid) == db.candidates(wid)[0]
         assert db.candidate(cid).features == {"x": 1.0}
         assert db.candidate(cid + 1) is None
+
+
+# -- files that are not (usable) etune databases -------------------------------------------------------
+def _files(tmp_path):
+    """name -> path of files a user could point --db at by mistake."""
+    other = tmp_path / "other.db"
+    raw = sqlite3.connect(other)
+    raw.execute("CREATE TABLE users (name TEXT)")
+    raw.execute("INSERT INTO users VALUES ('ada')")
+    raw.commit()
+    raw.close()
+    (tmp_path / "empty.db").write_bytes(b"")
+    (tmp_path / "text.db").write_text("name,value\na,1\n")
+    (tmp_path / "dir.db").mkdir()
+    newer = tmp_path / "newer.db"
+    RecordsDB.open(newer).close()
+    raw = sqlite3.connect(newer)
+    raw.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    raw.execute("PRAGMA journal_mode = DELETE")  # so that nothing but a write would make a -wal file
+    raw.close()
+    good = tmp_path / "good.db"
+    with RecordsDB.open(good) as db:
+        wid = db.add_workload("softmax:8,8", "softmax", {})
+        for i in range(200):
+            db.add_candidate(wid, f"h{i}", 0, "trace " * 100)
+    data = good.read_bytes()
+    (tmp_path / "truncated.db").write_bytes(data[: len(data) // 2])
+    return {p.stem: p for p in tmp_path.iterdir()}
+
+
+def _snapshot(path):
+    return sorted((p.name, p.read_bytes()) for p in path.parent.iterdir() if p.is_file() and p.name.startswith(path.name))
+
+
+@pytest.mark.parametrize("name,readonly,message", [
+    ("other", True, "another application's SQLite database"),
+    ("other", False, "another application's SQLite database, not etune records: etune does not write into it"),
+    ("empty", True, "is an empty file, not an etune records database"),
+    ("text", True, "is not an SQLite database"),
+    ("text", False, "is not an SQLite database"),
+    ("dir", True, "is a directory"),
+    ("dir", False, "is a directory"),
+    ("newer", True, "written by a newer etune .schema version 3; this one knows up to 2.: upgrade etune"),
+    ("newer", False, "written by a newer etune"),
+    ("missing", True, "no records database at"),
+])
+def test_what_is_not_an_etune_database_is_refused_untouched(tmp_path, name, readonly, message):
+    files = _files(tmp_path)
+    path = files.get(name, tmp_path / "missing.db")
+    before = _snapshot(path) if path.is_file() else None
+    with pytest.raises(RecordsDBError, match=message) as info:
+        RecordsDB.open(path, readonly=readonly)
+    assert "\n" not in str(info.value)
+    assert (_snapshot(path) if path.is_file() else None) == before  # nothing written, no -wal made
+    if name == "other":
+        raw = sqlite3.connect(path)
+        assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "delete"  # not switched to WAL
+        raw.close()
+
+
+def test_a_damaged_database_is_one_line_when_read_or_written(tmp_path):
+    path = _files(tmp_path)["truncated"]
+    for readonly in (True, False):
+        with pytest.raises(RecordsDBError, match="malformed; it is damaged") as info:
+            with RecordsDB.open(path, readonly=readonly) as db:
+                db.candidates(1)
+        assert "\n" not in str(info.value)
+
+
+def test_writing_takes_a_new_path_or_an_empty_file_and_reading_never_writes(tmp_path):
+    files = _files(tmp_path)
+    with RecordsDB.open(files["empty"]) as db:  # a 0-byte file becomes a records database
+        db.add_workload("softmax:8,8", "softmax", {})
+    raw = sqlite3.connect(files["empty"])
+    assert raw.execute("PRAGMA application_id").fetchone()[0] == APPLICATION_ID
+    raw.close()
+    with pytest.raises(RecordsDBError, match="no records database at"):
+        RecordsDB.open(tmp_path / "new.db", create=False)
+    assert not (tmp_path / "new.db").exists()
+    with RecordsDB.open(files["good"], readonly=True) as db:
+        assert len(db.candidates(1)) == 200
+        with pytest.raises(RecordsDBError, match="opened read-only"):
+            db.add_workload("gemm:8,8,8", "gemm", {})
+    # A database written before etune marked its files (application_id 0) is still etune's.
+    raw = sqlite3.connect(files["good"])
+    raw.execute("PRAGMA application_id = 0")
+    raw.close()
+    with RecordsDB.open(files["good"], readonly=True) as db:
+        assert [w.spec for w in db.workloads()] == ["softmax:8,8"]
+
+
+def test_a_full_disk_is_one_line_and_keeps_what_was_recorded(tmp_path):
+    path = tmp_path / "full.db"
+    with RecordsDB.open(path) as db:
+        wid = db.add_workload("softmax:8,8", "softmax", {})
+        pages = db._conn.execute("PRAGMA page_count").fetchone()[0]
+        db._conn.execute(f"PRAGMA max_page_count = {pages + 2}")  # what a full disk looks like to SQLite
+        with pytest.raises(RecordsDBError, match="database or disk is full; free some space") as info:
+            for i in range(100):
+                db.add_candidate(wid, f"h{i}", 0, "trace " * 1000)
+        assert "\n" not in str(info.value)
+        kept = len(db.candidates(wid))
+    with RecordsDB.open(path, readonly=True) as db:
+        assert len(db.candidates(wid)) == kept
+
+
+def test_one_process_at_a_time_tunes_a_run(tmp_path):
+    path = tmp_path / "lock.db"
+    first, second = RecordsDB.open(path), RecordsDB.open(path)
+    wid = first.add_workload("softmax:8,8", "softmax", {})
+    run = first.start_run(wid, "latency", "sim", {})
+    assert first.previous_ending(run) is None  # a new run
+    with pytest.raises(RunBusyError, match=rf"run {run} \(softmax:8,8, latency on sim\) is being tuned by another "
+                                           rf"etune \(pid {os.getpid()} on host .*\)"):
+        second.start_run(wid, "latency", "sim", {})
+    assert second.start_run(wid, "energy@0.05", "sim", {}) != run  # another run of the workload is free
+    first.close()  # as if it were killed: the lock goes with the process's file descriptors
+    assert second.start_run(wid, "latency", "sim", {}) == run
+    assert second.previous_ending(run) == "ended without finishing (killed?)"
+    second.finish_run(run, "interrupted")
+    assert len(list(tmp_path.glob("*.lock"))) == 1  # the energy run's, still held
+    second.close()
+    assert not list(tmp_path.glob("*.lock"))  # released locks leave no file behind
+    with RecordsDB.open(path) as again:
+        assert again.start_run(wid, "latency", "sim", {}) == run
+        assert again.previous_ending(run) == "was interrupted"

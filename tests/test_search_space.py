@@ -163,3 +163,30 @@ def test_built_candidates_match_reference_on_gpu(spec, build_dir):
     for i, r in enumerate(x for x in results if x.ok):
         ok, err = run_and_check(space.workload, r.library, seed=i)
         assert ok, f"relative error {err}"
+
+
+def test_ctrl_c_inside_a_tvm_callback_stops_sampling(gemm_space, monkeypatch):
+    """TVM hands a KeyboardInterrupt raised in a callback back as a RuntimeError, which sampling
+    takes for an invalid candidate; the note the signal handler leaves stops it all the same."""
+    import os
+    import signal
+    import time
+
+    import tvm_ffi
+
+    from search_space import interrupts
+    from search_space import space as space_module
+
+    def press_ctrl_c(*_):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(5)  # the handler runs here, inside the callback
+
+    tvm_ffi.register_global_func("etune.test.press_ctrl_c", press_ctrl_c, override=True)
+    through_tvm = tvm_ffi.get_global_func("etune.test.press_ctrl_c")
+    with pytest.raises(RuntimeError):  # what TVM makes of it
+        through_tvm()
+    monkeypatch.setattr(space_module, "kernel_launches", lambda *_: through_tvm())
+    started = time.monotonic()
+    with interrupts.stop_on(signal.SIGINT), pytest.raises(KeyboardInterrupt):
+        gemm_space.sample(4, seed=0)
+    assert time.monotonic() - started < 5 and interrupts.received() is None  # and the note is gone after

@@ -118,7 +118,10 @@ def test_a_sigkilled_run_resumes_from_its_database(tmp_path):
         process.kill()
     killed_at = sum(_safe_counts(db_path).values())
     assert 6 <= killed_at < 24
-    subprocess.run(command, cwd=tmp_path, env=env, check=True, capture_output=True, timeout=300)
+    with RecordsDB.open(db_path, readonly=True) as db:
+        assert [r.status for r in db.runs()] == ["running"]  # as the killed process left it
+    rerun = subprocess.run(command, cwd=tmp_path, env=env, check=True, capture_output=True, text=True, timeout=300)
+    assert "the previous invocation of run 1 ended without finishing (killed?); resuming" in rerun.stdout
     counts = _run_latency_counts(db_path, "latency")
     assert len(counts) == 24 and set(counts.values()) == {1}
 

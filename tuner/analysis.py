@@ -131,9 +131,9 @@ def _open(db_path):
     from measurements.records import RecordsDB
 
     path = Path(db_path)
-    if not path.exists():  # RecordsDB.open would create an empty database
+    if not path.exists():
         raise FileNotFoundError(f"no records database at {path}")
-    return RecordsDB.open(path)
+    return RecordsDB.open(path, readonly=True)
 
 
 def records_frame(db_path: str | Path) -> pd.DataFrame:

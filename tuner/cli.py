@@ -4,6 +4,7 @@ from __future__ import annotations
 import statistics
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import List, Optional
 
@@ -12,6 +13,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+
+from .objectives import HELP as OBJECTIVE_HELP
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="etune: energy-aware GPU kernel autotuning on TVM MetaSchedule.")
@@ -23,6 +26,24 @@ def fail(message: str, code: int = 2) -> None:
     """A user mistake: one readable line on stderr and a non-zero exit, never a traceback."""
     err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
+
+
+@contextmanager
+def records_db(path: Path, **options):
+    """measurements.records.RecordsDB.open for a command (``readonly=True`` for the ones that only
+    read): a path that is no usable records database ends the command with one line (exit 2), and
+    so does an error of the database later on (a full disk, say: exit 1)."""
+    from measurements.records import RecordsDB, RecordsDBError
+
+    try:
+        records = RecordsDB.open(path, **options)
+    except RecordsDBError as exc:
+        fail(str(exc))
+    try:
+        with records:
+            yield records
+    except RecordsDBError as exc:
+        fail(str(exc), code=1)
 
 
 def _workloads(specs: List[str]):
@@ -45,7 +66,7 @@ def _gpu(name: str):
 
 @app.command("kernels")
 def list_kernels() -> None:
-    """List the benchmark suite (DESIGN.md) and the spec syntax."""
+    """List the benchmark suite and the spec syntax."""
     from kernels import FAMILIES, suite
 
     table = Table(title="etune benchmark suite (fp16)")
@@ -60,7 +81,7 @@ def list_kernels() -> None:
 @app.command("space")
 def space(
     specs: List[str] = typer.Argument(..., help="Workloads, e.g. gemm:4096,4096,4096 softmax:4096,4096"),
-    target: str = typer.Option("h100", help="GPU target preset: h100, a100, or local (NVML)."),
+    target: str = typer.Option("h100", help="GPU target preset: h100, h200, a100, or local (NVML)."),
     samples: int = typer.Option(32, min=1, help="Distinct valid schedules to sample per workload."),
     build: bool = typer.Option(True, help="Build every sampled schedule to a CUDA cubin."),
     jobs: Optional[int] = typer.Option(None, min=1, help="Parallel builds (default: CPU cores)."),
@@ -110,6 +131,15 @@ def space(
         raise typer.Exit(1)
 
 
+def _objective(text: str, max_slowdown: str | None = None):
+    from .objectives import Objective, ObjectiveError
+
+    try:
+        return Objective.parse(text, max_slowdown)
+    except ObjectiveError as exc:
+        fail(f"bad objective: {exc}")
+
+
 def _announce_backend(name: str, target: str):
     """Make the backend and say which one it is on the first line: sim figures never pass as GPU ones."""
     from measurements.backend import BackendError, make_backend
@@ -150,9 +180,10 @@ def _status_line(status) -> str:
 @app.command("tune")
 def tune(
     specs: List[str] = typer.Argument(..., help="Workloads, e.g. gemm:4096,4096,4096 softmax:4096,4096"),
-    objective: str = typer.Option("energy", help="latency, energy, edp (energy takes --max-slowdown)."),
+    objective: str = typer.Option("energy", help=OBJECTIVE_HELP),
     max_slowdown: Optional[str] = typer.Option(
-        None, help="energy: allowed slowdown over the fastest schedule found, e.g. 0.05 (default), or none."),
+        None, help="Another spelling of energy@S: the allowed slowdown over the fastest schedule found, e.g. "
+                   "0.05 (the default), or none."),
     backend: str = typer.Option("auto", help="nvml (the GPU), sim (analytic GPU), replay:DATASET (recorded "
                                 "measurements, e.g. data/hw/*.jsonl.gz), auto: the GPU if NVML finds one."),
     db: Path = typer.Option(Path("etune.db"), help="Records database (SQLite); the same command resumes."),
@@ -160,45 +191,37 @@ def tune(
     energy_measurements: Optional[int] = typer.Option(
         None, min=0, help="Energy measurements per workload (default 15 % of trials, at least 3)."),
     time_budget: Optional[float] = typer.Option(None, min=1, help="Seconds for this invocation, all workloads."),
-    target: str = typer.Option("h100", help="GPU target preset: h100, a100, or local (NVML)."),
+    target: str = typer.Option("h100", help="GPU target preset: h100, h200, a100, or local (NVML)."),
     batch: int = typer.Option(16, min=1, help="Candidates built and measured per generation."),
     seed: int = typer.Option(0),
     build: bool = typer.Option(True, help="Build candidates with nvcc (--no-build: sim only)."),
     jobs: Optional[int] = typer.Option(None, min=1, help="Parallel builds (default: CPU cores)."),
     workdir: Path = typer.Option(Path(".etune/builds"), help="Build artifacts and cache."),
 ) -> None:
-    """Tune workloads for an objective; every measurement goes to --db as it is taken."""
-    from measurements.backend import BackendError
-    from measurements.records import RecordsDB
+    """Tune workloads for an objective; every measurement goes to --db as it is taken, and the same
+    command resumes a run that was interrupted (Ctrl-C, SIGTERM) or killed."""
+    import signal
 
-    from .objectives import DEFAULT_MAX_SLOWDOWN, Objective
+    from measurements.backend import BackendError
+    from search_space import interrupts
+
     from .search import TuneConfig, Tuner
 
     workloads = _workloads(specs)
     gpu = _gpu(target)
-    kind = objective.strip().lower()
-    try:
-        if max_slowdown is None:
-            slack = DEFAULT_MAX_SLOWDOWN if kind == "energy" else None
-        else:
-            slack = None if max_slowdown.lower() == "none" else float(max_slowdown)
-        goal = Objective(kind, slack)
-    except ValueError as exc:  # ObjectiveError included
-        fail(f"bad objective: {exc}")
-    if db.parent and not db.parent.exists():
-        fail(f"directory {db.parent} does not exist")
-    chosen = _announce_backend(backend, target)
-    if not build and chosen.name == "nvml":
-        fail("--no-build is for the sim backend only: a GPU runs built kernels")
-    for workload in workloads:  # a replayed dataset answers only for its own workloads: say so up front
-        try:
-            chosen.recorded_pool(workload.spec)
-        except BackendError as exc:
-            fail(str(exc))
+    goal = _objective(objective, max_slowdown)
     deadline = None if time_budget is None else time.monotonic() + time_budget
     summaries = []
-    try:
-        with RecordsDB.open(db) as records:
+    with records_db(db) as records, interrupts.stop_on(signal.SIGINT, signal.SIGTERM):
+        chosen = _announce_backend(backend, target)
+        try:
+            if not build and chosen.name == "nvml":
+                fail("--no-build is for the sim backend only: a GPU runs built kernels")
+            for workload in workloads:  # a replayed dataset answers only for its own workloads: say so up front
+                try:
+                    chosen.recorded_pool(workload.spec)
+                except BackendError as exc:
+                    fail(str(exc))
             for workload in workloads:
                 left = None if deadline is None else max(0.0, deadline - time.monotonic())
                 config = TuneConfig(trials=trials, energy_measurements=energy_measurements, time_budget_s=left,
@@ -217,33 +240,51 @@ def tune(
                 console.print(escape(_status_line(status)) + f"  stopped by {status.stopped_by}", highlight=False)
                 if status.stopped_by == "interrupted":
                     raise KeyboardInterrupt
-    finally:
-        chosen.close()
+        except BaseException as exc:
+            # Ctrl-C or SIGTERM: in a run (which recorded it), while making design spaces, or
+            # turned into another error by TVM on its way through a callback.
+            if not isinstance(exc, KeyboardInterrupt) and interrupts.received() is None:
+                raise
+            signum = interrupts.received() or signal.SIGINT
+            how = "terminated (SIGTERM)" if signum == signal.SIGTERM else "interrupted (Ctrl-C)"
+            err_console.print(f"{how}: what was measured is kept in {escape(str(db))}; the same command resumes "
+                              "the run", highlight=False, soft_wrap=True)
+            raise typer.Exit(128 + signum)
+        finally:
+            chosen.close()
     console.print(f"records in {db}; see: etune report --db {db}", highlight=False)
+    unmeasured = [f"{s.workload} (stopped by {s.stopped_by})" for s in summaries if s.fastest is None]
+    if unmeasured:
+        fail(f"no schedule was measured for {', '.join(unmeasured)}", code=1)
 
 
 @app.command("report")
 def report(
     db: Path = typer.Option(Path("etune.db"), help="Records database."),
     specs: Optional[List[str]] = typer.Argument(None, help="Only these workloads."),
-    backend: Optional[str] = typer.Option(None, help="Only this backend (nvml or sim)."),
+    backend: Optional[str] = typer.Option(None, help="Only this backend (nvml, sim or replay)."),
+    objective: Optional[str] = typer.Option(None, help="Only runs tuned for this objective: " + OBJECTIVE_HELP),
     format: str = typer.Option("table", help="table or json."),
 ) -> None:
     """Best record per tuned objective, the energy/latency Pareto front and the vendor reference."""
     import json
 
-    from measurements.records import RecordsDB
-
     from .report import report as make_report
 
     if format not in ("table", "json"):
         fail(f"unknown format {format!r} (choose table or json)")
-    if not db.exists():
-        fail(f"no records database at {db}")
-    with RecordsDB.open(db) as records:
-        document = make_report(records, specs=specs, backend=backend)
-    if specs and not document["workloads"]:
-        fail(f"no records for {', '.join(specs)} in {db}")
+    goal = None if objective is None else _objective(objective)
+    specs = [w.spec for w in _workloads(specs)] if specs else None
+    with records_db(db, readonly=True) as records:
+        document = make_report(records, specs=specs, backend=backend, objective=goal)
+        if not document["workloads"]:  # say what was asked for and what there is, never a silent exit 0
+            if not records.workloads():
+                fail(f"{db} holds no records yet: tune something first (etune tune --db {db})", code=1)
+            asked = [", ".join(specs or []), backend and f"backend {backend}", goal and f"runs tuned for {goal.label}"]
+            there = [", ".join(w.spec for w in records.workloads()),
+                     "backends " + ", ".join(sorted({m.backend for m in records.measurements()})),
+                     "runs tuned for " + ", ".join(sorted({r.objective for r in records.runs()}) or ["nothing"])]
+            fail(f"no records for {' and '.join(a for a in asked if a)} in {db} (it has {'; '.join(there)})", code=1)
     if format == "json":
         print(json.dumps(document, indent=2))
         return

@@ -21,6 +21,11 @@ PrimFuncs (``database.query_schedule`` / ``query_ir_module``, or a Relax build u
 MetaSchedule ranks records by mean run_secs only; a database exported for an objective other than
 latency therefore holds just the chosen record per workload, so the one TVM picks is the one etune
 chose.
+
+An export is written into a new folder beside the output folder, which it then replaces by renames:
+a failed export changes nothing. The output folder must be new, empty, or an earlier etune export
+(``etune-export.json`` lists what that one wrote), replaced only when asked to (``--force``); etune
+never deletes files it did not write.
 """
 from __future__ import annotations
 
@@ -32,14 +37,15 @@ import re
 import shutil
 import statistics
 import tempfile
+import time
 from collections import defaultdict
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from measurements.backend import model_output
 from measurements.records import Candidate as CandidateRow
-from measurements.records import RecordsDB, Run
+from measurements.records import RecordsDB, RecordsDBError, Run
 from measurements.records import Workload as WorkloadRow
 
 from .objectives import Objective, ObjectiveError, Point, best
@@ -50,6 +56,10 @@ MANIFEST_FILE = "manifest.json"
 SOURCES_DIR = "kernels"
 MS_WORKLOAD_FILE = "database_workload.json"
 MS_RECORD_FILE = "database_tuning_record.json"
+# Every export lists the files it wrote here, so that a later export knows what it may replace.
+MARKER_FILE = "etune-export.json"
+MARKER_FORMAT = "etune-export"
+FORMATS = ("library", "metaschedule", "both")
 FORMAT = "etune-kernel-library"
 FORMAT_VERSION = 1
 
@@ -109,14 +119,14 @@ def _objective(objective: Objective | str) -> Objective:
         raise ExportError(f"bad objective {objective!r}: {exc}") from None
 
 
-def _open_db(db_path: str | Path) -> RecordsDB:
-    path = Path(db_path)
-    if not path.is_file():  # RecordsDB.open would create an empty database
-        raise ExportError(f"no records database at {path}")
+@contextmanager
+def _open_db(db_path: str | Path) -> Iterator[RecordsDB]:
+    """The records database, read-only; any problem with it is an ExportError (one line)."""
     try:
-        return RecordsDB.open(path)
-    except Exception as exc:  # not SQLite, newer schema, ...
-        raise ExportError(f"cannot open records database {path}: {exc}") from None
+        with RecordsDB.open(db_path, readonly=True) as db:
+            yield db
+    except RecordsDBError as exc:
+        raise ExportError(str(exc)) from None
 
 
 def _wanted_workloads(db: RecordsDB, db_path, workloads: Sequence[str] | None) -> list[WorkloadRow]:
@@ -161,6 +171,12 @@ def _pick_backend(db: RecordsDB, workload: WorkloadRow, backend: str | None) -> 
 
 def _select(db: RecordsDB, workload: WorkloadRow, objective: Objective, backend: str | None) -> Selection:
     chosen_backend = _pick_backend(db, workload, backend)
+    runs = db.runs(workload.id)
+    tuned = sorted({r.objective for r in runs if r.backend == chosen_backend})
+    if objective.label not in tuned:  # another objective's winner would pass for this one's
+        raise ExportError(f"{workload.spec} has no run tuned for {objective.label} on {chosen_backend} (tuned for: "
+                          f"{', '.join(tuned) or 'nothing'}): tune it with --objective {objective.label}, or export "
+                          "an objective it was tuned for")
     points = candidate_points(db, workload.id, chosen_backend)
     point = best(points, objective)
     if point is None:
@@ -177,7 +193,7 @@ def _select(db: RecordsDB, workload: WorkloadRow, objective: Objective, backend:
         energy_samples=sum(m.kind == "energy" for m in mine),
         device_names=sorted({m.device_name for m in mine if m.device_name}),
         drivers=sorted({m.driver for m in mine if m.driver}),
-        runs=db.runs(workload.id),
+        runs=runs,
     )
 
 
@@ -408,34 +424,20 @@ def _write_json(path: Path, document) -> None:
     os.replace(tmp, path)
 
 
-def export_library(db_path: str | Path, objective: Objective | str, out_dir: str | Path,
-                   backend: str | None = None, gpu="h100", workloads: Sequence[str] | None = None) -> dict:
-    """Exports the best candidate of every workload (or the listed specs) under ``objective`` as one
-    shared library ``out_dir/libetune_kernels.so`` with ``manifest.json`` and ``kernels/<name>.cu``;
-    returns the manifest. Raises ExportError with one readable line when it cannot."""
+def _write_library(db_path, objective: Objective, directory: Path, backend, gpu, workloads) -> dict:
+    """Writes the kernel library into ``directory`` (a new, empty folder); returns the manifest."""
     import tvm
 
-    objective = _objective(objective)
-    gpu = _gpu(gpu)
     selections = select_best(db_path, objective, backend, workloads)
     rebuilt = [rebuild(s.workload.spec, s.candidate, gpu) for s in selections]
-
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise ExportError(f"{out} exists and is not a directory")
-    sources = out / SOURCES_DIR
-    sources.mkdir(parents=True, exist_ok=True)
-    # An earlier export into the same directory: its manifest goes first, so an export that fails
-    # half-way never leaves a manifest describing files that changed under it.
-    (out / MANIFEST_FILE).unlink(missing_ok=True)
-    for stale in sources.glob("*.cu"):
-        stale.unlink()
+    sources = directory / SOURCES_DIR
+    sources.mkdir()
     functions = {}
     for selection, candidate in zip(selections, rebuilt):
         func = candidate.mod["main"]
         functions[selection.name] = func
         (sources / f"{selection.name}.cu").write_text(cuda_source(selection.name, func, gpu))
-    library = compile_library(functions, gpu, out / LIBRARY_FILE)
+    library = compile_library(functions, gpu, directory / LIBRARY_FILE)
 
     simulated = any(s.simulated for s in selections)
     other_arch = sorted({f"{s.workload.spec} (tuned for {arch})" for s in selections for r in s.runs
@@ -461,7 +463,7 @@ def export_library(db_path: str | Path, objective: Objective | str, out_dir: str
         ) if n],
         "kernels": [_kernel_entry(s, c, library.resources) for s, c in zip(selections, rebuilt)],
     }
-    _write_json(out / MANIFEST_FILE, manifest)
+    _write_json(directory / MANIFEST_FILE, manifest)
     return manifest
 
 
@@ -480,25 +482,12 @@ def _latency_values(db: RecordsDB, workload_id: int, backend: str) -> dict[int, 
     return values
 
 
-def export_ms_database(db_path: str | Path, out_dir: str | Path, backend: str | None = None, gpu="h100",
-                       objective: Objective | str | None = None,
-                       workloads: Sequence[str] | None = None) -> dict:
-    """Writes ``out_dir/database_workload.json`` and ``out_dir/database_tuning_record.json`` (the
-    files of MetaSchedule's JSONDatabase; existing ones are replaced) and checks them by loading them
-    back and querying each workload's best schedule.
-
-    Without an objective every candidate with a latency measurement becomes a tuning record (its
-    run_secs: its latency measurements), and TVM picks the fastest. With one, only the objective's
-    choice per workload is written, so TVM picks it. Returns a summary: the two paths and, per
-    workload, the spec, the number of records and the structural hash of the schedule TVM queries.
-
-    Loading these files in a fresh process replays tensor-core traces, which needs TVM's CUDA tensor
-    intrinsics registered first: ``import tvm.s_tir.tensor_intrin.cuda``.
-    """
+def _write_ms_database(db_path, objective: Objective | None, directory: Path, out: Path, backend, gpu,
+                       workloads) -> dict:
+    """Writes the MetaSchedule database into ``directory`` (to become ``out``) and checks it by
+    loading it back and querying each workload's best schedule; returns the summary."""
     from tvm.s_tir import meta_schedule as ms
 
-    gpu = _gpu(gpu)
-    objective = None if objective is None else _objective(objective)
     target = gpu.tvm_target()
     plan = []  # (workload row, backend, [(candidate row, run_secs)], expected hashes)
     with _open_db(db_path) as db:
@@ -516,31 +505,24 @@ def export_ms_database(db_path: str | Path, out_dir: str | Path, backend: str | 
             plan.append((workload, chosen_backend, rows,
                          {c.structural_hash for c, v in rows if statistics.fmean(v) == fastest}))
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".etune-msdb-", dir=out))
-    try:
-        database = ms.database.JSONDatabase(path_workload=str(staging / MS_WORKLOAD_FILE),
-                                            path_tuning_record=str(staging / MS_RECORD_FILE))
-        for workload, _, rows, _ in plan:
-            mod = _space(workload.spec, gpu).mod
-            ms_workload = database.commit_workload(mod)
-            args_info = ms.arg_info.ArgInfo.from_entry_func(mod, remove_preproc=True)
-            for row, run_secs in rows:
-                candidate = rebuild(workload.spec, row, gpu)
-                database.commit_tuning_record(ms.database.TuningRecord(
-                    candidate.trace, ms_workload, run_secs=run_secs, target=target, args_info=args_info))
-        del database
-        for name in (MS_WORKLOAD_FILE, MS_RECORD_FILE):
-            if not (staging / name).exists():  # a database with no record writes no record file
-                (staging / name).write_text("")
-            os.replace(staging / name, out / name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    database = ms.database.JSONDatabase(path_workload=str(directory / MS_WORKLOAD_FILE),
+                                        path_tuning_record=str(directory / MS_RECORD_FILE))
+    for workload, _, rows, _ in plan:
+        mod = _space(workload.spec, gpu).mod
+        ms_workload = database.commit_workload(mod)
+        args_info = ms.arg_info.ArgInfo.from_entry_func(mod, remove_preproc=True)
+        for row, run_secs in rows:
+            candidate = rebuild(workload.spec, row, gpu)
+            database.commit_tuning_record(ms.database.TuningRecord(
+                candidate.trace, ms_workload, run_secs=run_secs, target=target, args_info=args_info))
+    del database
+    for name in (MS_WORKLOAD_FILE, MS_RECORD_FILE):
+        if not (directory / name).exists():  # a database with no record writes no record file
+            (directory / name).write_text("")
 
     summary = {"path_workload": str(out / MS_WORKLOAD_FILE), "path_tuning_record": str(out / MS_RECORD_FILE),
                "objective": None if objective is None else objective.label, "workloads": []}
-    loaded = load_ms_database(out)
+    loaded = load_ms_database(directory)
     for workload, chosen_backend, rows, expected in plan:
         mod = _space(workload.spec, gpu).mod
         schedule = loaded.query_schedule(mod, target, "main")
@@ -551,6 +533,134 @@ def export_ms_database(db_path: str | Path, out_dir: str | Path, backend: str | 
         summary["workloads"].append({"spec": workload.spec, "backend": chosen_backend, "records": len(rows),
                                      "structural_hash": got, "simulated": chosen_backend == "sim"})
     return summary
+
+
+# -- the output folder ---------------------------------------------------------------------------------
+def _earlier_export(out: Path) -> set[str]:
+    """The entries (relative paths) of an earlier etune export in ``out``: those its marker file
+    lists, or, for an export made before the marker, those its manifest names. Empty if none."""
+    try:
+        marker = json.loads((out / MARKER_FILE).read_text())
+        if isinstance(marker, dict) and marker.get("format") == MARKER_FORMAT and isinstance(marker.get("files"), list):
+            return {str(f) for f in marker["files"]} | {MARKER_FILE}
+    except (OSError, ValueError):
+        pass
+    from kernels.library import LibraryError, read_manifest
+
+    try:
+        manifest = read_manifest(out)
+    except LibraryError:
+        return set()
+    return ({MANIFEST_FILE, manifest["library"], MS_WORKLOAD_FILE, MS_RECORD_FILE}
+            | {f"{SOURCES_DIR}/{k['name']}.cu" for k in manifest["kernels"]})
+
+
+def _entries(directory: Path) -> set[str]:
+    """Every file and folder under ``directory``, as relative paths; a folder counts as its own
+    entry only when empty (then nothing else says it is there)."""
+    entries = set()
+    for path in directory.rglob("*"):
+        if not path.is_dir() or path.is_symlink() or not any(path.iterdir()):
+            entries.add(path.relative_to(directory).as_posix())
+    return entries
+
+
+@contextmanager
+def _staged(out: Path, force: bool) -> Iterator[Path]:
+    """A new folder beside ``out`` to write an export into. When the export is written, it becomes
+    ``out`` by renames: ``out`` was missing or empty, or held an earlier etune export and ``force``
+    is given. A folder holding anything etune did not write is refused, with or without ``force``:
+    etune never deletes a user's files. A failed export leaves ``out`` as it was."""
+    replace = False
+    if out.is_symlink():
+        raise ExportError(f"{out} is a symbolic link: give the folder itself")
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{out} exists and is not a directory")
+    if out.exists():
+        present = _entries(out)
+        ours = _earlier_export(out)
+        foreign = sorted(present - ours)
+        if foreign:
+            more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+            raise ExportError(f"{out} holds files etune did not write ({foreign[0]}{more}): export into a new or "
+                              "empty folder (etune never deletes files it did not write)")
+        if present and not force:
+            raise ExportError(f"{out} holds an earlier etune export: add --force to replace it")
+        replace = bool(present)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.parent / f".{out.name}.etune-{os.getpid()}-{time.time_ns()}"
+    staging.mkdir()  # the mode the user's umask gives, as the folder it becomes
+    try:
+        yield staging
+        files = sorted(_entries(staging))
+        _write_json(staging / MARKER_FILE, {"format": MARKER_FORMAT, "files": files})
+        if replace:
+            old = staging.with_name(staging.name + "-old")
+            os.rename(out, old)
+            try:
+                os.rename(staging, out)
+            except BaseException:
+                os.rename(old, out)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            if out.exists():
+                out.rmdir()  # empty (fails if something appeared in it since)
+            os.rename(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def export(db_path: str | Path, objective: Objective | str | None, out_dir: str | Path, format: str = "library",
+           backend: str | None = None, gpu="h100", workloads: Sequence[str] | None = None,
+           force: bool = False) -> tuple[dict | None, dict | None]:
+    """Exports into ``out_dir``: the kernel library (``format`` library), the MetaSchedule database
+    (metaschedule) or both; returns (manifest, MetaSchedule summary), None for what was not asked.
+
+    The export is written into a new folder beside ``out_dir`` that then takes its place, so a
+    failed export changes nothing; ``out_dir`` must be new, empty, or an earlier export (replaced
+    only with ``force``). Raises ExportError with one readable line when it cannot."""
+    if format not in FORMATS:
+        raise ExportError(f"unknown format {format!r} (choose {', '.join(FORMATS)})")
+    objective = None if objective is None else _objective(objective)
+    if objective is None and format != "metaschedule":
+        raise ExportError("a kernel library is exported for an objective")
+    gpu = _gpu(gpu)
+    manifest = summary = None
+    out = Path(out_dir)
+    with _staged(out, force) as staging:
+        if format in ("library", "both"):
+            manifest = _write_library(db_path, objective, staging, backend, gpu, workloads)
+        if format in ("metaschedule", "both"):
+            summary = _write_ms_database(db_path, objective, staging, out, backend, gpu, workloads)
+    return manifest, summary
+
+
+def export_library(db_path: str | Path, objective: Objective | str, out_dir: str | Path,
+                   backend: str | None = None, gpu="h100", workloads: Sequence[str] | None = None,
+                   force: bool = False) -> dict:
+    """Exports the best candidate of every workload (or the listed specs) under ``objective`` as one
+    shared library ``out_dir/libetune_kernels.so`` with ``manifest.json`` and ``kernels/<name>.cu``;
+    returns the manifest. See ``export`` for the output folder."""
+    return export(db_path, objective, out_dir, "library", backend, gpu, workloads, force)[0]
+
+
+def export_ms_database(db_path: str | Path, out_dir: str | Path, backend: str | None = None, gpu="h100",
+                       objective: Objective | str | None = None,
+                       workloads: Sequence[str] | None = None, force: bool = False) -> dict:
+    """Writes ``out_dir/database_workload.json`` and ``out_dir/database_tuning_record.json`` (the
+    files of MetaSchedule's JSONDatabase; see ``export`` for the output folder) and checks them by
+    loading them back and querying each workload's best schedule.
+
+    Without an objective every candidate with a latency measurement becomes a tuning record (its
+    run_secs: its latency measurements), and TVM picks the fastest. With one, only the objective's
+    choice per workload is written, so TVM picks it. Returns a summary: the two paths and, per
+    workload, the spec, the number of records and the structural hash of the schedule TVM queries.
+
+    Loading these files in a fresh process replays tensor-core traces, which needs TVM's CUDA tensor
+    intrinsics registered first: ``import tvm.s_tir.tensor_intrin.cuda``.
+    """
+    return export(db_path, objective, out_dir, "metaschedule", backend, gpu, workloads, force)[1]
 
 
 def load_ms_database(directory: str | Path):

@@ -10,7 +10,7 @@ from typing import List, Optional
 
 import typer
 
-FORMATS = ("library", "metaschedule", "both")
+from .objectives import HELP as OBJECTIVE_HELP
 
 
 def _cli():
@@ -21,38 +21,29 @@ def _cli():
 
 def export_command(
     db: Path = typer.Option(Path("etune.db"), help="Records database."),
-    objective: str = typer.Option(
-        "energy", help="latency, edp, energy (least energy within 5 % of the fastest), energy@S (slowdown S, "
-                       "e.g. energy@0.1) or energy@none."),
+    objective: str = typer.Option("energy", help=OBJECTIVE_HELP),
     out: Path = typer.Option(Path("etune-kernels"), "--out", "-o", help="Output directory."),
     backend: Optional[str] = typer.Option(
         None, help="Use this backend's measurements (nvml or sim); default: the only one, or the hardware one."),
-    target: str = typer.Option("h100", help="GPU target preset to compile for: h100, a100, or local (NVML)."),
+    target: str = typer.Option("h100", help="GPU target preset to compile for: h100, h200, a100, or local (NVML)."),
     format: str = typer.Option(
         "library", help="library (one shared library + manifest.json + CUDA sources), metaschedule "
                         "(TVM MetaSchedule JSON database) or both."),
     workloads: Optional[List[str]] = typer.Argument(None, help="Only these workloads (default: all in --db)."),
+    force: bool = typer.Option(False, "--force", help="Replace an earlier etune export in --out."),
 ) -> None:
     """Export the best schedule of every tuned workload under an objective: a kernel library and/or a
     MetaSchedule database."""
     from rich.markup import escape
     from rich.table import Table
 
-    from .export import ExportError, export_library, export_ms_database
+    from .export import ExportError, export
 
     console, fail = _cli()
-    if format not in FORMATS:
-        fail(f"unknown format {format!r} (choose {', '.join(FORMATS)})")
     try:
-        manifest = None
-        if format in ("library", "both"):
-            with console.status(f"rebuilding and compiling the best schedules from {db}"):
-                manifest = export_library(db, objective, out, backend=backend, gpu=target, workloads=workloads)
-        ms_summary = None
-        if format in ("metaschedule", "both"):
-            with console.status("writing the MetaSchedule database"):
-                ms_summary = export_ms_database(db, out, backend=backend, gpu=target, objective=objective,
-                                                workloads=workloads)
+        with console.status(f"rebuilding the best schedules from {db} and writing {format} into {out}"):
+            manifest, ms_summary = export(db, objective, out, format, backend=backend, gpu=target,
+                                          workloads=workloads, force=force)
     except ExportError as exc:
         fail(str(exc))
 

@@ -10,6 +10,7 @@ build cache under ``--workdir`` is reused), measured and recorded in the databas
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -45,8 +46,8 @@ def _kinds(kind: str) -> list[str]:
 
 
 def _resolve_backend_name(name: str) -> str:
-    if name not in ("auto", "nvml", "sim"):
-        fail(f"unknown backend {name!r} (choose auto, nvml or sim)")
+    if name not in ("auto", "nvml", "sim") and not name.startswith("replay:"):
+        fail(f"unknown backend {name!r} (choose auto, nvml, sim or replay:DATASET)")
     if name == "auto":
         from measurements.nvml_energy import nvml_available
 
@@ -133,10 +134,13 @@ def _report(title: str, backend_name: str, info, results, json_out: Path | None,
     """The table, the optional JSON file, and exit status 1 when any measurement failed."""
     _print_results(title, backend_name, info, results)
     if json_out is not None:
-        json_out.parent.mkdir(parents=True, exist_ok=True)
         payload = {**about, "backend": backend_name, "device": dataclasses.asdict(info),
                    "results": [dataclasses.asdict(r) for r in results]}
-        json_out.write_text(json.dumps(payload, indent=2, default=str))
+        try:
+            json_out.parent.mkdir(parents=True, exist_ok=True)
+            json_out.write_text(json.dumps(payload, indent=2, default=str))
+        except OSError as exc:
+            fail(f"cannot write {json_out}: {exc.strerror} (the measurements are recorded)", code=1)
     if not all(r.ok for r in results):
         raise typer.Exit(1)
 
@@ -147,7 +151,8 @@ def measure_command(
     vendor: Optional[str] = typer.Option(
         None, "--vendor", help="Measure the vendor reference of this workload instead, e.g. gemm:4096,4096,4096."),
     kind: str = typer.Option("both", "--kind", help="latency, energy or both."),
-    backend: str = typer.Option("auto", "--backend", help="auto (nvml when a GPU answers, else sim), nvml or sim."),
+    backend: str = typer.Option("auto", "--backend", help="auto (nvml when a GPU answers, else sim), nvml, sim or "
+                                "replay:DATASET (recorded measurements)."),
     target: str = typer.Option("h100", "--target", help="GPU target preset the candidate is built for."),
     device: int = typer.Option(0, "--device", min=0, help="GPU index (NVML numbering) for the nvml backend."),
     build: Optional[bool] = typer.Option(
@@ -157,6 +162,8 @@ def measure_command(
 ) -> None:
     """Measure one candidate of a records database (or a vendor reference) and record the result."""
     kinds = _kinds(kind)
+    if json_out is not None and json_out.is_dir():  # found out before measuring, not after
+        fail(f"--json {json_out} is a directory; give a file name, e.g. {json_out / 'measure.json'}")
     if (candidate is None) == (vendor is None):
         fail("give exactly one of --candidate ID (with --db) or --vendor SPEC")
     if candidate is not None:
@@ -170,16 +177,15 @@ def measure_command(
 def _measure_candidate(db: Path, candidate_id: int, kinds, backend_name, target, device, build, workdir,
                        json_out) -> None:
     from kernels import WorkloadError, parse_spec
-    from measurements.records import RecordsDB
     from search_space import TargetError, gpu_spec
 
-    if not db.is_file():
-        fail(f"no such database: {db}")
+    from .cli import records_db
+
     try:
         gpu = gpu_spec(target)
     except TargetError as exc:
         fail(str(exc))
-    with RecordsDB.open(db) as records:
+    with records_db(db, create=False) as records:
         stored_workload, stored = _find_candidate(records, candidate_id)
         if stored is None:
             fail(f"no candidate {candidate_id} in {db}")
@@ -203,6 +209,16 @@ def _measure_candidate(db: Path, candidate_id: int, kinds, backend_name, target,
                 _console().print(f"[yellow]note[/] candidate {candidate_id} replays to structural hash "
                               f"{cand.structural_hash}, stored {stored.structural_hash} (another TVM?)",
                               highlight=False)
+            if backend.name == "replay":  # it answers for its recorded schedules only: say so, record nothing
+                from measurements.backend import BackendError
+
+                try:
+                    pool = backend.recorded_pool(workload.spec)
+                except BackendError as exc:
+                    fail(str(exc))
+                if cand.structural_hash not in {h for _, _, h in pool.entries}:
+                    fail(f"candidate {candidate_id} ({cand.structural_hash}) is not in the replay dataset "
+                         f"{backend.dataset.path}")
             builds = None
             if build if build is not None else backend.name == "nvml":
                 with _console().status(f"building candidate {candidate_id} for {gpu.name} ({gpu.arch})"):
@@ -229,8 +245,9 @@ def _measure_candidate(db: Path, candidate_id: int, kinds, backend_name, target,
 
 def _measure_vendor(spec: str, db: Optional[Path], kinds, backend_name, target, device, json_out) -> None:
     from kernels import WorkloadError, parse_spec
-    from measurements.records import RecordsDB
     from measurements.vendor import VendorError, vendor_name
+
+    from .cli import records_db
 
     try:
         workload = parse_spec(spec)
@@ -240,24 +257,24 @@ def _measure_vendor(spec: str, db: Optional[Path], kinds, backend_name, target, 
         name = vendor_name(workload)
     except VendorError as exc:
         fail(str(exc))
-    backend = _make_backend(backend_name, target, device)
-    try:
-        info = backend.device()
-        results = []
-        for kind in kinds:
-            with _console().status(f"measuring {kind} of {name} at {workload.spec} on {info.name}"):
-                try:
-                    result = backend.measure_vendor(workload, kind)
-                except VendorError as exc:
-                    fail(str(exc))
-            result.details = dict(result.details or {})
-            result.details.setdefault("vendor", name)
-            results.append(result)
-        info = backend.device()
-    finally:
-        backend.close()
-    if db is not None:
-        with RecordsDB.open(db) as records:
+    with records_db(db) if db is not None else contextlib.nullcontext() as records:  # refused before measuring
+        backend = _make_backend(backend_name, target, device)
+        try:
+            info = backend.device()
+            results = []
+            for kind in kinds:
+                with _console().status(f"measuring {kind} of {name} at {workload.spec} on {info.name}"):
+                    try:
+                        result = backend.measure_vendor(workload, kind)
+                    except VendorError as exc:
+                        fail(str(exc))
+                result.details = dict(result.details or {})
+                result.details.setdefault("vendor", name)
+                results.append(result)
+            info = backend.device()
+        finally:
+            backend.close()
+        if records is not None:
             workload_id = records.add_workload(workload.spec, workload.family, workload.params)
             for result in results:
                 _record(records, workload_id, None, backend, info, result)

@@ -9,10 +9,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from typing import Iterable, Sequence
 
 KINDS = ("latency", "energy", "edp")
 DEFAULT_MAX_SLOWDOWN = 0.05
+# The help text of every --objective option (etune tune, export, report).
+HELP = ("latency, edp, energy (least energy within 5 % of the fastest), energy@S (slowdown S, e.g. energy@0.1) "
+        "or energy@none (least energy, however slow).")
+# ASCII digits only (float() also takes "1_0" and "１"); an exponent as in labels: energy@1e-05
+_SLACK = re.compile(r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:e[-+]?[0-9]+)?")
 
 
 class ObjectiveError(ValueError):
@@ -35,19 +41,26 @@ class Objective:
                 raise ObjectiveError(f"--max-slowdown must be in [0, 10), not {self.max_slowdown}")
 
     @classmethod
-    def parse(cls, text: str, max_slowdown: float | None = DEFAULT_MAX_SLOWDOWN) -> "Objective":
-        """``latency``, ``edp``, ``energy`` (with the slack given), ``energy@0.05`` or
-        ``energy@none`` (unconstrained)."""
-        kind, _, slack = text.strip().lower().partition("@")
-        if slack:
-            if slack in ("none", "inf"):
-                max_slowdown = None
-            else:
-                try:
-                    max_slowdown = float(slack)
-                except ValueError:
-                    raise ObjectiveError(f"bad slowdown in objective {text!r}") from None
-        return cls(kind, max_slowdown if kind == "energy" else None)
+    def parse(cls, text: str, max_slowdown: str | float | None = None) -> "Objective":
+        """The one spelling of an objective, for every command and the Python API alike: ``latency``,
+        ``edp``, ``energy`` (slowdown 0.05), ``energy@S`` or ``energy@none`` (unconstrained).
+
+        ``max_slowdown`` is ``etune tune --max-slowdown``, another spelling of S (a number or
+        ``none``): it applies to energy only, and where the text has an @S too they must agree."""
+        kind, at, slack = (part.strip() for part in str(text).strip().lower().partition("@"))
+        if kind not in KINDS:
+            raise ObjectiveError(f"unknown objective {text!r} (choose {HELP.rstrip('.')})")
+        if at and kind != "energy":
+            raise ObjectiveError(f"only the energy objective takes a slowdown (@S), not {kind}: {text!r}")
+        value = _slowdown(slack, text) if at else DEFAULT_MAX_SLOWDOWN
+        if max_slowdown is not None:
+            if kind != "energy":
+                raise ObjectiveError("--max-slowdown applies to the energy objective only")
+            given = _slowdown(max_slowdown, "--max-slowdown") if isinstance(max_slowdown, str) else float(max_slowdown)
+            if at and given != value:
+                raise ObjectiveError(f"--max-slowdown {max_slowdown} contradicts {text!r}: give the slowdown once")
+            value = given
+        return cls(kind, value if kind == "energy" else None)
 
     @property
     def label(self) -> str:
@@ -87,6 +100,15 @@ class Objective:
         if latency_s <= bound:
             return energy_j
         return 1e6 * (1 + latency_s / bound) + energy_j
+
+
+def _slowdown(text: str, where: str) -> float | None:
+    text = text.strip().lower()
+    if text in ("none", "inf"):
+        return None
+    if not _SLACK.fullmatch(text):
+        raise ObjectiveError(f"bad slowdown {text!r} in {where!r}: a number such as 0.05, or none")
+    return float(text)
 
 
 @dataclasses.dataclass(frozen=True)

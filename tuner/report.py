@@ -53,8 +53,12 @@ def _vendor(db: RecordsDB, workload_id: int, backend: str) -> dict | None:
             "energy_j": statistics.median(values["energy"]) if values.get("energy") else None}
 
 
-def report(db: RecordsDB, specs: list[str] | None = None, backend: str | None = None) -> dict:
-    """The ``etune report --format json`` document."""
+def report(db: RecordsDB, specs: list[str] | None = None, backend: str | None = None,
+           objective: Objective | str | None = None) -> dict:
+    """The ``etune report --format json`` document; with ``objective``, only the workloads (and
+    backends) with a run tuned for it, and only that run's best."""
+    label = None if objective is None else (objective if isinstance(objective, Objective)
+                                            else Objective.parse(objective)).label
     entries = []
     for workload in db.workloads():
         if specs and workload.spec not in specs:
@@ -63,11 +67,13 @@ def report(db: RecordsDB, specs: list[str] | None = None, backend: str | None = 
         backends = sorted({m.backend for m in measurements if backend is None or m.backend == backend})
         runs = db.runs(workload.id)
         for name in backends:
+            if label is not None and not any(r.objective == label and r.backend == name for r in runs):
+                continue
             mine = [m for m in measurements if m.backend == name]
             points = candidate_points(db, workload.id, name)
             best_by_objective = {}
             for run in runs:
-                if run.backend == name:
+                if run.backend == name and label in (None, run.objective):
                     run_points = candidate_points(db, workload.id, name, run_id=run.id)
                     best_by_objective[run.objective] = _point_json(best(run_points, Objective.parse(run.objective)))
             devices = sorted({m.device_name for m in mine if m.device_name})

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
+import signal
 import time
 from pathlib import Path
 from typing import Callable
@@ -19,7 +20,7 @@ from typing import Callable
 from kernels import as_workload
 from measurements.backend import Backend, MeasureResult, record_result
 from measurements.records import RecordsDB
-from search_space import Builder, ScheduleSpace, gpu_spec
+from search_space import Builder, ScheduleSpace, gpu_spec, interrupts
 from search_space.pool import PoolSpace
 
 from .objectives import Objective, Point, best
@@ -159,8 +160,10 @@ class Tuner:
             if m.kind == "energy":
                 self.status.energy_measurements += 1
         self.status.trials = len(self.known)
-        if self.known:
-            self.log(f"resuming run {self.run_id}: {len(self.known)} candidates measured before")
+        ended = self.db.previous_ending(self.run_id)  # None: a new run
+        if ended is not None:
+            self.log(f"the previous invocation of run {self.run_id} {ended}; resuming with {len(self.known)} "
+                     "candidates measured before")
         self._retrain()
         self._update_best()
 
@@ -293,6 +296,7 @@ class Tuner:
                       candidate_id=known.candidate_id, run_id=self.run_id, extra=extra)
 
     def _check_budget(self, deadline: float | None) -> None:
+        interrupts.check()  # a Ctrl-C that TVM turned into an error on the way
         if self.status.trials >= self.config.trials:
             raise _Stop("trials")
         if deadline is not None and time.monotonic() >= deadline:
@@ -419,6 +423,10 @@ class Tuner:
 
     # -- the run -------------------------------------------------------------------------------
     def run(self) -> Status:
+        with interrupts.stop_on(signal.SIGINT):  # Ctrl-C stops the run even inside TVM's callbacks
+            return self._run()
+
+    def _run(self) -> Status:
         deadline = None if self.config.time_budget_s is None else time.monotonic() + self.config.time_budget_s
         self.on_status(self.status)
         try:
@@ -429,7 +437,9 @@ class Tuner:
                 self.status.stopped_by = stop.reason
             self._final_checks()
             self.db.finish_run(self.run_id, "finished" if self.status.stopped_by != "time" else "stopped")
-        except KeyboardInterrupt:
+        except BaseException as exc:  # a KeyboardInterrupt, or what TVM made of one in a callback
+            if not isinstance(exc, KeyboardInterrupt) and interrupts.received() is None:
+                raise
             self.status.stopped_by = "interrupted"
             self.db.finish_run(self.run_id, "interrupted")
         self._update_best()
