@@ -50,8 +50,9 @@ def split_kv_decode(sch, block):
     cols(sch.get_loops(block)[-1])
     # Scores: a thread's slice of head_dim, reduced across threadIdx.x (warp shuffles); K comes
     # straight into registers with vector loads (no reuse across the block to stage in shared memory).
-    _, r, e = sch.get_loops(qk)[-3:]
-    rows(r)
+    k, r, e = sch.get_loops(qk)[-3:]
+    r_outer, _ = rows(r)
+    sch.fuse(k, r_outer)
     e_outer, _ = cols(e, vectorize=False)
     k_local = sch.cache_read(qk, 1, "local")
     sch.compute_at(k_local, e_outer, preserve_unit_loops=True)
@@ -70,10 +71,11 @@ def split_kv_decode(sch, block):
     store = g("pv_store")
     r, e = sch.get_loops(store)[-2:]
     r_outer, r_inner = rows(r)
-    e_outer, e_inner = cols(e)
+    # fp32 stores stay scalar: 8 lanes would be 32 bytes, past the 16-byte vector VerifyGPUCode allows.
+    e_outer, e_inner = cols(e, vectorize=False)
     sch.reorder(r_inner, e_outer, r_outer, e_inner)
     cols(sch.get_loops(g("pv_sum"))[-2], vectorize=False)
-    cols(sch.get_loops(g("store_partial"))[-1])
+    cols(sch.get_loops(g("store_partial"))[-1], vectorize=False)
     # Merge: one block per query row, head_dim over threads.
     b, h, i, _, _ = sch.get_loops(g("merge_max"))
     sch.bind(sch.fuse(b, h, i), "blockIdx.x")
