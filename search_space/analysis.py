@@ -108,10 +108,27 @@ def _child_fields(node) -> tuple[str, ...]:
     return fields
 
 
+def _guard_fraction(condition, extents: dict) -> float:
+    """The share of iterations a ``x == c`` guard lets through, where ``x`` combines loop and thread
+    variables (``threadIdx.y == 0``, ``threadIdx.x * 8 + e == 0``: one writer of a value every thread
+    holds): 1 / the number of distinct (variable) tuples, assuming the combination is injective.
+    Other conditions (bounds guards) count as always taken."""
+    if type(condition).__name__ != "EQ":
+        return 1.0
+    found: dict = {}
+    walk(condition, lambda n: found.setdefault(n.__chandle__(), 1) if isinstance(n, tvm.tirx.Var) else None)
+    tuples = 1
+    for key in found:
+        tuples *= extents.get(key, 1)
+    return 1.0 / tuples
+
+
 def _nodes(root):
     """(node, trips) for every statement and expression under ``root``, pre-order; ``trips`` is how
-    many times the node runs over the whole grid: loop extents and thread launches multiplied."""
+    many times the node runs over the whole grid: loop extents and thread launches multiplied, and
+    divided where a one-writer guard (``_guard_fraction``) holds."""
     stack = [(root, 1.0)]
+    extents: dict = {}  # extents of the loop and thread variables seen, by handle
     while stack:
         node, trips = stack.pop()
         if node is None or isinstance(node, (int, float, str)):
@@ -124,10 +141,16 @@ def _nodes(root):
         yield node, trips
         kind = type(node).__name__
         if kind == "For":
-            inner = trips * (_constant(node.extent) or 1)
-            stack.append((node.body, inner))
+            extent = _constant(node.extent) or 1
+            extents[node.loop_var.__chandle__()] = extent
+            stack.append((node.body, trips * extent))
+            continue
+        if kind == "IfThenElse" and node.else_case is None:
+            stack.append((node.condition, trips))
+            stack.append((node.then_case, trips * _guard_fraction(node.condition, extents)))
             continue
         if kind == "AttrStmt" and node.attr_key == "thread_extent":
+            extents[node.node.var.__chandle__()] = _constant(node.value) or 1
             trips = trips * (_constant(node.value) or 1)
         for field in _child_fields(node):
             child = getattr(node, field)

@@ -9,6 +9,9 @@ Two rule sets give two families of design spaces per workload:
   static store.
 - ``simt``: TVM's DefaultCUDA (no tensor cores). Kept as a separate space because its energy profile
   differs from the tensor-core one, which is exactly what an energy search wants to see.
+- ``fused``: attention only. Not a rule set over the workload's TE chain but over etune's fused TIR
+  templates (kernels/attention_fused.py), which carry a ``schedule_rule`` annotation: ApplyCustomRule
+  calls etune's rules (search_space/attention_rules.py) and nothing else touches them.
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ import sys
 
 from tvm.s_tir.meta_schedule import schedule_rule as sr
 
-RULE_SETS = ("tensorcore", "simt")
+RULE_SETS = ("tensorcore", "simt", "fused")
 
 
 def _generic_rules(cross_thread_reduction: bool = True) -> list:
@@ -121,4 +124,10 @@ def schedule_rules(rule_set: str, cross_thread_reduction: bool = True) -> list:
         return [sr.ApplyCustomRule(), _wmma_tiling(), _simt_tiling(), *generic]
     if rule_set == "simt":
         return [sr.ApplyCustomRule(), _simt_tiling(), *generic]
+    if rule_set == "fused":
+        from .attention_rules import register
+
+        register()
+        tensor_intrinsics()  # TuneContext imports it otherwise, without the fast path
+        return [sr.ApplyCustomRule()]
     raise ValueError(f"unknown rule set {rule_set!r}; known: {', '.join(RULE_SETS)}")

@@ -35,6 +35,7 @@ from tvm.s_tir import stmt as s_stmt
 from tvm.s_tir.schedule import LoopRV, SBlockRV, Trace
 
 from kernels import Workload, as_workload
+from kernels.attention_fused import fused_prim_funcs
 
 from . import interrupts
 from .analysis import KernelLaunch, kernel_launches, launch_problem
@@ -42,7 +43,7 @@ from .rules import RULE_SETS, schedule_rules
 from .targets import GpuSpec, gpu_spec
 
 # Postprocessors and mutators per rule set, as TVM's defaults pair them.
-_DEFAULT_KIND = {"tensorcore": "cuda-tensorcore", "simt": "cuda"}
+_DEFAULT_KIND = {"tensorcore": "cuda-tensorcore", "simt": "cuda", "fused": "cuda"}
 
 
 # TVM 0.27 raises plain Python exceptions across its FFI (no TVMError any more).
@@ -161,6 +162,10 @@ class DesignSpace:
     trace: Trace  # without decisions and without postprocessing
     postprocs: list
     mutators: dict  # Mutator -> probability
+    # The module the trace applies to: the workload's TE chain, or a fused template computing the same
+    # outputs from the same arguments (kernels/attention_fused.py).
+    mod: object = dataclasses.field(default=None, repr=False)
+    template: str | None = None  # the fused template's name
 
     @functools.cached_property
     def groups(self) -> DecisionGroups:
@@ -239,6 +244,9 @@ def mutate_tile_size(trace: Trace, rng: random.Random) -> Trace | None:
     """
     fetched = [inst.inputs[1] for inst in trace.insts
                if inst.kind.name == "Annotate" and str(inst.attrs[0]) == "meta_schedule.cooperative_fetch"]
+    # Categorical split factors (the fused attention rules' vector width) are tile sizes too.
+    fetched += [factor for inst in trace.insts if inst.kind.name == "Split" for factor in list(inst.inputs)[1:]
+                if isinstance(factor, tvm.tirx.Var)]
     tiles_sites, vector_sites = [], []
     for inst in trace.insts:
         decision = trace.get_decision(inst)
@@ -304,24 +312,37 @@ class ScheduleSpace:
         seen: set[str] = set()
         self.notes: list[str] = []
         for rule_set in rule_sets:
-            generator, context, spaces = self._generate(rule_set, seed)
-            for space in spaces:
-                trace = Trace(space.trace.simplified(remove_postproc=True).insts, {})
-                key = str(trace)
-                if key in seen:  # softmax has no tensor-core site: both rule sets give the same space
+            if rule_set == "fused":  # one module per fused template that applies (none outside attention)
+                modules = [(name, tvm.IRModule({"main": func}))
+                           for name, func in fused_prim_funcs(self.workload).items()]
+            else:
+                modules = [(None, self.mod)]
+            for template, mod in modules:
+                try:
+                    generator, context, spaces = self._generate(rule_set, seed, mod)
+                except SamplingError as exc:
+                    if template is None:
+                        raise
+                    self.notes.append(f"fused {template}: no design space ({exc})")
                     continue
-                seen.add(key)
-                self.design_spaces.append(
-                    DesignSpace(len(self.design_spaces), rule_set, trace, list(context.space_generator.postprocs),
-                                _in_stable_order(context.space_generator.mutator_probs))
-                )
+                for space in spaces:
+                    trace = Trace(space.trace.simplified(remove_postproc=True).insts, {})
+                    key = str(trace)
+                    if key in seen:  # softmax has no tensor-core site: both rule sets give the same space
+                        continue
+                    seen.add(key)
+                    self.design_spaces.append(
+                        DesignSpace(len(self.design_spaces), rule_set, trace, list(context.space_generator.postprocs),
+                                    _in_stable_order(context.space_generator.mutator_probs), mod, template)
+                    )
         self.last_sample: dict = {}
         if not self.design_spaces:
             raise SamplingError(f"{self.workload.spec}: MetaSchedule generated no design space")
 
-    def _generate(self, rule_set: str, seed: int):
+    def _generate(self, rule_set: str, seed: int, mod=None):
         """Design spaces of one rule set; without CrossThreadReduction where TVM 0.27 trips on it."""
         kind = _DEFAULT_KIND[rule_set]
+        mod = self.mod if mod is None else mod
         error = None
         for cross_thread_reduction in (True, False):
             interrupts.check()  # the errors caught below may be a Ctrl-C that TVM wrapped
@@ -329,11 +350,11 @@ class ScheduleSpace:
                 sch_rules=schedule_rules(rule_set, cross_thread_reduction), postprocs=kind, mutator_probs=kind
             )
             context = ms.TuneContext(
-                mod=self.mod, target=self.target, space_generator=generator, task_name=self.workload.spec,
+                mod=mod, target=self.target, space_generator=generator, task_name=self.workload.spec,
                 rand_state=seed, num_threads=1,
             )
             try:
-                spaces = generator.generate_design_space(self.mod)
+                spaces = generator.generate_design_space(mod)
             except TVM_ERRORS as exc:
                 error = str(exc).strip().splitlines()[-1]
                 continue
@@ -350,7 +371,7 @@ class ScheduleSpace:
         kernel holds, so that a failure can be traced to kernels (see ``_failing_groups``).
         """
         interrupts.check()  # the errors this catches may be a Ctrl-C that TVM wrapped
-        sch = Schedule(self.mod, seed=seed, debug_mask=0)
+        sch = Schedule(space.mod, seed=seed, debug_mask=0)
         outcome = _Outcome(sch)
         try:
             trace.apply_to_schedule(sch, remove_postproc=True)
@@ -470,7 +491,7 @@ class ScheduleSpace:
 
     def from_trace_json(self, trace_json: str, design_space: int) -> Candidate:
         """A candidate back from its stored trace (no sampling, no postprocessing: the trace has both)."""
-        sch = Schedule(self.mod, debug_mask=0)
+        sch = Schedule(self.design_spaces[design_space].mod, debug_mask=0)
         Trace.apply_json_to_schedule(json.loads(trace_json), sch)
         return Candidate(self.workload, design_space, sch, kernel_launches(sch.mod, self.target))
 

@@ -1,0 +1,97 @@
+"""etune's schedule rule for the fused attention templates (kernels/attention_fused.py).
+
+MetaSchedule's ApplyCustomRule calls ``s_tir.meta_schedule.<target key>.<name>`` for a block annotated with
+``schedule_rule = <name>``; this module registers the rules under the ``cuda`` key. Every tunable is a
+sampling instruction of the trace, so MetaSchedule's mutators, etune's crossover and the records treat
+it like any other decision:
+
+split-KV decode
+- slots per thread block (sample_perfect_tile of the slot loop): how many blocks stream each row's K/V
+  (slots / slots per block), i.e. the split count;
+- vector width (sample_categorical 1/2/4/8 fp16): K/V loads and the threads over head_dim (head_dim /
+  width, threadIdx.x);
+- threads over key rows (sample_perfect_tile of the row phases, threadIdx.y): the keys a block works on at
+  once (threads over rows x steps per slot = the per-block KV tile);
+- the unroll step (sample_categorical, as TVM's own rules annotate it).
+"""
+from __future__ import annotations
+
+import tvm
+
+VECTOR_WIDTHS = [1, 2, 4, 8]
+UNROLL_STEPS = [0, 16, 64, 512]
+
+
+def split_kv_decode(sch, block):
+    """Schedule the split-KV decode template; ``block`` is its ``q_load`` block."""
+    g = sch.get_sblock
+    sch.unannotate(block, "schedule_rule")
+    b, h, i, s, e = sch.get_loops(block)
+    # Slots of one (batch, head, query) row: blocks along the KV length x slots per block.
+    s_blocks, _ = sch.split(s, sch.sample_perfect_tile(s, n=2, max_innermost_factor=64))
+    sch.bind(sch.fuse(b, h, i, s_blocks), "blockIdx.x")
+    vec = sch.sample_categorical(VECTOR_WIDTHS, [0.1, 0.2, 0.3, 0.4])
+    qk = g("qk")
+    phases = sch.get_loops(qk)[-2]
+    rows_threads = sch.sample_perfect_tile(phases, n=2, max_innermost_factor=64)
+
+    def rows(loop):
+        outer, inner = sch.split(loop, rows_threads)
+        sch.bind(inner, "threadIdx.y")
+        return outer, inner
+
+    def cols(loop, vectorize=True):
+        outer, inner = sch.split(loop, [None, vec])
+        sch.bind(outer, "threadIdx.x")
+        if vectorize:
+            sch.vectorize(inner)
+        return outer, inner
+
+    cols(sch.get_loops(block)[-1])
+    # Scores: a thread's slice of head_dim, reduced across threadIdx.x (warp shuffles); K comes
+    # straight into registers with vector loads (no reuse across the block to stage in shared memory).
+    k, r, e = sch.get_loops(qk)[-3:]
+    r_outer, _ = rows(r)
+    sch.fuse(k, r_outer)
+    e_outer, _ = cols(e, vectorize=False)
+    k_local = sch.cache_read(qk, 1, "local")
+    sch.compute_at(k_local, e_outer, preserve_unit_loops=True)
+    sch.vectorize(sch.get_loops(k_local)[-1])
+    for name in ("row_max", "prob", "row_sum"):
+        rows(sch.get_loops(g(name))[-1])
+    # P @ V: each thread accumulates its rows in registers, then the row phases are summed via shared.
+    pv = g("pv")
+    r, e, k = sch.get_loops(pv)[-3:]
+    r_outer, r_inner = rows(r)
+    e_outer, e_inner = cols(e, vectorize=False)
+    sch.reorder(r_inner, e_outer, k, r_outer, e_inner)
+    v_local = sch.cache_read(pv, 1, "local")
+    sch.compute_at(v_local, r_outer, preserve_unit_loops=True)
+    sch.vectorize(sch.get_loops(v_local)[-1])
+    store = g("pv_store")
+    r, e = sch.get_loops(store)[-2:]
+    r_outer, r_inner = rows(r)
+    # fp32 stores stay scalar: 8 lanes would be 32 bytes, past the 16-byte vector VerifyGPUCode allows.
+    e_outer, e_inner = cols(e, vectorize=False)
+    sch.reorder(r_inner, e_outer, r_outer, e_inner)
+    cols(sch.get_loops(g("pv_sum"))[-2], vectorize=False)
+    cols(sch.get_loops(g("store_partial"))[-1], vectorize=False)
+    # Merge: one block per query row, head_dim over threads.
+    b, h, i, _, _ = sch.get_loops(g("merge_max"))
+    sch.bind(sch.fuse(b, h, i), "blockIdx.x")
+    for name in ("merge_max", "merge_sum", "merge_out", "O"):
+        sch.bind(sch.get_loops(g(name))[1], "threadIdx.x")
+    unroll = sch.sample_categorical(UNROLL_STEPS, [0.25] * 4)
+    sch.annotate(g("root"), "meta_schedule.unroll_explicit", unroll)
+    return [sch]
+
+
+RULES = {"etune_split_kv_decode": split_kv_decode}
+
+
+def register() -> None:
+    """Register the rules for ApplyCustomRule (idempotent)."""
+    for name, rule in RULES.items():
+        key = f"s_tir.meta_schedule.cuda.{name}"
+        if tvm.get_global_func(key, allow_missing=True) is None:
+            tvm.register_global_func(key, rule)

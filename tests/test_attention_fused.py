@@ -1,0 +1,118 @@
+"""The fused split-KV decode family (kernels/attention_fused.py, search_space/attention_rules.py).
+
+On CPU: the template computes the workload's outputs (built for TVM's llvm target, guarded tails and
+causal masks included), its design space samples valid candidates whose decisions mutate and cross
+over, the lowered structure is a partial kernel plus a merge kernel with no global buffer of kv_len
+per query, and candidates build for sm_90 with nvcc. sim figures here are model outputs.
+"""
+import random
+
+import numpy as np
+import pytest
+import tvm
+
+from kernels import parse_spec
+from kernels.attention_fused import DECODE_CHUNK, decode_slots, fused_prim_funcs, split_kv_decode
+from search_space import ScheduleSpace, launch_problem
+
+SPEC = "attention:2,3,1,600,64"  # 3 slots of 256 keys, the last one a guarded tail
+
+
+@pytest.mark.parametrize("shape, chunk", [
+    ((1, 2, 1, 300, 64, False), DECODE_CHUNK),
+    ((2, 1, 3, 200, 32, True), 64),
+    ((1, 1, 2, 40, 16, True), 32),
+    ((1, 2, 4, 70, 24, False), 32),
+])
+def test_template_matches_the_reference_on_cpu(shape, chunk):
+    b, h, q, kv, d, causal = shape
+    workload = parse_spec(f"attention:{b},{h},{q},{kv},{d}" + (",causal" if causal else ""))
+    executable = tvm.compile(tvm.IRModule({"main": split_kv_decode(*shape, chunk=chunk)}), target="llvm")
+    inputs = workload.random_inputs(1)
+    dev = tvm.cpu()
+    args = [tvm.runtime.tensor(x, dev) for x in inputs] + [tvm.runtime.tensor(np.zeros((b, h, q, d), "float16"), dev)]
+    executable["main"](*args)
+    ok, error = workload.check([args[-1].numpy()], workload.reference(inputs))
+    assert ok, error
+
+
+def test_offered_for_small_q_len_only():
+    assert set(fused_prim_funcs(parse_spec("attention:1,2,8,64,64"))) == {"split_kv_decode"}
+    assert fused_prim_funcs(parse_spec("attention:1,2,64,64,64")) == {}
+    assert fused_prim_funcs(parse_spec("gemm:64,64,64")) == {}
+
+
+@pytest.fixture(scope="module")
+def space():
+    return ScheduleSpace(SPEC, rule_sets=["fused"])
+
+
+@pytest.fixture(scope="module")
+def sampled(space):
+    return space.sample(6, seed=1, max_attempts=300)
+
+
+def test_samples_are_valid_split_plus_merge(space, sampled):
+    assert len(sampled) == 6, space.last_sample
+    workload = space.workload
+    p = workload.params
+    slots = decode_slots(p["kv_len"])
+    rows = p["batch"] * p["heads"] * p["q_len"]
+    for c in sampled:
+        assert launch_problem(c.launches, space.gpu) is None
+        assert len(c.launches) == 2, [k.name for k in c.launches]
+        partial, merge = c.launches
+        assert partial.blocks % rows == 0 and partial.blocks <= rows * slots
+        assert merge.blocks == rows
+        # No global buffer of kv_len per query: the only global intermediates are the slot partials.
+        for buffer in c.mod["main"].body.block.alloc_buffers:
+            if buffer.scope() == "global":
+                assert int(np.prod([int(x) for x in buffer.shape])) <= rows * slots * p["head_dim"], buffer
+        # Each of K and V is read once (keys past the tail read the last key again, clamped).
+        kv_bytes = 2 * rows * slots * DECODE_CHUNK * p["head_dim"] * 2
+        assert partial.traffic.global_load_bytes < 1.1 * kv_bytes
+        # The partials are stored once: the one-writer guards (threadIdx.y == 0) are counted as such.
+        assert partial.traffic.global_store_bytes <= rows * slots * (p["head_dim"] + 2) * 4
+
+
+def test_decisions_mutate_cross_over_and_round_trip(space, sampled):
+    rng = random.Random(0)
+    kinds = {i.kind.name for i in space.design_spaces[0].trace.insts}
+    assert {"SamplePerfectTile", "SampleCategorical"} <= kinds
+    mutants = [m for m in (space.mutate(sampled[i % 6], rng) for i in range(12)) if m is not None]
+    assert mutants and all(len(m.launches) == 2 for m in mutants)
+    assert {m.structural_hash for m in mutants} - {c.structural_hash for c in sampled}
+    children = [space.crossover(sampled[0], sampled[i], rng) for i in range(1, 6)]
+    assert any(child is not None for child in children)
+    back = space.from_trace_json(sampled[0].trace_json(), sampled[0].design_space)
+    assert back.structural_hash == sampled[0].structural_hash
+
+
+def test_default_space_offers_fused_beside_the_unfused_chain():
+    space = ScheduleSpace("attention:1,2,1,256,64")
+    rule_sets = [d.rule_set for d in space.design_spaces]
+    assert "fused" in rule_sets and {"simt", "tensorcore"} & set(rule_sets)
+    fused = next(d for d in space.design_spaces if d.rule_set == "fused")
+    assert fused.template == "split_kv_decode" and fused.mod is not space.mod
+
+
+@pytest.mark.slow
+def test_builds_for_sm_90(space, sampled, tmp_path):
+    from search_space import Builder
+
+    results = Builder(space.gpu, workdir=tmp_path, jobs=2).build(sampled[:4])
+    assert all(r.ok for r in results), [r.error for r in results if not r.ok]
+    for r in results:
+        assert len(r.kernels) == 2 and all(k.registers > 0 for k in r.kernels)
+
+
+@pytest.mark.gpu
+def test_built_candidates_match_reference_on_gpu(space, sampled, tmp_path):
+    from measurements.tvm_runner import run_and_check
+    from search_space import Builder
+
+    local = ScheduleSpace(SPEC, "local", rule_sets=["fused"])
+    for i, build in enumerate(Builder(local.gpu, workdir=tmp_path).build(local.sample(3, seed=5))):
+        assert build.ok, build.error
+        ok, error = run_and_check(local.workload, build.library, seed=i)
+        assert ok, f"relative error {error}"
