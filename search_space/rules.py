@@ -9,6 +9,8 @@ Two rule sets give two families of design spaces per workload:
   static store.
 - ``simt``: TVM's DefaultCUDA (no tensor cores). Kept as a separate space because its energy profile
   differs from the tensor-core one, which is exactly what an energy search wants to see.
+- ``splitk``: GEMV and skinny GEMM (M <= 4) only: K split across lanes and blocks
+  (``search_space.splitk``), which MetaSchedule's own rules never do for these shapes.
 """
 from __future__ import annotations
 
@@ -18,7 +20,16 @@ import sys
 
 from tvm.s_tir.meta_schedule import schedule_rule as sr
 
-RULE_SETS = ("tensorcore", "simt")
+from . import splitk
+
+RULE_SETS = ("tensorcore", "simt", "splitk")
+
+
+def rule_set_applies(rule_set: str, workload) -> bool:
+    """Whether a rule set gives a design space of its own for ``workload``."""
+    if rule_set == "splitk":
+        return splitk.applies(workload)
+    return True
 
 
 def _generic_rules(cross_thread_reduction: bool = True) -> list:
@@ -121,4 +132,7 @@ def schedule_rules(rule_set: str, cross_thread_reduction: bool = True) -> list:
         return [sr.ApplyCustomRule(), _wmma_tiling(), _simt_tiling(), *generic]
     if rule_set == "simt":
         return [sr.ApplyCustomRule(), _simt_tiling(), *generic]
+    if rule_set == "splitk":
+        # The rule schedules the reduction and its epilogue completely; nothing else is left to bind.
+        return [splitk.SplitKRule()]
     raise ValueError(f"unknown rule set {rule_set!r}; known: {', '.join(RULE_SETS)}")
