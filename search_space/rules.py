@@ -1,6 +1,6 @@
 """MetaSchedule schedule rules for CUDA, spelled out so etune can fix what TVM 0.27's defaults break.
 
-Two rule sets give two families of design spaces per workload:
+Four rule sets, each a family of design spaces for the workloads it applies to:
 - ``tensorcore``: TVM's DefaultCUDATensorCore, except that the wmma accumulator is staged through
   *static* shared memory. With the default ("shared.dyn" for loads and the store), the pass that merges
   dynamic shared allocations types the merged pool with the first buffer's element type (fp16), and the
@@ -12,6 +12,8 @@ Two rule sets give two families of design spaces per workload:
 - ``fused``: attention only. Not a rule set over the workload's TE chain but over etune's fused TIR
   templates (kernels/attention_fused.py), which carry a ``schedule_rule`` annotation: ApplyCustomRule
   calls etune's rules (search_space/attention_rules.py) and nothing else touches them.
+- ``splitk``: GEMV and skinny GEMM (M <= 4) only: K split across lanes and blocks
+  (``search_space.splitk``), which MetaSchedule's own rules never do for these shapes.
 """
 from __future__ import annotations
 
@@ -21,7 +23,16 @@ import sys
 
 from tvm.s_tir.meta_schedule import schedule_rule as sr
 
-RULE_SETS = ("tensorcore", "simt", "fused")
+from . import splitk
+
+RULE_SETS = ("tensorcore", "simt", "fused", "splitk")
+
+
+def rule_set_applies(rule_set: str, workload) -> bool:
+    """Whether a rule set gives a design space of its own for ``workload``."""
+    if rule_set == "splitk":
+        return splitk.applies(workload)
+    return True
 
 
 def _generic_rules(cross_thread_reduction: bool = True) -> list:
@@ -130,4 +141,7 @@ def schedule_rules(rule_set: str, cross_thread_reduction: bool = True) -> list:
         register()
         tensor_intrinsics()  # TuneContext imports it otherwise, without the fast path
         return [sr.ApplyCustomRule()]
+    if rule_set == "splitk":
+        # The rule schedules the reduction and its epilogue completely; nothing else is left to bind.
+        return [splitk.SplitKRule()]
     raise ValueError(f"unknown rule set {rule_set!r}; known: {', '.join(RULE_SETS)}")

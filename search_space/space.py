@@ -39,11 +39,11 @@ from kernels.attention_fused import fused_prim_funcs
 
 from . import interrupts
 from .analysis import KernelLaunch, kernel_launches, launch_problem
-from .rules import RULE_SETS, schedule_rules
+from .rules import RULE_SETS, rule_set_applies, schedule_rules
 from .targets import GpuSpec, gpu_spec
 
 # Postprocessors and mutators per rule set, as TVM's defaults pair them.
-_DEFAULT_KIND = {"tensorcore": "cuda-tensorcore", "simt": "cuda", "fused": "cuda"}
+_DEFAULT_KIND = {"tensorcore": "cuda-tensorcore", "simt": "cuda", "fused": "cuda", "splitk": "cuda"}
 
 
 # TVM 0.27 raises plain Python exceptions across its FFI (no TVMError any more).
@@ -234,19 +234,35 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
+def _split_factors_no_other_mutator_covers(trace: Trace) -> list:
+    """Sampled split factors that no TVM mutator changes: all but ``split(l, [None, v])`` whose inner
+    loop is bound to threadIdx.x (MutateThreadBinding's pattern). Only etune's own rules (``splitk``)
+    make such factors; TVM's rules sample split factors with SamplePerfectTile."""
+    bound_x = {inst.inputs[0].__chandle__() for inst in trace.insts
+               if inst.kind.name == "Bind" and str(inst.attrs[0]) == "threadIdx.x"}
+    factors = []
+    for inst in trace.insts:
+        if inst.kind.name != "Split":
+            continue
+        given = list(inst.inputs[1:])
+        thread_binding = (len(given) == 2 and given[0] is None and inst.outputs[1].__chandle__() in bound_x)
+        if not thread_binding:
+            factors.extend(f for f in given if isinstance(f, tvm.tirx.Var))
+    return factors
+
+
 def mutate_tile_size(trace: Trace, rng: random.Random) -> Trace | None:
     """TVM's MutateTileSize, visiting the trace in program order.
 
     TVM's own collects its sites by iterating the trace's decision map, which is ordered by object
     address, so one seed gave different mutants in two processes (or two spaces of one process).
     Same moves otherwise: move a factor from one tile of a split to another (the innermost within
-    its ``max_innermost_factor``), or redraw a cooperative-fetch vector length.
+    its ``max_innermost_factor``), or redraw a cooperative-fetch vector length. It also redraws the
+    categorical split factors of etune's own rules, which no TVM mutator reaches.
     """
     fetched = [inst.inputs[1] for inst in trace.insts
                if inst.kind.name == "Annotate" and str(inst.attrs[0]) == "meta_schedule.cooperative_fetch"]
-    # Categorical split factors (the fused attention rules' vector width) are tile sizes too.
-    fetched += [factor for inst in trace.insts if inst.kind.name == "Split" for factor in list(inst.inputs)[1:]
-                if isinstance(factor, tvm.tirx.Var)]
+    factors = _split_factors_no_other_mutator_covers(trace)
     tiles_sites, vector_sites = [], []
     for inst in trace.insts:
         decision = trace.get_decision(inst)
@@ -257,7 +273,7 @@ def mutate_tile_size(trace: Trace, rng: random.Random) -> Trace | None:
             if len(tiles) >= 2 and math.prod(tiles) >= 2:
                 tiles_sites.append((inst, tiles))
         elif (inst.kind.name == "SampleCategorical" and len(inst.attrs[1]) > 1
-              and any(inst.outputs[0].same_as(var) for var in fetched)):
+              and any(inst.outputs[0].same_as(var) for var in fetched + factors)):
             vector_sites.append((inst, int(decision)))
     sites = len(tiles_sites) + len(vector_sites)
     if sites == 0:
@@ -312,6 +328,8 @@ class ScheduleSpace:
         seen: set[str] = set()
         self.notes: list[str] = []
         for rule_set in rule_sets:
+            if not rule_set_applies(rule_set, self.workload):
+                continue
             if rule_set == "fused":  # one module per fused template that applies (none outside attention)
                 modules = [(name, tvm.IRModule({"main": func}))
                            for name, func in fused_prim_funcs(self.workload).items()]

@@ -1,0 +1,79 @@
+"""Best-of-N on sim per rule set against sim's vendor stand-in: how good a design space can get.
+
+    python benchmarks/space_sim.py gemm:1,4096,4096 gemm:16,11008,4096 --samples 64 --out /tmp/space_sim.json
+
+For each workload and rule set: N sampled schedules (seed 0), their noise-free sim outcomes, the
+fastest and the least-energy schedule, and the vendor kernel as sim models it. Sim figures are model
+outputs, not measurements.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from measurements.sim import SimBackend, vendor_outcome  # noqa: E402
+from search_space import ScheduleSpace  # noqa: E402
+from search_space.rules import RULE_SETS, rule_set_applies  # noqa: E402
+
+
+def survey(spec: str, samples: int, gpu: str = "h100", seed: int = 0) -> dict:
+    sim = SimBackend(gpu)
+    rows = {}
+    vendor = None
+    for rule_set in RULE_SETS:
+        started = time.time()
+        space = ScheduleSpace(spec, gpu, rule_sets=[rule_set], seed=seed)
+        if not space.design_spaces or not rule_set_applies(rule_set, space.workload):
+            continue
+        vendor = vendor or vendor_outcome(space.workload, sim.gpu, sim.params)
+        outcomes = [(sim.outcome(c), c) for c in space.sample(samples, seed=seed)]
+        if not outcomes:
+            continue
+        fastest = min(outcomes, key=lambda oc: oc[0].latency_s)
+        frugal = min(outcomes, key=lambda oc: oc[0].energy_j)
+        rows[rule_set] = {
+            "samples": len(outcomes),
+            "replays": space.last_sample.get("replays"),
+            "fastest": {"latency_us": fastest[0].latency_s * 1e6, "energy_mj": fastest[0].energy_j * 1e3},
+            "least_energy": {"latency_us": frugal[0].latency_s * 1e6, "energy_mj": frugal[0].energy_j * 1e3,
+                             "trace": frugal[1].trace_json()},
+            "seconds": time.time() - started,
+        }
+    gpu_spec = sim.gpu
+    workload = ScheduleSpace(spec, gpu, rule_sets=["simt"]).workload
+    bound_us = workload.min_bytes / gpu_spec.memory_bandwidth * 1e6
+    return {"spec": spec, "gpu": gpu, "backend": "sim (model output)", "memory_bound_us": bound_us,
+            "vendor": {"latency_us": vendor.latency_s * 1e6, "energy_mj": vendor.energy_j * 1e3}, "rule_sets": rows}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("specs", nargs="+")
+    parser.add_argument("--samples", type=int, default=64)
+    parser.add_argument("--gpu", default="h100")
+    parser.add_argument("--out")
+    args = parser.parse_args(argv)
+    results = []
+    for spec in args.specs:
+        result = survey(spec, args.samples, args.gpu)
+        results.append(result)
+        vendor = result["vendor"]
+        print(f"{spec}: vendor {vendor['latency_us']:.1f} us {vendor['energy_mj']:.2f} mJ, "
+              f"memory bound {result['memory_bound_us']:.1f} us (sim)")
+        for rule_set, row in result["rule_sets"].items():
+            f, e = row["fastest"], row["least_energy"]
+            print(f"  {rule_set:10s} n={row['samples']:3d} fastest {f['latency_us']:7.1f} us {f['energy_mj']:7.2f} mJ"
+                  f" | least energy {e['latency_us']:7.1f} us {e['energy_mj']:7.2f} mJ"
+                  f" ({e['energy_mj'] / vendor['energy_mj']:.2f}x vendor)")
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
