@@ -509,3 +509,21 @@ def test_library_runs_in_a_fresh_process_and_matches_reference(sim_db, tmp_path)
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0 and "OK 2" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_ms_database_carries_a_fused_attention_winner(tmp_path):
+    """A schedule of a fused template is a record of that template's module, not of the TE chain."""
+    from measurements.records import RecordsDB
+    from search_space import ScheduleSpace
+    from tuner.search import tune
+
+    spec = "attention:2,16,1,4096,64"  # long KV: the fused split-KV kernel wins by far on sim
+    db = tmp_path / "decode.db"
+    assert tune(spec, "latency", backend="sim", db=db, trials=8, build=False, seed=0).best is not None
+    with RecordsDB.open(db) as records:
+        rows = {r.structural_hash: r for r in records.candidates(records.workloads()[0].id)}
+    summary = export_ms_database(db, tmp_path / "ms", objective="latency")
+    (entry,) = summary["workloads"]
+    winner = rows[entry["structural_hash"]]
+    assert ScheduleSpace(spec).design_spaces[winner.design_space].rule_set == "fused"
+    assert len(load_ms_database(tmp_path / "ms")) == 1
