@@ -48,7 +48,7 @@ def log(message: str) -> None:
 def measure_pool(name: str, args) -> dict:
     """Sample candidates of one suite workload, measure latency and energy, compute features."""
     from kernels import SUITE_SPECS
-    from measurements.backend import make_backend
+    from measurements import make_backend
     from search_space import Builder, ScheduleSpace, gpu_spec
 
     spec = SUITE_SPECS.get(name, name)

@@ -26,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kernels import parse_spec  # noqa: E402
-from measurements.backend import BackendError, make_backend  # noqa: E402
+from measurements import BackendError, make_backend  # noqa: E402
 from measurements.nvml_energy import nvml_available  # noqa: E402
 from search_space import Builder, ScheduleSpace, gpu_spec  # noqa: E402
 

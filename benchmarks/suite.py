@@ -22,7 +22,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kernels import SUITE_SPECS, as_workload  # noqa: E402
-from measurements.backend import make_backend, record_result  # noqa: E402
+from measurements import make_backend  # noqa: E402
+from measurements.backend import record_result  # noqa: E402
 from measurements.records import RecordsDB  # noqa: E402
 from search_space import gpu_spec  # noqa: E402
 from tuner.objectives import Objective, best  # noqa: E402

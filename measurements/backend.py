@@ -108,25 +108,3 @@ def model_output(backend: str, device_names) -> bool:
 def check_kind(kind: str) -> None:
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, not {kind!r}")
-
-
-def make_backend(name: str, gpu: str = "h100", **options) -> Backend:
-    """``nvml``, ``sim``, ``replay:PATH`` (a recorded dataset), or ``auto`` (nvml when NVML finds a
-    GPU, else sim)."""
-    from .nvml_energy import nvml_available
-
-    if name.startswith("replay:"):
-        from .replay import ReplayBackend
-
-        return ReplayBackend(name.removeprefix("replay:"), **options)
-    if name == "auto":
-        name = "nvml" if nvml_available() else "sim"
-    if name == "sim":
-        from .sim import SimBackend
-
-        return SimBackend(gpu=gpu, **options)
-    if name == "nvml":
-        from .nvml_backend import NvmlBackend
-
-        return NvmlBackend(**options)
-    raise BackendError(f"unknown backend {name!r} (choose nvml, sim, replay:PATH or auto)")

@@ -17,7 +17,8 @@ import typer
 from typer.testing import CliRunner
 
 from measurements import nvml_backend
-from measurements.backend import BackendError, make_backend
+from measurements import make_backend
+from measurements.backend import BackendError
 from measurements.nvml_backend import NvmlBackend
 from measurements.nvml_energy import EnergyResult, EnergyWindow
 from measurements.records import RecordsDB

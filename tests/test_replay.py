@@ -7,7 +7,8 @@ import types
 import pytest
 
 from kernels import parse_spec
-from measurements.backend import BackendError, MeasureResult, make_backend, model_output
+from measurements import make_backend
+from measurements.backend import BackendError, MeasureResult, model_output
 from measurements.dataset import DatasetError, DatasetWriter, load_dataset, make_header
 from measurements.replay import ReplayBackend
 

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 
 from kernels import parse_spec
-from measurements.backend import make_backend
+from measurements import make_backend
 from measurements.sim import SimBackend, simulate, vendor_outcome
 from search_space.analysis import estimate_registers
 from search_space import BuildResult, ScheduleSpace, gpu_spec

@@ -4,47 +4,21 @@ from __future__ import annotations
 import statistics
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 from typing import List, Optional
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from .console import console, err_console, fail, records_db
+from .export_cmd import export_command, verify_command
+from .measure_cmd import measure_command
 from .objectives import HELP as OBJECTIVE_HELP
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="etune: energy-aware GPU kernel autotuning on TVM MetaSchedule.")
-console = Console()
-err_console = Console(stderr=True)
-
-
-def fail(message: str, code: int = 2) -> None:
-    """A user mistake: one readable line on stderr and a non-zero exit, never a traceback."""
-    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code)
-
-
-@contextmanager
-def records_db(path: Path, **options):
-    """measurements.records.RecordsDB.open for a command (``readonly=True`` for the ones that only
-    read): a path that is no usable records database ends the command with one line (exit 2), and
-    so does an error of the database later on (a full disk, say: exit 1)."""
-    from measurements.records import RecordsDB, RecordsDBError
-
-    try:
-        records = RecordsDB.open(path, **options)
-    except RecordsDBError as exc:
-        fail(str(exc))
-    try:
-        with records:
-            yield records
-    except RecordsDBError as exc:
-        fail(str(exc), code=1)
-
 
 def _workloads(specs: List[str]):
     from kernels import WorkloadError, parse_spec
@@ -142,7 +116,7 @@ def _objective(text: str, max_slowdown: str | None = None):
 
 def _announce_backend(name: str, target: str):
     """Make the backend and say which one it is on the first line: sim figures never pass as GPU ones."""
-    from measurements.backend import BackendError, make_backend
+    from measurements import BackendError, make_backend
     from measurements.nvml_energy import nvml_available
 
     if name not in ("auto", "nvml", "sim") and not name.startswith("replay:"):
@@ -321,9 +295,7 @@ def _progress() -> Progress:
                     console=console, transient=True)
 
 
-# Commands defined in their own modules (they import console and fail from here).
-from .export_cmd import export_command, verify_command  # noqa: E402
-from .measure_cmd import measure_command  # noqa: E402
+# Commands defined in their own modules.
 
 app.command("measure")(measure_command)
 app.command("export")(export_command)

@@ -10,13 +10,8 @@ from typing import List, Optional
 
 import typer
 
+from .console import console, fail
 from .objectives import HELP as OBJECTIVE_HELP
-
-
-def _cli():
-    from .cli import console, fail  # here, not at import: tuner.cli imports this module
-
-    return console, fail
 
 
 def export_command(
@@ -39,7 +34,6 @@ def export_command(
 
     from .export import ExportError, export
 
-    console, fail = _cli()
     try:
         with console.status(f"rebuilding the best schedules from {db} and writing {format} into {out}"):
             manifest, ms_summary = export(db, objective, out, format, backend=backend, gpu=target,
@@ -93,7 +87,6 @@ def verify_command(
 
     from kernels import LibraryError, WorkloadError, load_library, parse_spec
 
-    console, fail = _cli()
     try:
         library = load_library(directory)
     except LibraryError as exc:

@@ -23,18 +23,9 @@ from rich.table import Table
 
 from measurements.backend import record_result
 
-
-def _console():
-    from .cli import console  # here, not at import: tuner.cli imports this module
-
-    return console
+from .console import console, fail, records_db
 
 
-def fail(message: str, code: int = 2) -> None:
-    """tuner.cli.fail: one line on stderr, exit ``code``."""
-    from .cli import fail as cli_fail
-
-    cli_fail(message, code)
 
 KIND_CHOICES = ("latency", "energy", "both")
 
@@ -56,7 +47,7 @@ def _resolve_backend_name(name: str) -> str:
 
 
 def _make_backend(name: str, target: str, device: int):
-    from measurements.backend import BackendError, make_backend
+    from measurements import BackendError, make_backend
 
     resolved = _resolve_backend_name(name)
     options = {"device_index": device} if resolved == "nvml" else {}
@@ -120,9 +111,9 @@ def _print_results(title: str, backend_name: str, device, results) -> None:
             _format_optional(d.get("idle_power_w"), "{:.0f} W"),
             escape(note),
         )
-    _console().print(table)
+    console.print(table)
     if backend_name == "sim":
-        _console().print("backend: sim (analytic GPU model, not a hardware measurement)", highlight=False)
+        console.print("backend: sim (analytic GPU model, not a hardware measurement)", highlight=False)
 
 
 def _record(records, workload_id: int, candidate_id: int | None, backend, device, result) -> int:
@@ -179,7 +170,6 @@ def _measure_candidate(db: Path, candidate_id: int, kinds, backend_name, target,
     from kernels import WorkloadError, parse_spec
     from search_space import TargetError, gpu_spec
 
-    from .cli import records_db
 
     try:
         gpu = gpu_spec(target)
@@ -198,7 +188,7 @@ def _measure_candidate(db: Path, candidate_id: int, kinds, backend_name, target,
             from search_space import Builder, ScheduleSpace
             from search_space.space import TVM_ERRORS
 
-            with _console().status(f"replaying candidate {candidate_id} of {workload.spec}"):
+            with console.status(f"replaying candidate {candidate_id} of {workload.spec}"):
                 try:
                     cand = ScheduleSpace(workload, gpu).from_trace_json(stored.trace, stored.design_space)
                 except TVM_ERRORS + (json.JSONDecodeError,) as exc:
@@ -206,7 +196,7 @@ def _measure_candidate(db: Path, candidate_id: int, kinds, backend_name, target,
                          f"{str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__}",
                          code=1)
             if cand.structural_hash != stored.structural_hash:
-                _console().print(f"[yellow]note[/] candidate {candidate_id} replays to structural hash "
+                console.print(f"[yellow]note[/] candidate {candidate_id} replays to structural hash "
                               f"{cand.structural_hash}, stored {stored.structural_hash} (another TVM?)",
                               highlight=False)
             if backend.name == "replay":  # it answers for its recorded schedules only: say so, record nothing
@@ -221,10 +211,10 @@ def _measure_candidate(db: Path, candidate_id: int, kinds, backend_name, target,
                          f"{backend.dataset.path}")
             builds = None
             if build if build is not None else backend.name == "nvml":
-                with _console().status(f"building candidate {candidate_id} for {gpu.name} ({gpu.arch})"):
+                with console.status(f"building candidate {candidate_id} for {gpu.name} ({gpu.arch})"):
                     result = Builder(gpu, workdir=workdir, jobs=1).build([cand])[0]
                 if not result.ok:
-                    _console().print(f"[red]build {escape(result.status)}[/] {escape(result.error or '')}",
+                    console.print(f"[red]build {escape(result.status)}[/] {escape(result.error or '')}",
                                   highlight=False)
                 builds = [result]
             elif backend.name == "nvml":
@@ -232,7 +222,7 @@ def _measure_candidate(db: Path, candidate_id: int, kinds, backend_name, target,
             info = backend.device()
             results = []
             for kind in kinds:
-                with _console().status(f"measuring {kind} of candidate {candidate_id} on {info.name}"):
+                with console.status(f"measuring {kind} of candidate {candidate_id} on {info.name}"):
                     result = backend.measure([cand], kind, builds=builds)[0]
                 _record(records, stored_workload.id, stored.id, backend, info, result)
                 results.append(result)
@@ -247,7 +237,6 @@ def _measure_vendor(spec: str, db: Optional[Path], kinds, backend_name, target, 
     from kernels import WorkloadError, parse_spec
     from measurements.vendor import VendorError, vendor_name
 
-    from .cli import records_db
 
     try:
         workload = parse_spec(spec)
@@ -263,7 +252,7 @@ def _measure_vendor(spec: str, db: Optional[Path], kinds, backend_name, target, 
             info = backend.device()
             results = []
             for kind in kinds:
-                with _console().status(f"measuring {kind} of {name} at {workload.spec} on {info.name}"):
+                with console.status(f"measuring {kind} of {name} at {workload.spec} on {info.name}"):
                     try:
                         result = backend.measure_vendor(workload, kind)
                     except VendorError as exc:

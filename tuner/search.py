@@ -450,7 +450,7 @@ class Tuner:
 def tune(spec: str, objective: str | Objective = "energy", backend: str | Backend = "auto", db: str | Path = "etune.db",
          gpu: str = "h100", on_status=None, log=None, **config) -> Status:
     """Tune one workload and return the run's status (best point, counts). See ``TuneConfig``."""
-    from measurements.backend import make_backend
+    from measurements import make_backend
 
     objective = objective if isinstance(objective, Objective) else Objective.parse(objective)
     owned = isinstance(backend, str)
