@@ -1,0 +1,128 @@
+"""etune: energy-aware GPU kernel autotuning on TVM MetaSchedule, from Python.
+
+    import etune
+
+    run = etune.tune("softmax:4096,4096", objective="energy@0.05", backend="sim", storage="runs.db",
+                     trials=64)
+    run.best            # the winner under the objective: measured latency (s) and energy (J) per call
+    run.pareto()        # the run's measured energy/latency Pareto front
+    run.frame()         # one row per candidate the run measured (pandas)
+    etune.report("runs.db")                 # what `etune report --format json` prints
+    lib = etune.load_library("lib/")        # an `etune export`: kernels callable with torch/CuPy tensors
+    etune.suite()                           # the benchmark suite's workloads by name
+
+Everything here is a thin layer over the packages (``tuner``, ``measurements``, ``kernels``, ...);
+the command line (``etune tune ...``) and this API take the same objective spellings and specs.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+__all__ = ["Run", "load_library", "report", "suite", "tune"]
+
+
+@dataclasses.dataclass
+class Run:
+    """One tuning run of one workload, as it stands after ``tune`` returned (the records database
+    holds every measurement; running ``tune`` again with the same arguments resumes it)."""
+
+    spec: str
+    objective: str  # its label: latency, edp, energy@0.05, energy@none
+    backend: str  # nvml, sim or replay
+    storage: Path
+    run_id: int
+    stopped_by: str  # trials | energy | time | interrupted | exhausted
+    trials: int
+    energy_measurements: int
+
+    @property
+    def best(self):
+        """The best measured point under the objective (tuner.objectives.Point: ``key`` is the
+        candidate id; ``latency_s``, ``energy_j`` per call), or None when nothing was measured."""
+        from tuner.objectives import Objective, best
+
+        return best(self._points(), Objective.parse(self.objective))
+
+    def pareto(self) -> list:
+        """The measured energy/latency Pareto front of the run, fastest first."""
+        from tuner.objectives import pareto_front
+
+        return pareto_front(self._points())
+
+    def frame(self):
+        """One row per candidate the run measured (``tuner.analysis.records_frame`` of this run)."""
+        from tuner.analysis import records_frame
+
+        df = records_frame(self.storage)
+        return df[df["run_id"] == self.run_id].reset_index(drop=True)
+
+    def _points(self) -> list:
+        from measurements.records import RecordsDB
+        from tuner.report import candidate_points
+
+        with RecordsDB.open(self.storage, readonly=True) as db:
+            (workload,) = [w for w in db.workloads() if w.spec == self.spec]
+            return candidate_points(db, workload.id, self.backend, run_id=self.run_id)
+
+
+def tune(spec: str, objective: str = "energy@0.05", backend: str = "auto", storage: str | Path = "etune.db", *,
+         trials: int = 64, energy_measurements: int | None = None, time_budget_s: float | None = None,
+         target: str = "h100", seed: int = 0, build: bool = True, batch: int = 16, jobs: int | None = None,
+         workdir: str | Path | None = None, log=None) -> Run:
+    """Tune one workload and return the run.
+
+    Args:
+        spec: the workload, e.g. ``"gemm:1,4096,4096"``, ``"softmax:4096,4096"``,
+            ``"attention:8,32,1,4096,128"`` (``etune kernels`` lists the syntax).
+        objective: ``latency``, ``energy`` (least energy), ``energy@0.05`` (least energy within 5 %
+            of the fastest schedule found), or ``edp``.
+        backend: ``nvml`` (the GPU), ``sim`` (an analytic GPU: model outputs), ``replay:PATH`` (a
+            recorded dataset), or ``auto`` (the GPU when NVML finds one, else sim).
+        storage: the SQLite records database; the same call resumes an interrupted run.
+        trials: candidates measured for latency (over all resumes).
+        energy_measurements: energy measurements (default 15 % of the trials, at least 3).
+        time_budget_s: seconds for this call.
+        target: the GPU preset to build for (``h100``, ``h200``, ``a100``, ``local``).
+        seed: makes a run repeat.
+        build: build candidates with nvcc (``False``: sim only, no register counts).
+        batch: candidates built and measured per generation.
+        jobs: parallel builds (default: the CPU count).
+        workdir: build artifacts and cache.
+        log: a callable taking one line of progress text.
+
+    Returns:
+        A ``Run``: ``best``, ``pareto()``, ``frame()``.
+    """
+    from tuner.search import tune as run_tuner
+
+    storage = Path(storage)
+    status = run_tuner(spec, objective, backend=backend, db=storage, gpu=target, log=log, trials=trials,
+                       energy_measurements=energy_measurements, time_budget_s=time_budget_s, seed=seed,
+                       build=build, batch=batch, jobs=jobs, workdir=None if workdir is None else Path(workdir))
+    return Run(status.workload, status.objective, status.backend, storage, status.run_id, status.stopped_by,
+               status.trials, status.energy_measurements)
+
+
+def report(storage: str | Path = "etune.db", specs: list[str] | None = None, backend: str | None = None) -> dict:
+    """Best point per tuned objective, Pareto front, vendor reference and counts per workload and
+    backend: the document ``etune report --format json`` prints."""
+    from measurements.records import RecordsDB
+    from tuner.report import report as make_report
+
+    with RecordsDB.open(storage, readonly=True) as db:
+        return make_report(db, specs=specs, backend=backend)
+
+
+def load_library(directory: str | Path):
+    """An exported kernel library (``etune export``): ``lib["gemm:4096,4096,4096"](a, b, c)``."""
+    from kernels import load_library as load
+
+    return load(directory)
+
+
+def suite() -> dict:
+    """The benchmark suite's workloads by name (``kernels.suite``)."""
+    from kernels import suite as workloads
+
+    return workloads()
