@@ -19,8 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kernels import parse_spec, suite  # noqa: E402
-from search_space import Builder, ScheduleSpace, gpu_spec  # noqa: E402
+from etune.kernels import parse_spec, suite  # noqa: E402
+from etune.search_space import Builder, ScheduleSpace, gpu_spec  # noqa: E402
 
 
 def gpu_present() -> bool:
@@ -74,7 +74,7 @@ def main() -> int:
             "notes": space.notes,
         }
         if on_gpu:
-            from measurements.tvm_runner import run_and_check
+            from etune.measurements.tvm_runner import run_and_check
 
             checked, passed, worst = 0, 0, 0.0
             errors = []

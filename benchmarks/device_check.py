@@ -49,7 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from measurements.dataset import DatasetWriter, finite, load_dataset, make_header  # noqa: E402
+from etune.measurements.dataset import DatasetWriter, finite, load_dataset, make_header  # noqa: E402
 
 TARGET = "h200"
 # One workload per family and shape class of the suite: the survey covers them all.
@@ -102,8 +102,8 @@ def select_pool(spec: str, random_n: int, best_n: int, sim_trials: int, seed: in
     """``random_n`` random samples and the ``best_n`` best that sim finds (by sim energy within 5 % of
     the fastest, and the fastest), distinct. ``sim_trials`` > 0: a short energy@0.05 tuning run on
     sim; 0: the best of a 4 x ``best_n`` random sample ranked by sim (cheap, for the dry run)."""
-    from measurements.sim import SimBackend
-    from search_space import ScheduleSpace
+    from etune.measurements.sim import SimBackend
+    from etune.search_space import ScheduleSpace
 
     space = ScheduleSpace(spec, TARGET, seed=seed)
     sim = SimBackend(gpu=TARGET, seed=seed, noise=0.0)
@@ -132,10 +132,10 @@ def select_pool(spec: str, random_n: int, best_n: int, sim_trials: int, seed: in
 
 def _sim_run_best(spec: str, trials: int, seed: int) -> list:
     """The candidates a short sim tuning run measured, rebuilt from its records."""
-    from measurements.records import RecordsDB
-    from measurements.sim import SimBackend
-    from tuner.objectives import Objective
-    from tuner.search import TuneConfig, Tuner
+    from etune.measurements.records import RecordsDB
+    from etune.measurements.sim import SimBackend
+    from etune.tuner.objectives import Objective
+    from etune.tuner.search import TuneConfig, Tuner
 
     with tempfile.TemporaryDirectory() as tmp, RecordsDB.open(Path(tmp) / "sim.db") as db:
         tuner = Tuner(spec, Objective.parse("energy@0.05"), SimBackend(gpu=TARGET, seed=seed), db,
@@ -205,8 +205,8 @@ def _find_cudart() -> Path:
 
 
 def prepare(args) -> None:
-    from energy_model.features import candidate_features
-    from search_space import Builder, gpu_spec
+    from etune.energy_model.features import candidate_features
+    from etune.search_space import Builder, gpu_spec
 
     started = time.monotonic()
     pack = args.pack
@@ -243,7 +243,7 @@ def prepare(args) -> None:
                 "library": f"libs/{build.structural_hash}/lib.so"})
             built += 1
         log(f"  {built}/{len(entries)} runnable")
-    from measurements.tvm_runner import faulting_candidate
+    from etune.measurements.tvm_runner import faulting_candidate
 
     fault = faulting_candidate()
     (result,) = Builder(gpu, workdir=args.workdir / "faulting", jobs=1).build([fault])
@@ -408,7 +408,7 @@ def _isolation(session: Session) -> str:
     """A faulting kernel between two good ones: the fault is a failed result with its reason and the
     next candidate measures in a fresh worker. On sim (no kernels run), the same for CPU tasks."""
     if session.dry_run:
-        from measurements.runner import IsolatedRunner
+        from etune.measurements.runner import IsolatedRunner
 
         with IsolatedRunner(timeout_s=30) as runner:
             results = [runner.run(_good_task, (1,)), runner.run(_crash_task), runner.run(_good_task, (2,))]
@@ -434,7 +434,7 @@ def _isolation(session: Session) -> str:
 def _acceptance(session: Session, deadline: float) -> str:
     """benchmarks/energy_acceptance.py's check (etune's protocol 5 times vs one 10 s window)."""
     import energy_acceptance
-    from kernels import parse_spec
+    from etune.kernels import parse_spec
 
     workload = parse_spec(ACCEPTANCE_SPEC)
 
@@ -486,7 +486,7 @@ def _survey(session: Session, deadline: float) -> str:
 
 
 def _vendor(session: Session, deadline: float) -> str:
-    from kernels import SUITE_SPECS, parse_spec
+    from etune.kernels import SUITE_SPECS, parse_spec
 
     specs = list(dict.fromkeys(VENDOR_FIRST + list(SUITE_SPECS.values())))
     done = []
@@ -513,7 +513,7 @@ class Member:
 
 
 def _workload(spec: str):
-    from kernels import parse_spec
+    from etune.kernels import parse_spec
 
     return parse_spec(spec)
 
@@ -539,7 +539,7 @@ def run_phases(session: Session) -> None:
 def run(args, backend=None) -> None:
     """On the GPU, from the pack (``backend``: tests pass a stand-in for the NVML one)."""
     if backend is None:
-        from measurements.nvml_backend import NvmlBackend
+        from etune.measurements.nvml_backend import NvmlBackend
 
         backend = NvmlBackend(timeout_s=60)
     pack = args.pack
@@ -556,9 +556,9 @@ def run(args, backend=None) -> None:
 
 def dry_run(args) -> None:
     """Every phase on sim, on this machine: a small pool, no builds."""
-    from energy_model.features import candidate_features
-    from measurements.sim import SimBackend
-    from search_space import gpu_spec
+    from etune.energy_model.features import candidate_features
+    from etune.measurements.sim import SimBackend
+    from etune.search_space import gpu_spec
 
     print_plan(PACK)
     gpu = gpu_spec(TARGET)
@@ -581,7 +581,7 @@ def dry_run(args) -> None:
 
 def report_markdown(dataset) -> str:
     """A dataset's phases, checks, acceptance, survey and vendor figures as Markdown."""
-    from measurements.dataset import frame
+    from etune.measurements.dataset import frame
 
     h = dataset.header
     label = "sim (model outputs, not hardware)" if h.get("backend") == "sim" else h.get("backend")
@@ -635,7 +635,7 @@ def import_results(args) -> None:
     ``data/hw/<date>-<gpu>.*``, the dataset gzipped, with its Markdown report beside it."""
     import re
 
-    from measurements.dataset import compress, load_dataset
+    from etune.measurements.dataset import compress, load_dataset
 
     dataset = load_dataset(args.dir / "dataset.jsonl")
     name = args.name or f"{dataset.header['date'][:10]}-{re.sub(r'[^a-z0-9]+', '-', dataset.gpu.lower()).strip('-')}"

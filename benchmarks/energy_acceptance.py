@@ -33,7 +33,7 @@ from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from measurements.backend import MeasureResult  # noqa: E402
+from etune.measurements.backend import MeasureResult  # noqa: E402
 
 MAX_DIFFERENCE = 0.03
 MAX_CV = 0.01
@@ -106,7 +106,7 @@ def markdown(document: dict) -> str:
 def long_window_settings(seconds: float = 10.0) -> dict:
     """NvmlBackend settings of the reference: one window of ``seconds``, ten times etune's launch
     batch, sampled power integrated beside the counter."""
-    from measurements.vendor import GRAPH_BATCH_S
+    from etune.measurements.vendor import GRAPH_BATCH_S
 
     return {"min_window_s": seconds, "max_windows": 1, "target_cv": 1.0,
             "vendor_graph_batch_s": 10 * GRAPH_BATCH_S, "integrate_power": True}
@@ -121,9 +121,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("out/energy_acceptance"))
     args = parser.parse_args()
 
-    from kernels import parse_spec
-    from measurements.backend import BackendError
-    from measurements.nvml_backend import NvmlBackend
+    from etune.kernels import parse_spec
+    from etune.measurements.backend import BackendError
+    from etune.measurements.nvml_backend import NvmlBackend
 
     workload = parse_spec(args.vendor)
     try:

@@ -34,9 +34,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from energy_model import metrics  # noqa: E402
-from energy_model.features import candidate_features, per_store_features  # noqa: E402
-from energy_model.model import DEFAULT_ENERGY_MODE, CostModel  # noqa: E402
+from etune.energy_model import metrics  # noqa: E402
+from etune.energy_model.features import candidate_features, per_store_features  # noqa: E402
+from etune.energy_model.model import DEFAULT_ENERGY_MODE, CostModel  # noqa: E402
 
 DEFAULT_WORKLOADS = ("gemm-4096", "softmax-4096x4096")
 
@@ -47,9 +47,9 @@ def log(message: str) -> None:
 
 def measure_pool(name: str, args) -> dict:
     """Sample candidates of one suite workload, measure latency and energy, compute features."""
-    from kernels import SUITE_SPECS
-    from measurements import make_backend
-    from search_space import Builder, ScheduleSpace, gpu_spec
+    from etune.kernels import SUITE_SPECS
+    from etune.measurements import make_backend
+    from etune.search_space import Builder, ScheduleSpace, gpu_spec
 
     spec = SUITE_SPECS.get(name, name)
     gpu = gpu_spec(args.gpu)
@@ -93,7 +93,7 @@ def measure_pool(name: str, args) -> dict:
 
 def refeature(pool: dict, args) -> None:
     """Features again from the stored traces (after a change to energy_model.features)."""
-    from search_space import ScheduleSpace, gpu_spec
+    from etune.search_space import ScheduleSpace, gpu_spec
 
     gpu = gpu_spec(args.gpu)
     space = ScheduleSpace(pool["spec"], gpu, seed=args.seed)

@@ -25,10 +25,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kernels import parse_spec  # noqa: E402
-from measurements import BackendError, make_backend  # noqa: E402
-from measurements.nvml_energy import nvml_available  # noqa: E402
-from search_space import Builder, ScheduleSpace, gpu_spec  # noqa: E402
+from etune.kernels import parse_spec  # noqa: E402
+from etune.measurements import BackendError, make_backend  # noqa: E402
+from etune.measurements.nvml_energy import nvml_available  # noqa: E402
+from etune.search_space import Builder, ScheduleSpace, gpu_spec  # noqa: E402
 
 
 def _summary(seconds: list[float]) -> dict:
@@ -52,7 +52,7 @@ def _time_one_time_costs(backend, candidates, builds) -> dict:
     """Costs paid once per backend, kept out of the per-measurement figures."""
     costs = {}
     if backend.name == "nvml":
-        from measurements.gpu_lock import GpuLock
+        from etune.measurements.gpu_lock import GpuLock
 
         started = time.perf_counter()
         backend.measure(candidates[:1], "latency", builds=builds[:1] if builds else None)

@@ -18,9 +18,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from measurements import make_backend  # noqa: E402
-from measurements.backend import model_output  # noqa: E402
-from tuner.search import tune  # noqa: E402
+from etune.measurements import make_backend  # noqa: E402
+from etune.measurements.backend import model_output  # noqa: E402
+from etune.tuner.search import tune  # noqa: E402
 
 
 def main() -> None:

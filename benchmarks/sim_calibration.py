@@ -46,8 +46,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from measurements.dataset import Dataset, DatasetError, load_dataset  # noqa: E402
-from measurements.sim import SimParams, params_for, simulate, vendor_outcome  # noqa: E402
+from etune.measurements.dataset import Dataset, DatasetError, load_dataset  # noqa: E402
+from etune.measurements.sim import SimParams, params_for, simulate, vendor_outcome  # noqa: E402
 
 FAMILIES = ("gemm", "softmax", "attention")
 VENDOR = "vendor"
@@ -133,7 +133,7 @@ class Samples:
 def dataset_gpu(header: dict):
     """The GpuSpec preset of the dataset's target (else of the GPU's name: a ``local`` target is
     whatever GPU the session had), with the recorded power cap."""
-    from search_space.targets import PRESETS
+    from etune.search_space.targets import PRESETS
 
     target = str(header.get("target") or "").lower()
     if target not in PRESETS:
@@ -163,9 +163,9 @@ def _power(row: dict | None) -> float | None:
 def load_samples(dataset: Dataset | str | Path, families=None, log=None) -> Samples:
     """Every record of ``families`` (default all) with a measured latency or energy, its candidate
     replayed from the recorded trace on the dataset's target."""
-    from kernels import as_workload
-    from search_space import ScheduleSpace
-    from search_space.space import TVM_ERRORS
+    from etune.kernels import as_workload
+    from etune.search_space import ScheduleSpace
+    from etune.search_space.space import TVM_ERRORS
 
     if not isinstance(dataset, Dataset):
         dataset = load_dataset(dataset)

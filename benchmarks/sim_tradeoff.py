@@ -20,9 +20,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kernels import SUITE_SPECS, parse_spec  # noqa: E402
-from measurements.sim import simulate, vendor_outcome  # noqa: E402
-from search_space import ScheduleSpace, gpu_spec  # noqa: E402
+from etune.kernels import SUITE_SPECS, parse_spec  # noqa: E402
+from etune.measurements.sim import simulate, vendor_outcome  # noqa: E402
+from etune.search_space import ScheduleSpace, gpu_spec  # noqa: E402
 
 # docs/design.md, vendor references measured on an H100 (latency s, energy J per call).
 H100_VENDOR_TABLE = {

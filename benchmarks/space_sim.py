@@ -16,9 +16,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from measurements.sim import SimBackend, vendor_outcome  # noqa: E402
-from search_space import ScheduleSpace  # noqa: E402
-from search_space.rules import RULE_SETS, rule_set_applies  # noqa: E402
+from etune.measurements.sim import SimBackend, vendor_outcome  # noqa: E402
+from etune.search_space import ScheduleSpace  # noqa: E402
+from etune.search_space.rules import RULE_SETS, rule_set_applies  # noqa: E402
 
 
 def survey(spec: str, samples: int, gpu: str = "h100", seed: int = 0) -> dict:

@@ -21,14 +21,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kernels import SUITE_SPECS, as_workload  # noqa: E402
-from measurements import make_backend  # noqa: E402
-from measurements.backend import record_result  # noqa: E402
-from measurements.records import RecordsDB  # noqa: E402
-from search_space import gpu_spec  # noqa: E402
-from tuner.objectives import Objective, best  # noqa: E402
-from tuner.report import candidate_points  # noqa: E402
-from tuner.search import TuneConfig, Tuner  # noqa: E402
+from etune.kernels import SUITE_SPECS, as_workload  # noqa: E402
+from etune.measurements import make_backend  # noqa: E402
+from etune.measurements.backend import record_result  # noqa: E402
+from etune.measurements.records import RecordsDB  # noqa: E402
+from etune.search_space import gpu_spec  # noqa: E402
+from etune.tuner.objectives import Objective, best  # noqa: E402
+from etune.tuner.report import candidate_points  # noqa: E402
+from etune.tuner.search import TuneConfig, Tuner  # noqa: E402
 
 
 def _vendor(db: RecordsDB, backend, workload, workload_id: int) -> dict:

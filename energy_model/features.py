@@ -184,7 +184,7 @@ def _kernel_numbers(launch, resources, gpu) -> dict:
     registers = float(resources.registers) if resources is not None else math.nan
     # Always the static estimate (built or not), so these features mean the same for every candidate;
     # ptxas' own figures are the separate *registers* features.
-    from search_space.analysis import estimate_registers  # sim's estimate too
+    from etune.search_space.analysis import estimate_registers  # sim's estimate too
 
     est_registers = float(estimate_registers(launch.local_bytes_per_thread, threads, gpu)[0])
     warps = max(1, math.ceil(threads / gpu.warp_size))
@@ -376,7 +376,7 @@ def candidate_features(candidate, gpu, build=None, per_store: bool = False) -> d
     PerStoreFeature summary (``ms_*``; see the module docstring).
     """
     if isinstance(gpu, str):
-        from search_space import gpu_spec
+        from etune.search_space import gpu_spec
 
         gpu = gpu_spec(gpu)
     if build is not None and not getattr(build, "ok", True):

@@ -11,13 +11,22 @@
     lib = etune.load_library("lib/")        # an `etune export`: kernels callable with torch/CuPy tensors
     etune.suite()                           # the benchmark suite's workloads by name
 
-Everything here is a thin layer over the packages (``tuner``, ``measurements``, ``kernels``, ...);
+Everything here is a thin layer over the subpackages (``etune.tuner``, ``etune.measurements``,
+``etune.kernels``, ``etune.search_space``, ``etune.energy_model``);
 the command line (``etune tune ...``) and this API take the same objective spellings and specs.
 """
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
+
+# The subpackages (etune.kernels, etune.tuner, ...) live beside this folder in a source checkout (the
+# repository's layout) and inside it once installed (pyproject's package-dir). In a checkout used
+# without installing it (PYTHONPATH=repo, as on the device machine), look for them beside it too.
+_checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if os.path.isfile(os.path.join(_checkout, "pyproject.toml")) and os.path.isdir(os.path.join(_checkout, "tuner")):
+    __path__.append(_checkout)  # noqa: F821 - a package's __path__
 
 __all__ = ["Run", "load_library", "report", "suite", "tune"]
 
@@ -40,26 +49,26 @@ class Run:
     def best(self):
         """The best measured point under the objective (tuner.objectives.Point: ``key`` is the
         candidate id; ``latency_s``, ``energy_j`` per call), or None when nothing was measured."""
-        from tuner.objectives import Objective, best
+        from etune.tuner.objectives import Objective, best
 
         return best(self._points(), Objective.parse(self.objective))
 
     def pareto(self) -> list:
         """The measured energy/latency Pareto front of the run, fastest first."""
-        from tuner.objectives import pareto_front
+        from etune.tuner.objectives import pareto_front
 
         return pareto_front(self._points())
 
     def frame(self):
         """One row per candidate the run measured (``tuner.analysis.records_frame`` of this run)."""
-        from tuner.analysis import records_frame
+        from etune.tuner.analysis import records_frame
 
         df = records_frame(self.storage)
         return df[df["run_id"] == self.run_id].reset_index(drop=True)
 
     def _points(self) -> list:
-        from measurements.records import RecordsDB
-        from tuner.report import candidate_points
+        from etune.measurements.records import RecordsDB
+        from etune.tuner.report import candidate_points
 
         with RecordsDB.open(self.storage, readonly=True) as db:
             (workload,) = [w for w in db.workloads() if w.spec == self.spec]
@@ -94,7 +103,7 @@ def tune(spec: str, objective: str = "energy@0.05", backend: str = "auto", stora
     Returns:
         A ``Run``: ``best``, ``pareto()``, ``frame()``.
     """
-    from tuner.search import tune as run_tuner
+    from etune.tuner.search import tune as run_tuner
 
     storage = Path(storage)
     status = run_tuner(spec, objective, backend=backend, db=storage, gpu=target, log=log, trials=trials,
@@ -107,8 +116,8 @@ def tune(spec: str, objective: str = "energy@0.05", backend: str = "auto", stora
 def report(storage: str | Path = "etune.db", specs: list[str] | None = None, backend: str | None = None) -> dict:
     """Best point per tuned objective, Pareto front, vendor reference and counts per workload and
     backend: the document ``etune report --format json`` prints."""
-    from measurements.records import RecordsDB
-    from tuner.report import report as make_report
+    from etune.measurements.records import RecordsDB
+    from etune.tuner.report import report as make_report
 
     with RecordsDB.open(storage, readonly=True) as db:
         return make_report(db, specs=specs, backend=backend)
@@ -116,13 +125,13 @@ def report(storage: str | Path = "etune.db", specs: list[str] | None = None, bac
 
 def load_library(directory: str | Path):
     """An exported kernel library (``etune export``): ``lib["gemm:4096,4096,4096"](a, b, c)``."""
-    from kernels import load_library as load
+    from etune.kernels import load_library as load
 
     return load(directory)
 
 
 def suite() -> dict:
     """The benchmark suite's workloads by name (``kernels.suite``)."""
-    from kernels import suite as workloads
+    from etune.kernels import suite as workloads
 
     return workloads()

@@ -1,6 +1,6 @@
 """Exported kernel libraries (``etune export``): load one and call its kernels.
 
-    from kernels import load_library
+    from etune.kernels import load_library
 
     lib = load_library("out/kernels")              # manifest.json + libetune_kernels.so
     gemm = lib["gemm:4096,4096,4096"]              # or lib.gemm_4096_4096_4096

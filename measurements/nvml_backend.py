@@ -72,7 +72,7 @@ def _worker_env() -> None:
 
 class _Prepared:
     def __init__(self, spec: str, seed: int):
-        from kernels import parse_spec
+        from etune.kernels import parse_spec
 
         started = time.perf_counter()
         self.spec, self.seed = spec, seed

@@ -37,7 +37,7 @@ class RecordedPool:
 
     def build(self, candidates: Sequence, progress=None) -> list:
         """search_space.BuildResults from the records (the ``Builder`` interface, nothing compiled)."""
-        from search_space.build import BuildResult, KernelResources
+        from etune.search_space.build import BuildResult, KernelResources
 
         results = []
         for candidate in candidates:

@@ -143,7 +143,7 @@ def params_for(gpu) -> SimParams:
 
 def _gpu(gpu):
     if isinstance(gpu, str):
-        from search_space.targets import gpu_spec
+        from etune.search_space.targets import gpu_spec
 
         return gpu_spec(gpu)
     return gpu
@@ -200,7 +200,7 @@ def _blocks_per_sm(k, registers: int, gpu, params: SimParams) -> int:
 
 def _occupancy(k, gpu, params: SimParams) -> tuple[int, int, int]:
     """(registers per thread, spilled bytes per thread, co-resident blocks per SM)."""
-    from search_space.analysis import estimate_registers  # the estimate the features use too
+    from etune.search_space.analysis import estimate_registers  # the estimate the features use too
 
     registers, spill = estimate_registers(k.local_bytes_per_thread, k.threads_per_block, gpu,
                                           params.register_base, params.max_registers_per_thread)

@@ -82,7 +82,7 @@ def faulting_candidate(spec: str = "softmax:256,256"):
     from tvm import te
     from tvm.s_tir import Schedule
 
-    from kernels import parse_spec
+    from etune.kernels import parse_spec
 
     workload = parse_spec(spec)
     rows, cols = workload.params["rows"], workload.params["cols"]

@@ -34,8 +34,8 @@ from tvm.s_tir.meta_schedule import _ffi_api as _ms_ffi
 from tvm.s_tir import stmt as s_stmt
 from tvm.s_tir.schedule import LoopRV, SBlockRV, Trace
 
-from kernels import Workload, as_workload
-from kernels.attention_fused import fused_prim_funcs
+from etune.kernels import Workload, as_workload
+from etune.kernels.attention_fused import fused_prim_funcs
 
 from . import interrupts
 from .analysis import KernelLaunch, kernel_launches, launch_problem

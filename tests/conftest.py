@@ -9,7 +9,7 @@ sys.path.insert(0, str(ROOT))
 
 
 def _nvml_gpu() -> bool:
-    from measurements.nvml_energy import nvml_available
+    from etune.measurements.nvml_energy import nvml_available
 
     return nvml_available()
 
@@ -27,7 +27,7 @@ def pytest_collection_modifyitems(config, items):
         for item in wanted:
             item.add_marker(skip)
         return
-    from measurements.tvm_runner import cuda_runtime_problem
+    from etune.measurements.tvm_runner import cuda_runtime_problem
 
     config.stash[_PROBLEM] = cuda_runtime_problem()
 

@@ -10,9 +10,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from measurements.records import RecordsDB
-from tuner import analysis
-from tuner.report import report
+from etune.measurements.records import RecordsDB
+from etune.tuner import analysis
+from etune.tuner.report import report
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "analysis.ipynb"

@@ -27,7 +27,7 @@ def test_tune_returns_a_run_with_best_pareto_and_frame(tmp_path):
 def test_suite_and_load_library_are_the_packages():
     suite = etune.suite()
     assert suite["gemv-4096"].spec == "gemm:1,4096,4096" and len(suite) == 11
-    from kernels import LibraryError
+    from etune.kernels import LibraryError
 
     with pytest.raises(LibraryError, match="no kernel library at"):
         etune.load_library("/nonexistent/library")

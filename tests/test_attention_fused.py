@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import tvm
 
-from kernels import parse_spec
-from kernels.attention_fused import DECODE_CHUNK, decode_slots, fused_prim_funcs, split_kv_decode
-from search_space import ScheduleSpace, launch_problem
+from etune.kernels import parse_spec
+from etune.kernels.attention_fused import DECODE_CHUNK, decode_slots, fused_prim_funcs, split_kv_decode
+from etune.search_space import ScheduleSpace, launch_problem
 
 SPEC = "attention:2,3,1,600,64"  # 3 slots of 256 keys, the last one a guarded tail
 
@@ -98,7 +98,7 @@ def test_default_space_offers_fused_beside_the_unfused_chain():
 
 @pytest.mark.slow
 def test_builds_for_sm_90(space, sampled, tmp_path):
-    from search_space import Builder
+    from etune.search_space import Builder
 
     results = Builder(space.gpu, workdir=tmp_path, jobs=2).build(sampled[:4])
     assert all(r.ok for r in results), [r.error for r in results if not r.ok]
@@ -108,8 +108,8 @@ def test_builds_for_sm_90(space, sampled, tmp_path):
 
 @pytest.mark.gpu
 def test_built_candidates_match_reference_on_gpu(space, sampled, tmp_path):
-    from measurements.tvm_runner import run_and_check
-    from search_space import Builder
+    from etune.measurements.tvm_runner import run_and_check
+    from etune.search_space import Builder
 
     local = ScheduleSpace(SPEC, "local", rule_sets=["fused"])
     for i, build in enumerate(Builder(local.gpu, workdir=tmp_path).build(local.sample(3, seed=5))):

@@ -8,8 +8,8 @@ import random
 import pytest
 from tvm.s_tir import Schedule
 
-from search_space import ScheduleSpace, launch_problem
-from search_space.space import _decision_key, _kernel_module, _Repair, decision_groups
+from etune.search_space import ScheduleSpace, launch_problem
+from etune.search_space.space import _decision_key, _kernel_module, _Repair, decision_groups
 
 SPEC = "attention:1,2,64,64,64,causal"
 MAX_ATTEMPTS = 600  # replays for 4 candidates; the repair needs far fewer (whole-draw rejection: more)

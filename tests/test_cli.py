@@ -4,7 +4,7 @@ import sys
 import pytest
 from typer.testing import CliRunner
 
-from tuner.cli import app
+from etune.tuner.cli import app
 
 runner = CliRunner()
 
@@ -23,7 +23,7 @@ def test_kernels_lists_the_suite():
                                   ["tune", "softmax:64,64", "--backend", "tpu"],
                                   ["report", "--db", "/nonexistent/etune.db"]])
 def test_user_mistakes_exit_nonzero_with_one_line(args):
-    proc = subprocess.run([sys.executable, "-m", "tuner.cli", *args], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "etune.tuner.cli", *args], capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error:")
     assert len(proc.stderr.strip().splitlines()) == 1

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from measurements.records import RecordsDB
-from tuner.cli import app
+from etune.measurements.records import RecordsDB
+from etune.tuner.cli import app
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -102,8 +102,8 @@ def test_report_on_an_empty_database_is_an_error(tmp_path):
 
 
 def test_a_tune_that_measured_nothing_is_an_error(tmp_path, monkeypatch):
-    from measurements.backend import MeasureResult
-    from measurements.sim import SimBackend
+    from etune.measurements.backend import MeasureResult
+    from etune.measurements.sim import SimBackend
 
     def fail_all(self, candidates, kind, builds=None, progress=None):
         results = [MeasureResult(c.structural_hash, kind, False, error="wrong output") for c in candidates]
@@ -161,7 +161,7 @@ def test_a_database_on_a_read_only_file_system_reports_and_refuses_tune(files, t
     prefix = _readonly_mount_prefix(tmp_path)
     if prefix is None:
         pytest.skip("cannot mount a folder read-only here (no unshare or user namespaces)")
-    cli = [sys.executable, "-m", "tuner.cli"]
+    cli = [sys.executable, "-m", "etune.tuner.cli"]
     report = subprocess.run([*prefix, *cli, "report", "--db", str(tmp_path / "good.db"), "--format", "json"],
                             capture_output=True, text=True, env=ENV, cwd=REPO, timeout=120)
     assert report.returncode == 0, report.stderr
@@ -176,7 +176,7 @@ def test_a_database_on_a_read_only_file_system_reports_and_refuses_tune(files, t
 
 # -- Ctrl-C, SIGTERM, SIGKILL and a second etune on the same run --------------------------------------
 def _tune(db: Path) -> list[str]:
-    return [sys.executable, "-m", "tuner.cli", "tune", "softmax:256,256", "--backend", "sim", "--no-build",
+    return [sys.executable, "-m", "etune.tuner.cli", "tune", "softmax:256,256", "--backend", "sim", "--no-build",
             "--objective", "latency", "--trials", "500", "--batch", "4", "--db", str(db)]
 
 

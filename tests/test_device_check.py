@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from measurements.dataset import load_dataset
-from tuner.cli import app
+from etune.measurements.dataset import load_dataset
+from etune.tuner.cli import app
 
 REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -76,7 +76,7 @@ def test_the_tuner_runs_on_the_replayed_dataset_and_reports(dry_run, tmp_path):
     assert "on replay (replay:sim:NVIDIA H200): model outputs, not hardware" in text
     # The winner's numbers are the recorded ones (within the recorded noise), not invented.
     recorded = {r.structural_hash: r for r in load_dataset(dataset).records().values() if r.candidate}
-    from measurements.records import RecordsDB
+    from etune.measurements.records import RecordsDB
 
     with RecordsDB.open(db) as records:
         rows = {c.id: c.structural_hash for c in records.candidates(records.workloads()[0].id)}
@@ -88,7 +88,7 @@ def test_the_tuner_runs_on_the_replayed_dataset_and_reports(dry_run, tmp_path):
 
 def test_replay_refuses_a_workload_outside_its_pool_in_one_line(dry_run, tmp_path):
     out, _ = dry_run
-    proc = subprocess.run([sys.executable, "-m", "tuner.cli", "tune", "softmax:1024,1024", "--backend",
+    proc = subprocess.run([sys.executable, "-m", "etune.tuner.cli", "tune", "softmax:1024,1024", "--backend",
                            f"replay:{out / 'dataset.jsonl'}", "--db", str(tmp_path / "x.db")],
                           capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 2, proc.stdout + proc.stderr
@@ -107,12 +107,12 @@ class FakeGpuBackend:
         self.calls = []
 
     def device(self):
-        from measurements.backend import DeviceInfo
+        from etune.measurements.backend import DeviceInfo
 
         return DeviceInfo("nvml", "Fake H200", "580.0", {"power_limit_w": 700.0})
 
     def _result(self, structural_hash, kind, value):
-        from measurements.backend import MeasureResult
+        from etune.measurements.backend import MeasureResult
 
         self.calls.append((structural_hash, kind, self.min_window_s, self.integrate_power))
         if structural_hash == "faulting":
@@ -189,12 +189,12 @@ def test_measure_on_replay_answers_recorded_candidates_and_refuses_others(dry_ru
     tuned = runner.invoke(app, ["tune", "gemm:1,4096,4096", "--backend", "sim", "--no-build", "--trials", "4",
                                 "--seed", "7", "--objective", "latency", "--db", str(db)])
     assert tuned.exit_code == 0, tuned.output
-    from measurements.records import RecordsDB
+    from etune.measurements.records import RecordsDB
 
     with RecordsDB.open(db) as records:
         outside = [c.id for c in records.candidates(records.workloads()[0].id) if c.structural_hash not in pool]
     assert outside
-    proc = subprocess.run([sys.executable, "-m", "tuner.cli", "measure", "--backend", f"replay:{dataset}",
+    proc = subprocess.run([sys.executable, "-m", "etune.tuner.cli", "measure", "--backend", f"replay:{dataset}",
                            "--db", str(db), "--candidate", str(outside[0]), "--kind", "latency"],
                           capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 2 and "is not in the replay dataset" in proc.stderr, proc.stdout + proc.stderr

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from measurements.backend import MeasureResult
-from measurements.nvml_energy import nvml_available
+from etune.measurements.backend import MeasureResult
+from etune.measurements.nvml_energy import nvml_available
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))

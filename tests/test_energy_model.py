@@ -4,12 +4,12 @@ import math
 import numpy as np
 import pytest
 
-from energy_model import metrics
-from energy_model.features import (BUILD_FEATURES, FEATURE_NAMES, blocks_per_sm, candidate_features, occupancy,
+from etune.energy_model import metrics
+from etune.energy_model.features import (BUILD_FEATURES, FEATURE_NAMES, blocks_per_sm, candidate_features, occupancy,
                                    to_matrix)
-from energy_model.model import CostModel, ModelError, efficiency_weights
-from energy_model.policy import UpdatePolicy
-from search_space import BuildResult, KernelResources, ScheduleSpace, gpu_spec
+from etune.energy_model.model import CostModel, ModelError, efficiency_weights
+from etune.energy_model.policy import UpdatePolicy
+from etune.search_space import BuildResult, KernelResources, ScheduleSpace, gpu_spec
 
 H100 = gpu_spec("h100")
 SOFTMAX = "softmax:4096,4096"  # kernels.SUITE_SPECS["softmax-4096x4096"]
@@ -96,7 +96,7 @@ def test_occupancy_calculator():
 
 
 def test_rate_and_relative_features(softmax_candidates):
-    from energy_model.features import RATE_FEATURES, rate_features, relative_features
+    from etune.energy_model.features import RATE_FEATURES, rate_features, relative_features
 
     f = candidate_features(softmax_candidates[0], H100)
     rates = rate_features(f, 1e-4)
@@ -263,7 +263,7 @@ def test_metrics():
 # -- accuracy on the simulated GPU -----------------------------------------------------------------
 @pytest.fixture(scope="module")
 def sim_measured(softmax_candidates):
-    from measurements.sim import SimBackend
+    from etune.measurements.sim import SimBackend
 
     backend = SimBackend(gpu="h100", seed=0)
     latency = backend.measure(softmax_candidates, "latency")

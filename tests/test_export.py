@@ -13,12 +13,12 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from kernels import LibraryError, load_library
-from kernels.library import KernelLibrary, read_manifest
-from measurements.records import RecordsDB
-from tuner.export import (ExportError, candidate_points, export_library, export_ms_database, kernel_name,
+from etune.kernels import LibraryError, load_library
+from etune.kernels.library import KernelLibrary, read_manifest
+from etune.measurements.records import RecordsDB
+from etune.tuner.export import (ExportError, candidate_points, export_library, export_ms_database, kernel_name,
                           load_ms_database, select_best)
-from tuner.export_cmd import export_command, verify_command
+from etune.tuner.export_cmd import export_command, verify_command
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,7 +51,7 @@ def _one_line_error(result) -> str:
 def sim_db(tmp_path_factory):
     """gemm:64,64,64 and softmax:64,64, three sampled candidates each with FAKE measurements on sim,
     plus noise that must be ignored: a failed measurement and a (fast) vendor reference."""
-    from search_space import ScheduleSpace
+    from etune.search_space import ScheduleSpace
 
     path = tmp_path_factory.mktemp("exportdb") / "etune.db"
     chosen = {}
@@ -124,7 +124,7 @@ def test_cli_export_writes_library_manifest_sources_and_ms_database(exported):
 
 
 def test_manifest_trace_rebuilds_the_exported_schedule(exported):
-    from tuner.export import _space
+    from etune.tuner.export import _space
 
     out, _, _ = exported
     for k in read_manifest(out)["kernels"]:
@@ -133,7 +133,7 @@ def test_manifest_trace_rebuilds_the_exported_schedule(exported):
 
 
 def _gpu():
-    from search_space import gpu_spec
+    from etune.search_space import gpu_spec
 
     return gpu_spec("h100")
 
@@ -155,7 +155,7 @@ def test_best_under_each_objective(sim_db, tmp_path):
 def test_ms_database_queries_the_chosen_schedules(exported, sim_db, tmp_path):
     from tvm.s_tir import meta_schedule as ms
 
-    from tuner.export import _space
+    from etune.tuner.export import _space
 
     out, chosen, _ = exported
     gpu = _gpu()
@@ -486,7 +486,7 @@ def test_library_runs_in_a_fresh_process_and_matches_reference(sim_db, tmp_path)
         import sys
         sys.path.insert(0, {str(ROOT)!r})
         import torch
-        from kernels import LibraryError, load_library, parse_spec
+        from etune.kernels import LibraryError, load_library, parse_spec
         lib = load_library({str(tmp_path / 'lib')!r})
         for i, kernel in enumerate(lib):
             workload = parse_spec(kernel.spec)
@@ -513,9 +513,9 @@ def test_library_runs_in_a_fresh_process_and_matches_reference(sim_db, tmp_path)
 
 def test_ms_database_carries_a_fused_attention_winner(tmp_path):
     """A schedule of a fused template is a record of that template's module, not of the TE chain."""
-    from measurements.records import RecordsDB
-    from search_space import ScheduleSpace
-    from tuner.search import tune
+    from etune.measurements.records import RecordsDB
+    from etune.search_space import ScheduleSpace
+    from etune.tuner.search import tune
 
     spec = "attention:2,16,1,4096,64"  # long KV: the fused split-KV kernel wins by far on sim
     db = tmp_path / "decode.db"

@@ -13,14 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from measurements.gpu_lock import LOCK_DIR_ENV, GpuBusyError, GpuLock, lock_path
+from etune.measurements.gpu_lock import LOCK_DIR_ENV, GpuBusyError, GpuLock, lock_path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # Holds GPU <argv[1]> until a line arrives on stdin (or it is killed).
 HOLDER = textwrap.dedent("""
     import os, sys
-    from measurements.gpu_lock import GpuLock
+    from etune.measurements.gpu_lock import GpuLock
 
     with GpuLock(int(sys.argv[1]), wait=False):
         print("held", os.getpid(), flush=True)

@@ -3,8 +3,8 @@ import re
 import numpy as np
 import pytest
 
-import kernels
-from kernels import WorkloadError, attention, gemm, parse_spec, softmax
+import etune.kernels as kernels
+from etune.kernels import WorkloadError, attention, gemm, parse_spec, softmax
 
 
 def test_suite_matches_design_and_specs_round_trip():

@@ -16,14 +16,14 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from measurements import nvml_backend
-from measurements import make_backend
-from measurements.backend import BackendError
-from measurements.nvml_backend import NvmlBackend
-from measurements.nvml_energy import EnergyResult, EnergyWindow
-from measurements.records import RecordsDB
-from measurements.tvm_runner import faulting_candidate
-from search_space import BuildResult
+from etune.measurements import nvml_backend
+from etune.measurements import make_backend
+from etune.measurements.backend import BackendError
+from etune.measurements.nvml_backend import NvmlBackend
+from etune.measurements.nvml_energy import EnergyResult, EnergyWindow
+from etune.measurements.records import RecordsDB
+from etune.measurements.tvm_runner import faulting_candidate
+from etune.search_space import BuildResult
 
 
 # -- a fake NVML ----------------------------------------------------------------------------------
@@ -149,7 +149,7 @@ def test_measure_needs_builds_and_a_known_kind(fake_nvml):
 
 
 def test_a_held_gpu_lock_is_a_backend_error_when_not_waiting(fake_nvml):
-    from measurements.gpu_lock import GpuLock
+    from etune.measurements.gpu_lock import GpuLock
 
     with GpuLock(0), NvmlBackend(lock_wait=False) as backend:
         with pytest.raises(BackendError, match="GPU 0 is busy"):
@@ -180,8 +180,8 @@ def test_energy_record_divides_batched_launches_into_calls():
 
 
 def test_vendor_names():
-    from kernels import parse_spec
-    from measurements.vendor import VendorError, vendor_name
+    from etune.kernels import parse_spec
+    from etune.measurements.vendor import VendorError, vendor_name
 
     assert vendor_name(parse_spec("gemm:64,64,64")) == "torch.matmul"
     assert vendor_name(parse_spec("softmax:4,8")) == "torch.softmax"
@@ -226,7 +226,7 @@ def llvm_libraries(tmp_path_factory):
     import tvm
     from tvm import te
 
-    from kernels import parse_spec
+    from etune.kernels import parse_spec
 
     directory = tmp_path_factory.mktemp("llvm")
     workload = parse_spec(SPEC)
@@ -278,7 +278,7 @@ def test_candidate_task_energy_divides_batches_into_calls(llvm_libraries):
 
 
 def test_candidate_task_through_the_runner(llvm_libraries):
-    from measurements.runner import IsolatedRunner
+    from etune.measurements.runner import IsolatedRunner
 
     with IsolatedRunner(timeout_s=60) as runner:
         prepared = runner.run(nvml_backend.prepare_task, (SPEC, 0))
@@ -293,8 +293,8 @@ def test_candidate_task_through_the_runner(llvm_libraries):
 def test_vendor_calls_match_the_references(spec):
     """The torch call per family (on the CPU, in fp32): layouts and the bottom-right causal mask."""
     torch = pytest.importorskip("torch")
-    from kernels import parse_spec
-    from measurements import vendor
+    from etune.kernels import parse_spec
+    from etune.measurements import vendor
 
     workload = parse_spec(spec)
     inputs = workload.random_inputs(1)
@@ -306,7 +306,7 @@ def test_vendor_calls_match_the_references(spec):
 
 # -- etune measure: user mistakes -----------------------------------------------------------------
 def _cli():
-    from tuner.measure_cmd import measure_command
+    from etune.tuner.measure_cmd import measure_command
 
     app = typer.Typer()
     app.command("measure")(measure_command)
@@ -366,7 +366,7 @@ def test_measure_nvml_without_a_gpu(no_nvml):
 
 def _sim_available() -> bool:
     try:
-        from measurements.sim import SimBackend  # noqa: F401
+        from etune.measurements.sim import SimBackend  # noqa: F401
     except ImportError:
         return False
     return True
@@ -374,7 +374,7 @@ def _sim_available() -> bool:
 
 @pytest.mark.skipif(not _sim_available(), reason="measurements.sim.SimBackend not written yet")
 def test_measure_vendor_and_candidate_on_sim_are_recorded(tmp_path):
-    from search_space import ScheduleSpace
+    from etune.search_space import ScheduleSpace
 
     path = tmp_path / "runs.db"
     result, stderr = _invoke("--vendor", "softmax:256,256", "--backend", "sim", "--db", str(path))
@@ -401,7 +401,7 @@ def test_measure_vendor_and_candidate_on_sim_are_recorded(tmp_path):
 # -- on a GPU -------------------------------------------------------------------------------------
 @pytest.mark.gpu
 def test_faulting_kernel_fails_and_the_next_candidate_measures(tmp_path, monkeypatch):
-    from search_space import Builder, ScheduleSpace
+    from etune.search_space import Builder, ScheduleSpace
 
     monkeypatch.setenv("ETUNE_LOCK_DIR", str(tmp_path))
     good = ScheduleSpace("softmax:256,256", "local").sample(2, seed=1)
@@ -429,7 +429,7 @@ def test_faulting_kernel_fails_and_the_next_candidate_measures(tmp_path, monkeyp
 @pytest.mark.nvml
 def test_vendor_matmul_energy_converges(tmp_path, monkeypatch):
     pytest.importorskip("torch")
-    from kernels import gemm
+    from etune.kernels import gemm
 
     monkeypatch.setenv("ETUNE_LOCK_DIR", str(tmp_path))
     with NvmlBackend() as backend:

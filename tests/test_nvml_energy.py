@@ -10,7 +10,7 @@ import time
 import pynvml
 import pytest
 
-from measurements.nvml_energy import (
+from etune.measurements.nvml_energy import (
     COUNTER_MODULUS,
     EnergyCounterUnsupported,
     NvmlEnergySource,

@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from tuner.objectives import Objective, ObjectiveError, Point, best, pareto_front
+from etune.tuner.objectives import Objective, ObjectiveError, Point, best, pareto_front
 
 POINTS = [
     Point("fast", 100e-6, 50e-3, True),

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from measurements.records import APPLICATION_ID, SCHEMA_VERSION, RecordsDB, RecordsDBError, RunBusyError
+from etune.measurements.records import APPLICATION_ID, SCHEMA_VERSION, RecordsDB, RecordsDBError, RunBusyError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -99,7 +99,7 @@ def test_wal_mode_and_newer_schema_refused(tmp_path):
 
 CHILD = textwrap.dedent("""
     import sys
-    from measurements.records import RecordsDB
+    from etune.measurements.records import RecordsDB
 
     db = RecordsDB.open(sys.argv[1])
     wid = db.add_workload("gemm_64", "gemm", {"m": 64})
@@ -164,7 +164,7 @@ def test_runs_are_found_again_by_workload_objective_and_backend(tmp_path):
 def test_a_version_1_database_is_migrated(tmp_path):
     import sqlite3
 
-    from measurements import records
+    from etune.measurements import records
 
     raw = sqlite3.connect(tmp_path / "old.db", isolation_level=None)
     for statement in records._SCHEMA_V1:

@@ -6,11 +6,11 @@ import types
 
 import pytest
 
-from kernels import parse_spec
-from measurements import make_backend
-from measurements.backend import BackendError, MeasureResult, model_output
-from measurements.dataset import DatasetError, DatasetWriter, load_dataset, make_header
-from measurements.replay import ReplayBackend
+from etune.kernels import parse_spec
+from etune.measurements import make_backend
+from etune.measurements.backend import BackendError, MeasureResult, model_output
+from etune.measurements.dataset import DatasetError, DatasetWriter, load_dataset, make_header
+from etune.measurements.replay import ReplayBackend
 
 SPEC = "softmax:256,256"
 
@@ -128,8 +128,8 @@ def test_a_replay_of_a_sim_dataset_is_still_a_model_output(recorded, tmp_path):
 
 
 def test_pool_space_only_offers_pool_schedules():
-    from search_space import ScheduleSpace
-    from search_space.pool import PoolSpace
+    from etune.search_space import ScheduleSpace
+    from etune.search_space.pool import PoolSpace
 
     space = ScheduleSpace("gemm:1,1024,1024", "h200")
     everything = space.sample(12, seed=3)
@@ -151,7 +151,7 @@ def test_pool_space_only_offers_pool_schedules():
 
 
 def test_h200_preset_and_nvml_name():
-    from search_space.targets import PRESETS, gpu_spec
+    from etune.search_space.targets import PRESETS, gpu_spec
 
     h200 = gpu_spec("h200")
     assert (h200.arch, h200.sm_count, h200.memory_bandwidth, h200.memory_bytes, h200.tdp_w) == \
@@ -162,7 +162,7 @@ def test_h200_preset_and_nvml_name():
 def test_local_finds_the_h200_preset_by_nvml_name(monkeypatch):
     import pynvml
 
-    from search_space.targets import local_gpu
+    from etune.search_space.targets import local_gpu
 
     for name, value in {"nvmlInit": lambda: None, "nvmlShutdown": lambda: None,
                         "nvmlDeviceGetHandleByIndex": lambda i: object(),

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from measurements.runner import IsolatedRunner, TaskResult, describe_exit, last_line
+from etune.measurements.runner import IsolatedRunner, TaskResult, describe_exit, last_line
 
 
 # Tasks: module-level, so the spawned worker can import them by reference.

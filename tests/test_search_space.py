@@ -3,10 +3,10 @@ import random
 
 import pytest
 
-from search_space import Builder, ScheduleSpace, gpu_spec, launch_problem
-from search_space.analysis import KernelLaunch
-from search_space.build import parse_ptxas_report
-from search_space.targets import TargetError
+from etune.search_space import Builder, ScheduleSpace, gpu_spec, launch_problem
+from etune.search_space.analysis import KernelLaunch
+from etune.search_space.build import parse_ptxas_report
+from etune.search_space.targets import TargetError
 
 
 def test_target_presets():
@@ -76,7 +76,7 @@ def test_a_seed_gives_the_same_mutants_in_another_space(gemm_space):
 
 
 def test_tile_mutation_changes_one_decision_and_keeps_extents_and_the_innermost_limit(gemm_space):
-    from search_space.space import mutate_tile_size
+    from etune.search_space.space import mutate_tile_size
 
     rng = random.Random(2)
     tiles_moved = 0
@@ -156,7 +156,7 @@ def test_sampled_schedules_build_to_cuda(spec, samples, build_dir):
 @pytest.mark.gpu
 @pytest.mark.parametrize("spec", ["gemm:512,512,512", "softmax:1024,1024", "attention:1,4,128,128,64,causal"])
 def test_built_candidates_match_reference_on_gpu(spec, build_dir):
-    from measurements.tvm_runner import run_and_check
+    from etune.measurements.tvm_runner import run_and_check
 
     space = ScheduleSpace(spec, "local")
     results = Builder(space.gpu, workdir=build_dir).build(space.sample(4, seed=5))
@@ -174,8 +174,8 @@ def test_ctrl_c_inside_a_tvm_callback_stops_sampling(gemm_space, monkeypatch):
 
     import tvm_ffi
 
-    from search_space import interrupts
-    from search_space import space as space_module
+    from etune.search_space import interrupts
+    from etune.search_space import space as space_module
 
     def press_ctrl_c(*_):
         os.kill(os.getpid(), signal.SIGINT)

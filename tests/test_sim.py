@@ -6,12 +6,12 @@ from types import SimpleNamespace
 
 import pytest
 
-from kernels import parse_spec
-from measurements import make_backend
-from measurements.sim import SimBackend, simulate, vendor_outcome
-from search_space.analysis import estimate_registers
-from search_space import BuildResult, ScheduleSpace, gpu_spec
-from search_space.analysis import KernelLaunch, Traffic
+from etune.kernels import parse_spec
+from etune.measurements import make_backend
+from etune.measurements.sim import SimBackend, simulate, vendor_outcome
+from etune.search_space.analysis import estimate_registers
+from etune.search_space import BuildResult, ScheduleSpace, gpu_spec
+from etune.search_space.analysis import KernelLaunch, Traffic
 
 H100 = gpu_spec("h100")
 GEMM_4096 = parse_spec("gemm:4096,4096,4096")

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from measurements.dataset import KINDS, DatasetWriter, load_dataset, make_header
-from measurements.sim import SimBackend, params_for
-from search_space import ScheduleSpace
-from search_space.targets import gpu_spec
+from etune.measurements.dataset import KINDS, DatasetWriter, load_dataset, make_header
+from etune.measurements.sim import SimBackend, params_for
+from etune.search_space import ScheduleSpace
+from etune.search_space.targets import gpu_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))

@@ -3,10 +3,10 @@ import random
 
 import pytest
 
-from measurements.sim import SimBackend, vendor_outcome
-from search_space import Builder, ScheduleSpace, launch_problem
-from search_space.space import mutate_tile_size
-from search_space.splitk import K_LANES
+from etune.measurements.sim import SimBackend, vendor_outcome
+from etune.search_space import Builder, ScheduleSpace, launch_problem
+from etune.search_space.space import mutate_tile_size
+from etune.search_space.splitk import K_LANES
 
 
 @pytest.fixture(scope="module")

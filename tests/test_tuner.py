@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from measurements.records import RecordsDB
-from tuner.report import report
-from tuner.search import tune
+from etune.measurements.records import RecordsDB
+from etune.tuner.report import report
+from etune.tuner.search import tune
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = "softmax:1024,1024"
@@ -49,7 +49,7 @@ def test_a_run_spends_its_budgets_and_records_every_measurement(tmp_path):
 
 
 def test_breeding_spreads_over_launch_shapes_and_alternates_rankings():
-    from tuner.search import interleave_by_shape
+    from etune.tuner.search import interleave_by_shape
 
     shapes = ["A"] * 6 + ["B", "C"]
     by_energy = [0, 1, 2, 3, 4, 5, 6, 7]  # family A ranks best
@@ -101,7 +101,7 @@ def test_an_interrupted_run_resumes_to_the_same_count_without_duplicates(tmp_pat
 
 def test_a_sigkilled_run_resumes_from_its_database(tmp_path):
     db_path = tmp_path / "k.db"
-    command = [sys.executable, "-m", "tuner.cli", "tune", SMALL, "--backend", "sim", "--no-build",
+    command = [sys.executable, "-m", "etune.tuner.cli", "tune", SMALL, "--backend", "sim", "--no-build",
                "--objective", "latency", "--trials", "24", "--batch", "4", "--db", str(db_path)]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

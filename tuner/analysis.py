@@ -128,7 +128,7 @@ def _num(value: Any) -> float:
 
 
 def _open(db_path):
-    from measurements.records import RecordsDB
+    from etune.measurements.records import RecordsDB
 
     path = Path(db_path)
     if not path.exists():
@@ -373,7 +373,7 @@ def tuning_curves(df) -> pd.DataFrame:
 
 def _mape(pred, true) -> float:
     try:
-        from energy_model.metrics import mape
+        from etune.energy_model.metrics import mape
     except ImportError:  # pragma: no cover - energy_model is part of etune
         pred, true = np.asarray(pred, float), np.asarray(true, float)
         return float(np.mean(np.abs(pred - true) / np.abs(true))) if pred.size else math.nan
@@ -382,7 +382,7 @@ def _mape(pred, true) -> float:
 
 def _spearman(pred, true) -> float:
     try:
-        from energy_model.metrics import spearman
+        from etune.energy_model.metrics import spearman
     except ImportError:  # pragma: no cover
         pred, true = pd.Series(pred, dtype=float), pd.Series(true, dtype=float)
         return float(pred.corr(true, method="spearman")) if len(pred) > 1 else math.nan

@@ -21,7 +21,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="etune: energy-aware GPU kernel autotuning on TVM MetaSchedule.")
 
 def _workloads(specs: List[str]):
-    from kernels import WorkloadError, parse_spec
+    from etune.kernels import WorkloadError, parse_spec
 
     try:
         return [parse_spec(s) for s in specs]
@@ -30,7 +30,7 @@ def _workloads(specs: List[str]):
 
 
 def _gpu(name: str):
-    from search_space import TargetError, gpu_spec
+    from etune.search_space import TargetError, gpu_spec
 
     try:
         return gpu_spec(name)
@@ -41,7 +41,7 @@ def _gpu(name: str):
 @app.command("kernels")
 def list_kernels() -> None:
     """List the benchmark suite and the spec syntax."""
-    from kernels import FAMILIES, suite
+    from etune.kernels import FAMILIES, suite
 
     table = Table(title="etune benchmark suite (fp16)")
     for column in ("name", "spec", "GFLOP", "min MB"):
@@ -63,7 +63,7 @@ def space(
     workdir: Path = typer.Option(Path(".etune/builds"), help="Build artifacts and cache."),
 ) -> None:
     """Sample valid schedules of each workload and build them: the build success rate per workload."""
-    from search_space import Builder, SamplingError, ScheduleSpace
+    from etune.search_space import Builder, SamplingError, ScheduleSpace
 
     workloads = _workloads(specs)
     gpu = _gpu(target)
@@ -116,8 +116,8 @@ def _objective(text: str, max_slowdown: str | None = None):
 
 def _announce_backend(name: str, target: str):
     """Make the backend and say which one it is on the first line: sim figures never pass as GPU ones."""
-    from measurements import BackendError, make_backend
-    from measurements.nvml_energy import nvml_available
+    from etune.measurements import BackendError, make_backend
+    from etune.measurements.nvml_energy import nvml_available
 
     if name not in ("auto", "nvml", "sim") and not name.startswith("replay:"):
         fail(f"unknown backend {name!r} (choose auto, nvml, sim or replay:DATASET)")
@@ -176,8 +176,8 @@ def tune(
     command resumes a run that was interrupted (Ctrl-C, SIGTERM) or killed."""
     import signal
 
-    from measurements.backend import BackendError
-    from search_space import interrupts
+    from etune.measurements.backend import BackendError
+    from etune.search_space import interrupts
 
     from .search import TuneConfig, Tuner
 

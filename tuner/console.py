@@ -27,7 +27,7 @@ def records_db(path: Path, **options):
     """measurements.records.RecordsDB.open for a command (``readonly=True`` for the ones that only
     read): a path that is no usable records database ends the command with one line (exit 2), and
     so does an error of the database later on (a full disk, say: exit 1)."""
-    from measurements.records import RecordsDB, RecordsDBError
+    from etune.measurements.records import RecordsDB, RecordsDBError
 
     try:
         records = RecordsDB.open(path, **options)

@@ -43,10 +43,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from measurements.backend import model_output
-from measurements.records import Candidate as CandidateRow
-from measurements.records import RecordsDB, RecordsDBError, Run
-from measurements.records import Workload as WorkloadRow
+from etune.measurements.backend import model_output
+from etune.measurements.records import Candidate as CandidateRow
+from etune.measurements.records import RecordsDB, RecordsDBError, Run
+from etune.measurements.records import Workload as WorkloadRow
 
 from .objectives import Objective, ObjectiveError, Point, best
 from .report import candidate_points  # noqa: F401  (re-exported: tests and callers use it from here)
@@ -135,7 +135,7 @@ def _wanted_workloads(db: RecordsDB, db_path, workloads: Sequence[str] | None) -
         raise ExportError(f"records database {db_path} has no workloads: tune something first (etune tune)")
     if not workloads:
         return rows
-    from kernels import WorkloadError, parse_spec
+    from etune.kernels import WorkloadError, parse_spec
 
     by_spec = {r.spec: r for r in rows}
     chosen = []
@@ -214,7 +214,7 @@ def select_best(db_path: str | Path, objective: Objective | str, backend: str | 
 
 # -- rebuilding and compiling ------------------------------------------------------------------------
 def _gpu(gpu):
-    from search_space import TargetError, gpu_spec
+    from etune.search_space import TargetError, gpu_spec
 
     if not isinstance(gpu, str):
         return gpu
@@ -229,7 +229,7 @@ _SPACES: dict = {}
 
 def _space(spec: str, gpu):
     """The ScheduleSpace of a workload (cached: creating one generates its design spaces)."""
-    from search_space import SamplingError, ScheduleSpace
+    from etune.search_space import SamplingError, ScheduleSpace
 
     key = (spec, gpu)
     if key not in _SPACES:
@@ -243,7 +243,7 @@ def _space(spec: str, gpu):
 def rebuild(spec: str, candidate: CandidateRow, gpu):
     """The search_space Candidate back from its stored trace; its structural hash must be the
     stored one (a different TVM or etune can replay a trace to a different schedule)."""
-    from search_space.space import TVM_ERRORS
+    from etune.search_space.space import TVM_ERRORS
 
     space = _space(spec, _gpu(gpu))
     try:
@@ -332,7 +332,7 @@ def compile_library(functions: dict, gpu, path: str | Path) -> CompiledLibrary:
     that does not compile is an export error, and ptxas reports its resources), and the library is
     marked not runnable.
     """
-    from search_space.build import BuildError, nvcc_compile
+    from etune.search_space.build import BuildError, nvcc_compile
 
     gpu = _gpu(gpu)
     path = Path(path)
@@ -557,7 +557,7 @@ def _earlier_export(out: Path) -> set[str]:
             return {str(f) for f in marker["files"]} | {MARKER_FILE}
     except (OSError, ValueError):
         pass
-    from kernels.library import LibraryError, read_manifest
+    from etune.kernels.library import LibraryError, read_manifest
 
     try:
         manifest = read_manifest(out)
@@ -680,7 +680,7 @@ def load_ms_database(directory: str | Path):
     replaying tensor-core traces needs)."""
     from tvm.s_tir import meta_schedule as ms
 
-    from search_space.rules import tensor_intrinsics
+    from etune.search_space.rules import tensor_intrinsics
 
     tensor_intrinsics()  # registers the wmma/mma intrinsics
 

@@ -85,7 +85,7 @@ def verify_command(
     from rich.markup import escape
     from rich.table import Table
 
-    from kernels import LibraryError, WorkloadError, load_library, parse_spec
+    from etune.kernels import LibraryError, WorkloadError, load_library, parse_spec
 
     try:
         library = load_library(directory)

@@ -21,7 +21,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from measurements.backend import record_result
+from etune.measurements.backend import record_result
 
 from .console import console, fail, records_db
 
@@ -40,14 +40,14 @@ def _resolve_backend_name(name: str) -> str:
     if name not in ("auto", "nvml", "sim") and not name.startswith("replay:"):
         fail(f"unknown backend {name!r} (choose auto, nvml, sim or replay:DATASET)")
     if name == "auto":
-        from measurements.nvml_energy import nvml_available
+        from etune.measurements.nvml_energy import nvml_available
 
         return "nvml" if nvml_available() else "sim"
     return name
 
 
 def _make_backend(name: str, target: str, device: int):
-    from measurements import BackendError, make_backend
+    from etune.measurements import BackendError, make_backend
 
     resolved = _resolve_backend_name(name)
     options = {"device_index": device} if resolved == "nvml" else {}
@@ -167,8 +167,8 @@ def measure_command(
 
 def _measure_candidate(db: Path, candidate_id: int, kinds, backend_name, target, device, build, workdir,
                        json_out) -> None:
-    from kernels import WorkloadError, parse_spec
-    from search_space import TargetError, gpu_spec
+    from etune.kernels import WorkloadError, parse_spec
+    from etune.search_space import TargetError, gpu_spec
 
 
     try:
@@ -185,8 +185,8 @@ def _measure_candidate(db: Path, candidate_id: int, kinds, backend_name, target,
             fail(f"candidate {candidate_id}: {exc}")
         backend = _make_backend(backend_name, target, device)
         try:
-            from search_space import Builder, ScheduleSpace
-            from search_space.space import TVM_ERRORS
+            from etune.search_space import Builder, ScheduleSpace
+            from etune.search_space.space import TVM_ERRORS
 
             with console.status(f"replaying candidate {candidate_id} of {workload.spec}"):
                 try:
@@ -200,7 +200,7 @@ def _measure_candidate(db: Path, candidate_id: int, kinds, backend_name, target,
                               f"{cand.structural_hash}, stored {stored.structural_hash} (another TVM?)",
                               highlight=False)
             if backend.name == "replay":  # it answers for its recorded schedules only: say so, record nothing
-                from measurements.backend import BackendError
+                from etune.measurements.backend import BackendError
 
                 try:
                     pool = backend.recorded_pool(workload.spec)
@@ -234,8 +234,8 @@ def _measure_candidate(db: Path, candidate_id: int, kinds, backend_name, target,
 
 
 def _measure_vendor(spec: str, db: Optional[Path], kinds, backend_name, target, device, json_out) -> None:
-    from kernels import WorkloadError, parse_spec
-    from measurements.vendor import VendorError, vendor_name
+    from etune.kernels import WorkloadError, parse_spec
+    from etune.measurements.vendor import VendorError, vendor_name
 
 
     try:

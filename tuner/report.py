@@ -9,8 +9,8 @@ from __future__ import annotations
 import statistics
 from collections import defaultdict
 
-from measurements.backend import model_output
-from measurements.records import RecordsDB
+from etune.measurements.backend import model_output
+from etune.measurements.records import RecordsDB
 
 from .objectives import Objective, Point, best, pareto_front
 

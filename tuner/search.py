@@ -17,11 +17,11 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from kernels import as_workload
-from measurements.backend import Backend, MeasureResult, record_result
-from measurements.records import RecordsDB
-from search_space import Builder, ScheduleSpace, gpu_spec, interrupts
-from search_space.pool import PoolSpace
+from etune.kernels import as_workload
+from etune.measurements.backend import Backend, MeasureResult, record_result
+from etune.measurements.records import RecordsDB
+from etune.search_space import Builder, ScheduleSpace, gpu_spec, interrupts
+from etune.search_space.pool import PoolSpace
 
 from .objectives import Objective, Point, best
 
@@ -109,8 +109,8 @@ class Tuner:
     def __init__(self, spec: str, objective: Objective, backend: Backend, db: RecordsDB,
                  config: TuneConfig | None = None, gpu: str = "h100",
                  on_status: Callable[[Status], None] | None = None, log: Callable[[str], None] | None = None):
-        from energy_model.model import CostModel
-        from energy_model.policy import UpdatePolicy
+        from etune.energy_model.model import CostModel
+        from etune.energy_model.policy import UpdatePolicy
 
         self.workload = as_workload(spec)
         self.objective = objective
@@ -343,7 +343,7 @@ class Tuner:
         self._measure_energy([k for k in knowns if k.latency_s is not None], builds_by_hash, final=False)
 
     def _features(self, candidate, build=None) -> dict:
-        from energy_model.features import candidate_features
+        from etune.energy_model.features import candidate_features
 
         return candidate_features(candidate, self.gpu, build=build)
 
@@ -450,7 +450,7 @@ class Tuner:
 def tune(spec: str, objective: str | Objective = "energy", backend: str | Backend = "auto", db: str | Path = "etune.db",
          gpu: str = "h100", on_status=None, log=None, **config) -> Status:
     """Tune one workload and return the run's status (best point, counts). See ``TuneConfig``."""
-    from measurements import make_backend
+    from etune.measurements import make_backend
 
     objective = objective if isinstance(objective, Objective) else Objective.parse(objective)
     owned = isinstance(backend, str)
