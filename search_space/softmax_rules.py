@@ -1,0 +1,101 @@
+"""etune's schedule rules for the row-softmax templates (kernels/softmax_fused.py), rule set ``rowsoftmax``.
+
+Registered for MetaSchedule's ApplyCustomRule like the attention rules (search_space/attention_rules.py).
+Every tunable is a sampling instruction of the trace, with candidates fitted to the shape so that every
+value is valid for it (wrong combinations, such as more than 1024 threads, are dropped by the
+validity checks like any other draw); MetaSchedule's mutators, etune's ``mutate_tile_size`` (which
+redraws categorical split factors) and crossover act on them:
+
+- vector width ``V`` (halves per access: divisors of gcd(cols, 8), so a vector never straddles the
+  row's end and every access is 2V-byte aligned);
+- threads over a row's lines ``Ti`` (threadIdx.x is ``Ti x W / V``: a warp or a few per row for
+  short rows, up to a whole block for long ones); each thread then holds ``ceil(lines / Ti) x V``
+  values of its row;
+- rows per block ``Ry`` (threadIdx.y; a warp per row and several rows per block for short rows);
+- split rows only: parts per block (``sample_perfect_tile`` of the parts), i.e. blocks per row;
+- the unroll step (as TVM's own rules annotate it).
+
+Loads and stores go through fp16 local vectors; fp32 work stays scalar (VerifyGPUCode rejects
+vectors wider than 16 bytes).
+"""
+from __future__ import annotations
+
+import tvm
+
+from etune.kernels.softmax_fused import alignment, line_width
+
+from .splitk import _categorical
+
+VECTOR_WIDTHS = (1, 2, 4, 8)
+LINE_THREADS = (1, 2, 4, 8, 16, 32)
+ROWS_PER_BLOCK = (1, 2, 4, 8, 16)
+UNROLL_STEPS = (0, 16, 64, 512)
+
+
+def _fitting(values, limit: int) -> list[int]:
+    """Values up to ``limit`` (at least the smallest value, so a categorical is never empty)."""
+    fit = [v for v in values if v <= limit]
+    return fit or [min(values)]
+
+
+def _vector_widths(cols: int) -> list[int]:
+    return [v for v in VECTOR_WIDTHS if alignment(cols) % v == 0]
+
+
+class _Lines:
+    """Splits and binds the (line, column) loops of every row-shaped block the same way, so that each
+    thread's slice of a local buffer is the same in every block (and compacts to items x vector)."""
+
+    def __init__(self, sch, cols: int, lines: int):
+        self.sch = sch
+        self.vector = _categorical(sch, _vector_widths(cols))
+        self.line_threads = _categorical(sch, _fitting(LINE_THREADS, _pow2_at_least(lines)))
+
+    def bind(self, block, vectorize: bool = False) -> None:
+        sch = self.sch
+        i, w = sch.get_loops(block)[-2:]
+        ti, ii = sch.split(i, [self.line_threads, None], preserve_unit_iters=True)
+        tw, v = sch.split(w, [None, self.vector], preserve_unit_iters=True)
+        sch.reorder(ti, tw, ii, v)
+        sch.bind(sch.fuse(ti, tw), "threadIdx.x")
+        if vectorize:
+            sch.vectorize(v)
+
+
+def _pow2_at_least(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _unroll(sch) -> None:
+    unroll = _categorical(sch, UNROLL_STEPS)
+    sch.annotate(sch.get_sblock("root"), "meta_schedule.unroll_explicit", unroll)
+
+
+def row_in_registers(sch, block):
+    """Schedule the ``row_in_registers`` template; ``block`` is its ``x_vec`` block."""
+    g = sch.get_sblock
+    sch.unannotate(block, "schedule_rule")
+    x = sch.get(block).reads[0].source
+    rows, cols = (int(e) for e in x.shape)
+    lines = -(-cols // line_width(cols))
+    row = sch.get_loops(block)[0]
+    rows_per_block = _categorical(sch, _fitting(ROWS_PER_BLOCK, _pow2_at_least(rows)))
+    outer, inner = sch.split(row, [None, rows_per_block], preserve_unit_iters=True)
+    sch.bind(outer, "blockIdx.x")
+    sch.bind(inner, "threadIdx.y")
+    line = _Lines(sch, cols, lines)
+    for name in ("x_vec", "x_f32", "row_max", "exp", "row_sum", "y_f16", "y_vec"):
+        line.bind(g(name), vectorize=name in ("x_vec", "y_vec"))
+    _unroll(sch)
+    return [sch]
+
+
+RULES = {"etune_softmax_row_in_registers": row_in_registers}
+
+
+def register() -> None:
+    """Register the rules for ApplyCustomRule (idempotent)."""
+    for name, rule in RULES.items():
+        key = f"s_tir.meta_schedule.cuda.{name}"
+        if tvm.get_global_func(key, allow_missing=True) is None:
+            tvm.register_global_func(key, rule)
