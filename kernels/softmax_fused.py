@@ -33,6 +33,8 @@ FEW_ROWS = 256
 # aimed at: enough blocks for every SM with the few rows that remain.
 MAX_PART = 16 * 1024
 TARGET_BLOCKS = 4 * 132
+# Parts per row at most where the row allows (one thread merges a row's partials, serially).
+MAX_PARTS = 64
 
 
 def _next_pow2(n: int) -> int:
@@ -53,7 +55,7 @@ def split_parts(rows: int, cols: int) -> tuple[int, int]:
     """(parts per row P, lines per part G), both powers of two, P * G * line_width >= cols."""
     width = line_width(cols)
     lines = -(-cols // width)
-    parts = max(2, _next_pow2(-(-TARGET_BLOCKS // rows)))
+    parts = min(MAX_PARTS, max(2, _next_pow2(-(-TARGET_BLOCKS // rows))))
     parts = max(parts, _next_pow2(-(-cols // MAX_PART)))
     group = _next_pow2(-(-lines // parts))
     parts = min(parts, _next_pow2(-(-lines // group)))
@@ -135,6 +137,116 @@ def row_in_registers(rows: int, cols: int, dtype: str = "float16"):
     return main
 
 
+def split_row(rows: int, cols: int, dtype: str = "float16"):
+    """Two kernels: per part of a row its max and exp-sum (the part in registers); then per part the
+    row's partials merged and the part normalised (its input read again, from L2 where it fits)."""
+    import tvm
+    from tvm.script import tirx as T
+
+    R, C = int(rows), int(cols)
+    W = line_width(C)
+    P, G = split_parts(R, C)
+    inside = _inside(C, W)
+    lowest = tvm.tirx.min_value("float32")
+    true = tvm.tirx.const(True, "bool")
+
+    def valid(p, i, w):
+        return true if inside is None else inside(p * G + i, w)
+
+    def column(p, i, w):
+        return (p * G + i) * W + w
+
+    @T.prim_func(s_tir=True)
+    def main(X: T.Buffer((R, C), dtype), Y: T.Buffer((R, C), dtype)):
+        T.func_attr({"global_symbol": "main", "tirx.noalias": True})
+        with T.sblock("root"):
+            Xv = T.sblock_alloc_buffer((R, P, G, W), dtype, scope="local")
+            Xl = T.sblock_alloc_buffer((R, P, G, W), "float32", scope="local")
+            Mx = T.sblock_alloc_buffer((R, P), "float32", scope="local")
+            E = T.sblock_alloc_buffer((R, P, G, W), "float32", scope="local")
+            Sm = T.sblock_alloc_buffer((R, P), "float32", scope="local")
+            # The parts' partials: the only global intermediates (8 bytes per part).
+            Mp = T.sblock_alloc_buffer((R, P), "float32")
+            Lp = T.sblock_alloc_buffer((R, P), "float32")
+            Gl = T.sblock_alloc_buffer((R, P), "float32", scope="local")
+            Dl = T.sblock_alloc_buffer((R, P), "float32", scope="local")
+            Gm = T.sblock_alloc_buffer((R, P), "float32", scope="shared")
+            Den = T.sblock_alloc_buffer((R, P), "float32", scope="shared")
+            Xv2 = T.sblock_alloc_buffer((R, P, G, W), dtype, scope="local")
+            Yv = T.sblock_alloc_buffer((R, P, G, W), dtype, scope="local")
+            for r, p in T.grid(R, P):
+                for i, w in T.grid(G, W):
+                    with T.sblock("x_vec"):
+                        vr, vp, vi, vw = T.axis.remap("SSSS", [r, p, i, w])
+                        T.sblock_attr({"schedule_rule": "etune_softmax_split_row"})
+                        if valid(vp, vi, vw):
+                            Xv[vr, vp, vi, vw] = X[vr, column(vp, vi, vw)]
+                for i, w in T.grid(G, W):
+                    with T.sblock("x_f32"):
+                        vr, vp, vi, vw = T.axis.remap("SSSS", [r, p, i, w])
+                        Xl[vr, vp, vi, vw] = T.if_then_else(
+                            valid(vp, vi, vw), T.Cast("float32", Xv[vr, vp, vi, vw]), lowest)
+                for i, w in T.grid(G, W):
+                    with T.sblock("part_max"):
+                        vr, vp, vi, vw = T.axis.remap("SSRR", [r, p, i, w])
+                        with T.init():
+                            Mx[vr, vp] = lowest
+                        Mx[vr, vp] = T.max(Mx[vr, vp], Xl[vr, vp, vi, vw])
+                for i, w in T.grid(G, W):
+                    with T.sblock("exp"):
+                        vr, vp, vi, vw = T.axis.remap("SSSS", [r, p, i, w])
+                        E[vr, vp, vi, vw] = T.exp(Xl[vr, vp, vi, vw] - Mx[vr, vp])
+                for i, w in T.grid(G, W):
+                    with T.sblock("part_sum"):
+                        vr, vp, vi, vw = T.axis.remap("SSRR", [r, p, i, w])
+                        with T.init():
+                            Sm[vr, vp] = T.float32(0)
+                        Sm[vr, vp] = Sm[vr, vp] + E[vr, vp, vi, vw]
+                for i, w in T.grid(G, W):
+                    with T.sblock("store_partial"):
+                        vr, vp, vi, vw = T.axis.remap("SSSS", [r, p, i, w])
+                        T.reads(Mx[vr, vp], Sm[vr, vp])
+                        T.writes(Mp[vr, vp], Lp[vr, vp])
+                        if vi * W + vw == 0:  # one writer per part
+                            Mp[vr, vp] = Mx[vr, vp]
+                            Lp[vr, vp] = Sm[vr, vp]
+            for r, p in T.grid(R, P):
+                for i, w in T.grid(G, W):
+                    with T.sblock("merge"):
+                        vr, vp, vi, vw = T.axis.remap("SSSS", [r, p, i, w])
+                        T.reads(Mp[vr, 0:P], Lp[vr, 0:P])
+                        T.writes(Gm[vr, vp], Den[vr, vp], Gl[vr, vp], Dl[vr, vp])
+                        # One thread merges the row's P partials (rescaled to the row's max) in
+                        # registers and hands them over in shared memory: P loads per block, not
+                        # P per thread.
+                        if vi * W + vw == 0:
+                            Gl[vr, vp] = lowest
+                            for q in range(P):
+                                Gl[vr, vp] = T.max(Gl[vr, vp], Mp[vr, q])
+                            Dl[vr, vp] = T.float32(0)
+                            for q in range(P):
+                                Dl[vr, vp] = Dl[vr, vp] + T.exp(Mp[vr, q] - Gl[vr, vp]) * Lp[vr, q]
+                            Gm[vr, vp] = Gl[vr, vp]
+                            Den[vr, vp] = Dl[vr, vp]
+                for i, w in T.grid(G, W):
+                    with T.sblock("x2_vec"):
+                        vr, vp, vi, vw = T.axis.remap("SSSS", [r, p, i, w])
+                        if valid(vp, vi, vw):
+                            Xv2[vr, vp, vi, vw] = X[vr, column(vp, vi, vw)]
+                for i, w in T.grid(G, W):
+                    with T.sblock("y_f16"):
+                        vr, vp, vi, vw = T.axis.remap("SSSS", [r, p, i, w])
+                        Yv[vr, vp, vi, vw] = T.Cast(
+                            dtype, T.exp(T.Cast("float32", Xv2[vr, vp, vi, vw]) - Gm[vr, vp]) / Den[vr, vp])
+                for i, w in T.grid(G, W):
+                    with T.sblock("y_vec"):
+                        vr, vp, vi, vw = T.axis.remap("SSSS", [r, p, i, w])
+                        if valid(vp, vi, vw):
+                            Y[vr, column(vp, vi, vw)] = Yv[vr, vp, vi, vw]
+
+    return main
+
+
 def softmax_prim_funcs(workload) -> dict:
     """Row-softmax templates that apply to a workload: {template name: PrimFunc}."""
     if workload.family != "softmax":
@@ -143,4 +255,6 @@ def softmax_prim_funcs(workload) -> dict:
     funcs = {}
     if p["cols"] <= MAX_ROW_IN_REGISTERS:
         funcs["row_in_registers"] = row_in_registers(p["rows"], p["cols"], p["dtype"])
+    if p["rows"] < FEW_ROWS or p["cols"] > MAX_ROW_IN_REGISTERS:
+        funcs["split_row"] = split_row(p["rows"], p["cols"], p["dtype"])
     return funcs

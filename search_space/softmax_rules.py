@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import tvm
 
-from etune.kernels.softmax_fused import alignment, line_width
+from etune.kernels.softmax_fused import alignment, line_width, split_parts
 
 from .splitk import _categorical
 
@@ -90,7 +90,30 @@ def row_in_registers(sch, block):
     return [sch]
 
 
-RULES = {"etune_softmax_row_in_registers": row_in_registers}
+def split_row(sch, block):
+    """Schedule the ``split_row`` template; ``block`` is its ``x_vec`` block. Both kernels put a few
+    parts of a row in each thread block (sample_perfect_tile of the parts: blocks per row = parts /
+    parts per block), one after another."""
+    g = sch.get_sblock
+    sch.unannotate(block, "schedule_rule")
+    x = sch.get(block).reads[0].source
+    rows, cols = (int(e) for e in x.shape)
+    parts, lines = split_parts(rows, cols)
+    line = _Lines(sch, cols, lines)
+    kernels = (("x_vec", "x_f32", "part_max", "exp", "part_sum", "store_partial"),
+               ("merge", "x2_vec", "y_f16", "y_vec"))
+    for names in kernels:
+        row, part = sch.get_loops(g(names[0]))[:2]
+        outer, _ = sch.split(part, sch.sample_perfect_tile(part, n=2, max_innermost_factor=parts),
+                             preserve_unit_iters=True)
+        sch.bind(sch.fuse(row, outer), "blockIdx.x")
+        for name in names:
+            line.bind(g(name), vectorize=name in ("x_vec", "x2_vec", "y_vec"))
+    _unroll(sch)
+    return [sch]
+
+
+RULES = {"etune_softmax_row_in_registers": row_in_registers, "etune_softmax_split_row": split_row}
 
 
 def register() -> None:
