@@ -33,8 +33,10 @@ FEW_ROWS = 256
 # aimed at: enough blocks for every SM with the few rows that remain.
 MAX_PART = 16 * 1024
 TARGET_BLOCKS = 4 * 132
-# Parts per row at most where the row allows (one thread merges a row's partials, serially).
+# Parts per row at most where the row allows (one thread merges a row's partials, serially), and
+# columns per part at least (each block of the second kernel reads all of its row's partials).
 MAX_PARTS = 64
+MIN_PART = 1024
 
 
 def _next_pow2(n: int) -> int:
@@ -55,7 +57,7 @@ def split_parts(rows: int, cols: int) -> tuple[int, int]:
     """(parts per row P, lines per part G), both powers of two, P * G * line_width >= cols."""
     width = line_width(cols)
     lines = -(-cols // width)
-    parts = min(MAX_PARTS, max(2, _next_pow2(-(-TARGET_BLOCKS // rows))))
+    parts = min(MAX_PARTS, _next_pow2(-(-TARGET_BLOCKS // rows)), 1 << max(1, (cols // MIN_PART).bit_length() - 1))
     parts = max(parts, _next_pow2(-(-cols // MAX_PART)))
     group = _next_pow2(-(-lines // parts))
     parts = min(parts, _next_pow2(-(-lines // group)))
