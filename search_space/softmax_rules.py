@@ -6,8 +6,8 @@ value is valid for it (wrong combinations, such as more than 1024 threads, are d
 validity checks like any other draw); MetaSchedule's mutators, etune's ``mutate_tile_size`` (which
 redraws categorical split factors) and crossover act on them:
 
-- vector width ``V`` (halves per access: divisors of gcd(cols, 8), so a vector never straddles the
-  row's end and every access is 2V-byte aligned);
+- vector width ``V`` (halves per access: 1 to 8; accesses stay inside a 16-byte group of the row's
+  window, so every one is aligned and all its lanes share one guard);
 - threads over a row's lines ``Ti`` (threadIdx.x is ``Ti x W / V``: a warp or a few per row for
   short rows, up to a whole block for long ones); each thread then holds ``ceil(lines / Ti) x V``
   values of its row;
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import tvm
 
-from etune.kernels.softmax_fused import alignment, line_width, split_parts
+from etune.kernels.softmax_fused import has_edges, line_width, next_pow2, split_parts, window_lines
 
 from .splitk import _categorical
 
@@ -38,32 +38,41 @@ def _fitting(values, limit: int) -> list[int]:
     return fit or [min(values)]
 
 
-def _vector_widths(cols: int) -> list[int]:
-    return [v for v in VECTOR_WIDTHS if alignment(cols) % v == 0]
-
-
 class _Lines:
-    """Splits and binds the (line, column) loops of every row-shaped block the same way, so that each
-    thread's slice of a local buffer is the same in every block (and compacts to items x vector)."""
+    """Splits and binds the (line, group, lane) loops of every row-shaped block the same way, so that
+    each thread's slice of a local buffer is the same in every block (and compacts to items x vector)."""
 
-    def __init__(self, sch, cols: int, lines: int):
+    def __init__(self, sch, lines: int):
         self.sch = sch
-        self.vector = _categorical(sch, _vector_widths(cols))
-        self.line_threads = _categorical(sch, _fitting(LINE_THREADS, _pow2_at_least(lines)))
+        self.vector = _categorical(sch, VECTOR_WIDTHS)
+        self.line_threads = _categorical(sch, _fitting(LINE_THREADS, next_pow2(lines)))
 
     def bind(self, block, vectorize: bool = False) -> None:
         sch = self.sch
-        i, w = sch.get_loops(block)[-2:]
+        i, g, lane = sch.get_loops(block)[-3:]
         ti, ii = sch.split(i, [self.line_threads, None], preserve_unit_iters=True)
-        tw, v = sch.split(w, [None, self.vector], preserve_unit_iters=True)
-        sch.reorder(ti, tw, ii, v)
-        sch.bind(sch.fuse(ti, tw), "threadIdx.x")
+        lo, v = sch.split(lane, [None, self.vector], preserve_unit_iters=True)
+        sch.reorder(ti, g, lo, ii, v)
+        sch.bind(sch.fuse(ti, g, lo), "threadIdx.x")
         if vectorize:
             sch.vectorize(v)
 
 
-def _pow2_at_least(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
+def _row_blocks(cols: int, *names: str) -> list[str]:
+    """The template's block names, with the half-by-half edge copies after each vector copy where rows
+    share 16-byte groups (``x_vec`` -> ``x_vec``, ``x_first``, ``x_last``)."""
+    blocks = []
+    for name in names:
+        blocks.append(name)
+        if name.endswith("_vec") and has_edges(cols):
+            stem = name.removesuffix("_vec")
+            blocks += [f"{stem}_first", f"{stem}_last"]
+    return blocks
+
+
+def _input_shape(sch) -> tuple[int, int]:
+    func = sch.mod["main"]
+    return tuple(int(e) for e in func.params[0].shape)  # X (rows, cols)
 
 
 def _unroll(sch) -> None:
@@ -75,17 +84,16 @@ def row_in_registers(sch, block):
     """Schedule the ``row_in_registers`` template; ``block`` is its ``x_vec`` block."""
     g = sch.get_sblock
     sch.unannotate(block, "schedule_rule")
-    x = sch.get(block).reads[0].source
-    rows, cols = (int(e) for e in x.shape)
-    lines = -(-cols // line_width(cols))
+    rows, cols = _input_shape(sch)
+    lines = window_lines(cols, line_width(cols))
     row = sch.get_loops(block)[0]
-    rows_per_block = _categorical(sch, _fitting(ROWS_PER_BLOCK, _pow2_at_least(rows)))
+    rows_per_block = _categorical(sch, _fitting(ROWS_PER_BLOCK, next_pow2(rows)))
     outer, inner = sch.split(row, [None, rows_per_block], preserve_unit_iters=True)
     sch.bind(outer, "blockIdx.x")
     sch.bind(inner, "threadIdx.y")
-    line = _Lines(sch, cols, lines)
-    for name in ("x_vec", "x_f32", "row_max", "exp", "row_sum", "y_f16", "y_vec"):
-        line.bind(g(name), vectorize=name in ("x_vec", "y_vec"))
+    line = _Lines(sch, lines)
+    for name in _row_blocks(cols, "x_vec", "x_f32", "row_max", "exp", "row_sum", "y_f16", "y_vec"):
+        line.bind(g(name), vectorize=name.endswith("_vec"))
     _unroll(sch)
     return [sch]
 
@@ -96,19 +104,18 @@ def split_row(sch, block):
     parts per block), one after another."""
     g = sch.get_sblock
     sch.unannotate(block, "schedule_rule")
-    x = sch.get(block).reads[0].source
-    rows, cols = (int(e) for e in x.shape)
+    rows, cols = _input_shape(sch)
     parts, lines = split_parts(rows, cols)
-    line = _Lines(sch, cols, lines)
-    kernels = (("x_vec", "x_f32", "part_max", "exp", "part_sum", "store_partial"),
-               ("merge", "x2_vec", "y_f16", "y_vec"))
+    line = _Lines(sch, lines)
+    kernels = (_row_blocks(cols, "x_vec", "x_f32", "part_max", "exp", "part_sum", "store_partial"),
+               _row_blocks(cols, "merge", "x2_vec", "y_f16", "y_vec"))
     for names in kernels:
         row, part = sch.get_loops(g(names[0]))[:2]
         outer, _ = sch.split(part, sch.sample_perfect_tile(part, n=2, max_innermost_factor=parts),
                              preserve_unit_iters=True)
         sch.bind(sch.fuse(row, outer), "blockIdx.x")
         for name in names:
-            line.bind(g(name), vectorize=name in ("x_vec", "x2_vec", "y_vec"))
+            line.bind(g(name), vectorize=name.endswith("_vec"))
     _unroll(sch)
     return [sch]
 
