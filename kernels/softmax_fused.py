@@ -318,7 +318,9 @@ def split_row(rows: int, cols: int, dtype: str = "float16"):
                         T.writes(Gm[vr, vp], Den[vr, vp], Gl[vr, vp], Dl[vr, vp])
                         # One thread merges the row's P partials (rescaled to the row's max) in
                         # registers and hands them over in shared memory: P loads per block, not
-                        # P per thread.
+                        # P per thread. (A merge reduced across the block's threads was tried: its
+                        # guarded loads count in every thread in analysis.py, so sim charged it
+                        # 5-30x its traffic; this one's serial latency is hidden by co-resident blocks.)
                         if (vi * NG + vg) * GROUP + vl == 0:
                             Gl[vr, vp] = lowest
                             for q in range(P):
