@@ -71,7 +71,8 @@ def tuned(spec: str, trials: int, db: Path, gpu: str = "h100", seed: int = 0) ->
             stored = records.candidate(p.key)
         design = space.design_spaces[stored.design_space]
         kernels = space.from_trace_json(stored.trace, stored.design_space).launches
-        return {"latency_us": p.latency_s * 1e6, "energy_mj": p.energy_j * 1e3, "rule_set": design.rule_set,
+        energy_mj = p.energy_j * 1e3 if p.energy_j is not None else None  # the fastest may not be energy-measured
+        return {"latency_us": p.latency_s * 1e6, "energy_mj": energy_mj, "rule_set": design.rule_set,
                 "template": design.template,
                 "kernels": [{"grid": k.grid[0], "block": list(k.block), "vector_lanes": k.max_vector_lanes}
                             for k in kernels]}
@@ -97,6 +98,8 @@ def main(argv=None) -> int:
         if args.tune:
             result["tuned"] = tuned(spec, args.tune, Path(args.db), args.gpu)
         results.append(result)
+        if args.out:  # after every workload: a long run keeps what it has
+            Path(args.out).write_text(json.dumps(results, indent=1))
         vendor = result["vendor"]
         print(f"{spec}: vendor {vendor['latency_us']:.1f} us {vendor['energy_mj']:.2f} mJ, "
               f"memory bound {result['memory_bound_us']:.1f} us (sim)")
