@@ -1,6 +1,6 @@
 """MetaSchedule schedule rules for CUDA, spelled out so etune can fix what TVM 0.27's defaults break.
 
-Four rule sets, each a family of design spaces for the workloads it applies to:
+Five rule sets, each a family of design spaces for the workloads it applies to:
 - ``tensorcore``: TVM's DefaultCUDATensorCore, except that the wmma accumulator is staged through
   *static* shared memory. With the default ("shared.dyn" for loads and the store), the pass that merges
   dynamic shared allocations types the merged pool with the first buffer's element type (fp16), and the
