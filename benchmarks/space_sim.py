@@ -72,8 +72,8 @@ def tuned(spec: str, trials: int, db: Path, gpu: str = "h100", seed: int = 0) ->
         design = space.design_spaces[stored.design_space]
         kernels = space.from_trace_json(stored.trace, stored.design_space).launches
         energy_mj = p.energy_j * 1e3 if p.energy_j is not None else None  # the fastest may not be energy-measured
-        return {"candidate_id": p.key, "latency_us": p.latency_s * 1e6, "energy_mj": energy_mj, "rule_set": design.rule_set,
-                "template": design.template,
+        return {"candidate_id": p.key, "latency_us": p.latency_s * 1e6, "energy_mj": energy_mj,
+                "rule_set": design.rule_set, "template": design.template,
                 "kernels": [{"grid": k.grid[0], "block": list(k.block), "vector_lanes": k.max_vector_lanes}
                             for k in kernels]}
 
