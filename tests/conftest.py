@@ -44,3 +44,43 @@ def pytest_runtest_setup(item):
 @pytest.fixture(scope="session")
 def build_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("builds")
+
+
+def _unusable_databases(root: Path) -> dict:
+    """Files a user could point --db at by mistake, by name (other, empty, text, dir, newer,
+    truncated), and ``good``: an etune database with one latency run of 200 candidates."""
+    import sqlite3
+
+    from etune.measurements.records import SCHEMA_VERSION, RecordsDB
+
+    raw = sqlite3.connect(root / "other.db")
+    raw.execute("CREATE TABLE users (name TEXT)")
+    raw.execute("INSERT INTO users VALUES ('ada')")
+    raw.commit()
+    raw.close()
+    (root / "empty.db").write_bytes(b"")
+    (root / "text.db").write_text("name,value\na,1\n")
+    (root / "dir.db").mkdir()
+    good = root / "good.db"
+    with RecordsDB.open(good) as db:
+        wid = db.add_workload("softmax:8,8", "softmax", {"rows": 8, "cols": 8})
+        run = db.start_run(wid, "latency", "sim", {})
+        for i in range(200):
+            cid = db.add_candidate(wid, f"h{i}", 0, "trace " * 100)
+            db.add_measurement(workload_id=wid, candidate_id=cid, kind="latency", backend="sim", value=1e-6 * (i + 1),
+                               run_id=run)
+        db.finish_run(run, "finished")
+    data = good.read_bytes()
+    (root / "truncated.db").write_bytes(data[: len(data) // 2])
+    (root / "newer.db").write_bytes(data)
+    raw = sqlite3.connect(root / "newer.db")
+    raw.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    raw.execute("PRAGMA journal_mode = DELETE")  # so that nothing but a write would make a -wal file
+    raw.close()
+    return {p.stem: p for p in root.iterdir()}
+
+
+@pytest.fixture(scope="session")
+def unusable_databases():
+    """``unusable_databases(folder)`` writes the files into the folder and returns them by name."""
+    return _unusable_databases
