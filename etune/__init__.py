@@ -68,17 +68,16 @@ class Run:
 
     def _points(self) -> list:
         from etune.measurements.records import RecordsDB
-        from etune.tuner.report import candidate_points
 
         with RecordsDB.open(self.storage, readonly=True) as db:
             (workload,) = [w for w in db.workloads() if w.spec == self.spec]
-            return candidate_points(db, workload.id, self.backend, run_id=self.run_id)
+            return db.points(workload.id, self.backend, run_id=self.run_id)
 
 
 def tune(spec: str, objective: str = "energy@0.05", backend: str = "auto", storage: str | Path = "etune.db", *,
          trials: int = 64, energy_measurements: int | None = None, time_budget_s: float | None = None,
-         target: str = "h100", seed: int = 0, build: bool = True, batch: int = 16, jobs: int | None = None,
-         workdir: str | Path | None = None, log=None) -> Run:
+         target: str = "h100", seed: int = 0, strategy: str = "genetic", build: bool = True, batch: int = 16,
+         jobs: int | None = None, workdir: str | Path | None = None, log=None) -> Run:
     """Tune one workload and return the run.
 
     Args:
@@ -94,6 +93,7 @@ def tune(spec: str, objective: str = "energy@0.05", backend: str = "auto", stora
         time_budget_s: seconds for this call.
         target: the GPU preset to build for (``h100``, ``h200``, ``a100``, ``local``).
         seed: makes a run repeat.
+        strategy: the search: ``genetic`` (model-guided) or ``random`` (a baseline).
         build: build candidates with nvcc (``False``: sim only, no register counts).
         batch: candidates built and measured per generation.
         jobs: parallel builds (default: the CPU count).
@@ -106,9 +106,10 @@ def tune(spec: str, objective: str = "energy@0.05", backend: str = "auto", stora
     from etune.tuner.search import tune as run_tuner
 
     storage = Path(storage)
-    status = run_tuner(spec, objective, backend=backend, db=storage, gpu=target, log=log, trials=trials,
+    status = run_tuner(spec, objective, backend=backend, db=storage, log=log, trials=trials,
                        energy_measurements=energy_measurements, time_budget_s=time_budget_s, seed=seed,
-                       build=build, batch=batch, jobs=jobs, workdir=None if workdir is None else Path(workdir))
+                       strategy=strategy, target=target, build=build, batch=batch, jobs=jobs,
+                       workdir=None if workdir is None else Path(workdir))
     return Run(status.workload, status.objective, status.backend, storage, status.run_id, status.stopped_by,
                status.trials, status.energy_measurements)
 

@@ -252,7 +252,7 @@ def _frame(data) -> pd.DataFrame:
 def candidates_frame(df) -> pd.DataFrame:
     """One row per (workload, backend, candidate) over all runs: the median of its per-run latency
     and energy (each run measures a candidate once, so this is the median of its measurements, as in
-    ``tuner.report.candidate_points``). Candidates without an ok latency are left out."""
+    ``RecordsDB.points``). Candidates without an ok latency are left out."""
     df = _frame(df)
     df = df[df["latency_ok"].astype(bool)]
     columns = {"workload": "object", "backend": "object", "candidate_id": "Int64", "latency_s": "float64",

@@ -168,6 +168,7 @@ def tune(
     target: str = typer.Option("h100", help="GPU target preset: h100, h200, a100, or local (NVML)."),
     batch: int = typer.Option(16, min=1, help="Candidates built and measured per generation."),
     seed: int = typer.Option(0),
+    strategy: str = typer.Option("genetic", help="Search strategy: genetic (model-guided, the default) or random."),
     build: bool = typer.Option(True, help="Build candidates with nvcc (--no-build: sim only)."),
     jobs: Optional[int] = typer.Option(None, min=1, help="Parallel builds (default: CPU cores)."),
     workdir: Path = typer.Option(Path(".etune/builds"), help="Build artifacts and cache."),
@@ -179,11 +180,14 @@ def tune(
     from etune.measurements.backend import BackendError
     from etune.search_space import interrupts
 
-    from .search import TuneConfig, Tuner
+    from .search import TuneSettings, Tuner
+    from .strategy import STRATEGIES
 
     workloads = _workloads(specs)
-    gpu = _gpu(target)
+    _gpu(target)  # a bad target fails here, in one line
     goal = _objective(objective, max_slowdown)
+    if strategy not in STRATEGIES:
+        fail(f"unknown search strategy {strategy!r} (choose {', '.join(STRATEGIES)})")
     deadline = None if time_budget is None else time.monotonic() + time_budget
     summaries = []
     with records_db(db) as records, interrupts.stop_on(signal.SIGINT, signal.SIGTERM):
@@ -198,8 +202,9 @@ def tune(
                     fail(str(exc))
             for workload in workloads:
                 left = None if deadline is None else max(0.0, deadline - time.monotonic())
-                config = TuneConfig(trials=trials, energy_measurements=energy_measurements, time_budget_s=left,
-                                    batch=batch, seed=seed, build=build, jobs=jobs, workdir=workdir)
+                settings = TuneSettings(trials=trials, energy_measurements=energy_measurements, time_budget_s=left,
+                                        batch=batch, seed=seed, strategy=strategy, target=target, build=build,
+                                        jobs=jobs, workdir=workdir)
                 with _progress() as progress:
                     task = progress.add_task(f"{workload.spec}: design spaces", total=trials)
 
@@ -207,7 +212,7 @@ def tune(
                         progress.update(task, completed=status.trials, description=escape(_status_line(status)))
 
                     with console.status(f"generating design spaces of {workload.spec}"):
-                        tuner = Tuner(workload.spec, goal, chosen, records, config, gpu=gpu, on_status=show,
+                        tuner = Tuner(workload.spec, goal, chosen, records, settings, on_status=show,
                                       log=lambda m: console.print(escape(m), highlight=False))
                     status = tuner.run()
                 summaries.append(status)
@@ -275,7 +280,8 @@ def report(
             e = point.get("energy_j")
             table.add_row(name, f"{point['latency_s'] * 1e6:.2f}", f"{e * 1e3:.3f}" if e is not None else "-",
                           f"{e / point['latency_s']:.0f}" if e is not None else "-",
-                          "yes" if point.get("energy_measured", e is not None) else "no")
+                          ("yes" if point.get("energy_converged", True) else "yes, unconverged")
+                          if point.get("energy_measured", e is not None) else "no")
 
         for objective, point in entry["best"].items():
             row(f"best {objective}", point)
