@@ -14,11 +14,20 @@ def _nvml_gpu() -> bool:
     return nvml_available()
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(config, items):
     """``nvml`` tests need a GPU that NVML sees (vendor kernels run through PyTorch); ``gpu`` tests
     also need TVM to run CUDA kernels. Without a GPU both skip; on a GPU host whose TVM cannot run
     CUDA (libcudart missing, say) the ``gpu`` tests fail with that reason: a GPU session must not
-    pass by skipping everything."""
+    pass by skipping everything.
+
+    Under pytest-xdist (``-n auto``, ``--dist loadgroup``), the tests of a module with a
+    module-scoped fixture (a dry run, a trained model, sampled spaces) run on one worker, so the
+    fixture is made once; the rest spread over all workers."""
+    for item in items:
+        info = getattr(item, "_fixtureinfo", None)
+        if info and any(defs[-1].scope == "module" for defs in info.name2fixturedefs.values()):
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
     wanted = [item for item in items if "gpu" in item.keywords or "nvml" in item.keywords]
     if not wanted:
         return
