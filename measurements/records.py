@@ -125,7 +125,9 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {0: _SCHEMA_V1, 1: _SCHEMA_V2}
 
 
 @dataclass(frozen=True)
-class Workload:
+class WorkloadRow:
+    """A workload as recorded (``kernels.Workload`` is the workload itself)."""
+
     id: int
     spec: str
     family: str
@@ -134,7 +136,9 @@ class Workload:
 
 
 @dataclass(frozen=True)
-class Candidate:
+class CandidateRow:
+    """A candidate as recorded: its trace, not the schedule (``search_space.Candidate``)."""
+
     id: int
     workload_id: int
     structural_hash: str
@@ -190,8 +194,8 @@ class Run:
     updated_at: float
 
 
-def _candidate(r: sqlite3.Row) -> Candidate:
-    return Candidate(r["id"], r["workload_id"], r["structural_hash"], r["design_space"], r["trace"],
+def _candidate(r: sqlite3.Row) -> CandidateRow:
+    return CandidateRow(r["id"], r["workload_id"], r["structural_hash"], r["design_space"], r["trace"],
                      _load(r["features"]), r["created_at"])
 
 
@@ -428,9 +432,9 @@ class RecordsDB:
             )
             return conn.execute("SELECT id FROM workloads WHERE spec = ?", (spec,)).fetchone()[0]
 
-    def workloads(self) -> list[Workload]:
+    def workloads(self) -> list[WorkloadRow]:
         rows = self._read("SELECT * FROM workloads ORDER BY id")
-        return [Workload(r["id"], r["spec"], r["family"], _load(r["params"]), r["created_at"])
+        return [WorkloadRow(r["id"], r["spec"], r["family"], _load(r["params"]), r["created_at"])
                 for r in rows]
 
     # -- candidates
@@ -459,11 +463,11 @@ class RecordsDB:
             if cur.rowcount != 1:
                 raise KeyError(f"no candidate {candidate_id}")
 
-    def candidates(self, workload_id: int) -> list[Candidate]:
+    def candidates(self, workload_id: int) -> list[CandidateRow]:
         rows = self._read("SELECT * FROM candidates WHERE workload_id = ? ORDER BY id", (workload_id,))
         return [_candidate(r) for r in rows]
 
-    def candidate(self, candidate_id: int) -> Candidate | None:
+    def candidate(self, candidate_id: int) -> CandidateRow | None:
         rows = self._read("SELECT * FROM candidates WHERE id = ?", (candidate_id,))
         return _candidate(rows[0]) if rows else None
 

@@ -45,9 +45,7 @@ from typing import Iterator, Sequence
 
 from etune.kernels.library import FORMAT, FORMAT_VERSION, MANIFEST_FILE
 from etune.measurements.backend import model_output
-from etune.measurements.records import Candidate as CandidateRow
-from etune.measurements.records import RecordsDB, RecordsDBError, Run
-from etune.measurements.records import Workload as WorkloadRow
+from etune.measurements.records import CandidateRow, RecordsDB, RecordsDBError, Run, WorkloadRow
 
 from .objectives import Objective, ObjectiveError, Point, best
 
