@@ -248,7 +248,7 @@ class UpdatePolicy(SelectionPolicy):
 
         latency = _floats(latency_s, n)
         if cap > 0 and predicted_mean is None:
-            order = _fastest_first(range(n), latency)
+            order = _fastest_first([i for i in range(n) if i not in blocked], latency)
             take(order[:1], "fastest (no model)", cap)
             take(_spread([i for i in order if i not in reasons], cap - len(chosen), self.seed), "spread (no model)", cap)
         elif cap > 0:
@@ -256,7 +256,8 @@ class UpdatePolicy(SelectionPolicy):
             std = np.zeros(n) if predicted_std is None else _floats(predicted_std, n)
             objective = self._objective(mean, latency, score, fastest_s)
             objective = np.where(np.isfinite(objective), objective, np.inf)
-            order = [int(i) for i in np.lexsort((np.arange(n), objective))]
+            # Measured ones out of the ranking first, so spreading over it never lands on one.
+            order = [int(i) for i in np.lexsort((np.arange(n), objective)) if int(i) not in blocked]
             n_best = max(1, round(self.best_share * min(cap, self.quota)))
             take(order, "best predicted", min(n_best, cap))
             relative = np.where(mean > 0, std / np.where(mean > 0, mean, 1.0), np.inf)

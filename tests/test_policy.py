@@ -130,3 +130,10 @@ def test_constant_power_model():
         model.predict([{}], latency_s=None)
     # Bad samples are dropped, like CostModel does.
     assert ConstantPowerModel().fit([{}] * 3, [0.3, math.nan, -1.0], latency_s=[1e-3] * 3).power_w == pytest.approx(300)
+
+
+def test_update_policy_without_a_model_skips_measured_candidates():
+    # It used to spread over a ranking that still held the excluded ones, and came back empty.
+    latency = [1.0, 1.01, 1.02, 1.03]
+    assert UpdatePolicy(per_batch=1, extra_checks=0).select(None, None, latency_s=latency, exclude=[0]) == [1]
+    assert len(UpdatePolicy(per_batch=3, extra_checks=0).select(None, None, latency_s=latency, exclude=[0, 1])) == 2
