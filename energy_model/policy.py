@@ -63,6 +63,8 @@ class SelectionPolicy:
     """What every policy shares: budgets, the record of the model's out-of-sample errors, and the
     candidates a batch may pick from. Subclasses rank the eligible candidates in ``_choose``."""
 
+    label = "policy"  # Selection.state and history of the policies without states of their own
+
     def __init__(self, per_batch: int | None = None, global_budget: int | None = None, slack: float | None = None,
                  window: int = 32, retrain_after: int = 1, seed: int = 0):
         self.per_batch = per_batch
@@ -151,9 +153,9 @@ class SelectionPolicy:
                               latency, score, incumbent)[:cap]
         return self._record([i for i, _ in chosen], dict(chosen), cap, self.label, n)
 
-    label = "policy"
-
     def _choose(self, eligible, cap, mean, std, latency, score, incumbent) -> list[tuple[int, str]]:
+        """(index, reason) pairs among ``eligible``, best first (``select`` keeps the first ``cap``).
+        ``mean`` is None without a model; ``std`` is 0 where unknown; arrays cover the whole batch."""
         raise NotImplementedError
 
 
