@@ -45,6 +45,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from etune.energy_model import metrics  # noqa: E402
 from etune.energy_model.baselines import ConstantPowerModel  # noqa: E402
+from etune.energy_model.policy import (ExpectedImprovementPolicy, FastestFirstPolicy, RandomPolicy,  # noqa: E402
+                                       UpdatePolicy)
 from etune.energy_model.features import candidate_features, per_store_features  # noqa: E402
 from etune.energy_model.model import DEFAULT_ENERGY_MODE, CostModel  # noqa: E402
 
@@ -236,7 +238,7 @@ def slack_pool(name: str, seed: int, args) -> dict:
     gpu = gpu_spec(args.gpu)
     folder = args.pool_cache or args.out
     folder.mkdir(parents=True, exist_ok=True)
-    db = folder / f"latency-{_slug(name)}-sim-seed{seed}-{args.slack_trials}.db"
+    db = folder / f"latency-{_slug(name)}-sim-seed{seed}.db"  # more trials later resume this run
     started = time.perf_counter()
     tune(spec, "latency", backend="sim", db=db, gpu=args.gpu, trials=args.slack_trials, batch=16, build=False,
          seed=seed)
@@ -289,6 +291,64 @@ def evaluate_in_slack(pool: dict, args) -> dict:
                                                  "spearman": metrics.spearman(pred, truth),
                                                  "regret_at_1": metrics.best_regret(pred, truth)})
     out["results"] = {label: _mean(runs) for label, runs in scores.items()}
+    out["selection"] = compare_selections(within, args)
+    return out
+
+
+def selections(args) -> dict:
+    """label -> (policy, model or None) factories of a seed: the selection rules the replay compares."""
+    model = lambda seed: CostModel("energy", seed=seed, ensemble=args.ensemble)  # noqa: E731
+    return {
+        "expected improvement + model": (lambda seed: ExpectedImprovementPolicy(seed=seed), model),
+        "expected improvement + constant power": (lambda seed: ExpectedImprovementPolicy(seed=seed),
+                                                  lambda seed: ConstantPowerModel(seed=seed)),
+        "update policy + model": (lambda seed: UpdatePolicy(per_batch=1, extra_checks=0, seed=seed), model),
+        "fastest first (naive)": (lambda seed: FastestFirstPolicy(seed=seed), None),
+        "random": (lambda seed: RandomPolicy(seed=seed), None),
+    }
+
+
+def replay_selection(within: list[dict], policy, model) -> list[float]:
+    """The least measured energy after each energy measurement when ``policy`` picks one candidate at
+    a time among ``within`` (all latency-measured), the model retrained on everything measured so far
+    from the third measurement on (as the tuner does). Stops early when the policy picks nothing."""
+    latency = [r["latency_s"] for r in within]
+    measured: list[int] = []
+    curve: list[float] = []
+    while len(measured) < len(within):
+        mean = std = None
+        if model is not None and len(measured) >= 3:
+            model.fit([within[i]["features"] for i in measured], [within[i]["energy_j"] for i in measured],
+                      latency_s=[latency[i] for i in measured])
+            mean, std = model.predict([r["features"] for r in within], latency_s=latency)
+        incumbent = min((within[i]["energy_j"] for i in measured), default=None)
+        picked = policy.select(mean, std, latency_s=latency, budget=1, exclude=measured, incumbent=incumbent)
+        if not picked:
+            break
+        if mean is not None:
+            policy.observe(mean[picked[0]], within[picked[0]]["energy_j"])
+        measured.append(picked[0])
+        curve.append(min(within[i]["energy_j"] for i in measured))
+    return curve
+
+
+def compare_selections(within: list[dict], args) -> dict:
+    """Per selection rule (random: mean over ``--splits`` seeds): the energy measurements it needs to
+    find the least energy within the slack, and the least energy it has after 30 % of the
+    measurements the naive way takes (every candidate in the slack)."""
+    least = min(r["energy_j"] for r in within)
+    early = max(1, round(0.3 * len(within)))
+    out = {}
+    for label, (make_policy, make_model) in selections(args).items():
+        seeds = range(args.splits) if label == "random" else range(1)
+        needed, at_early = [], []
+        for seed in seeds:
+            curve = replay_selection(within, make_policy(seed), make_model(seed) if make_model else None)
+            hit = next((n for n, best in enumerate(curve, 1) if best <= least), None)
+            needed.append(hit if hit is not None else math.nan)
+            at_early.append(curve[min(early, len(curve)) - 1] / least - 1)
+        out[label] = {"measurements_to_least": float(np.mean(needed)), "found_least": bool(np.isfinite(needed).all()),
+                      "excess_at_30_percent": float(np.mean(at_early))}
     return out
 
 
@@ -383,6 +443,22 @@ def markdown(report: dict) -> str:
                          f"({100 * w['saving_over_fastest']:.1f} %) | {w['latency_energy_spearman']:.2f} "
                          f"| {cells[0]} | {cells[1]} |")
         lines.append("")
+        lines.append("Which candidates to measure, one energy measurement at a time among those in the slack "
+                     "(the model retrained after each from the third on): measurements needed to find the least "
+                     "energy in the slack (of how many the naive way measures: all of them), and how far above "
+                     "it each rule still is after 30 % of those measurements (random: mean of "
+                     f"{report['splits']} seeds).")
+        lines.append("")
+        labels = next((list(w["selection"]) for w in report["slack"] if w.get("selection")), [])
+        lines.append("| workload | seed | " + " | ".join(labels) + " |")
+        lines.append("|---|---|" + "---|" * len(labels))
+        for w in report["slack"]:
+            found = w.get("selection", {})
+            cells = [f"{found[label]['measurements_to_least']:.0f}/{w['within_slack']}, "
+                     f"+{100 * found[label]['excess_at_30_percent']:.1f} %" if label in found else "-"
+                     for label in labels]
+            lines.append(f"| {w['name']} | {w['seed']} | " + " | ".join(cells) + " |")
+        lines.append("")
     lines.append(f"All figures above: backend **{report['backend']}**. Issue target (sim): energy MAPE < 10 % and "
                  "Spearman > 0.85 on 256 held-out after 64 training candidates.")
     lines.append("")
@@ -414,6 +490,7 @@ def main(argv=None) -> int:
     parser.add_argument("--slack-seeds", nargs="*", type=int, default=[],
                         help="sim only: also study the candidates within --slack of the fastest, from a latency-"
                              "tuning run per seed")
+    parser.add_argument("--slack-workloads", nargs="+", default=None, help="default: --workloads")
     parser.add_argument("--slack", type=float, default=0.05)
     parser.add_argument("--slack-trials", type=int, default=96)
     args = parser.parse_args(argv)
@@ -454,7 +531,7 @@ def main(argv=None) -> int:
         if args.backend != "sim":
             parser.error("--slack-seeds runs latency tuning on sim; it does not apply to other backends")
         report.update(slack_fraction=args.slack, slack_trials=args.slack_trials, slack=[])
-        for name in args.workloads:
+        for name in args.slack_workloads or args.workloads:
             for seed in args.slack_seeds:
                 found = evaluate_in_slack(slack_pool(name, seed, args), args)
                 report["slack"].append(found)
