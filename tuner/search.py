@@ -246,9 +246,12 @@ class Tuner:
                 if not timed:
                     return
             predicted, std = self.models.predict_energy([t.features for t in timed], [t.latency_s for t in timed])
+            incumbent = self.status.best  # the best measured: what a new measurement has to beat
             indices = self.policy.select(
                 predicted_mean=predicted, predicted_std=std, latency_s=[t.latency_s for t in timed],
                 score=lambda lat, energy: self.objective.score(lat, energy, fastest), budget=allowed,
+                incumbent=None if incumbent is None else self.objective.score(incumbent.latency_s, incumbent.energy_j,
+                                                                              fastest),
             )
             picks = [timed[i] for i in indices]
             predicted = [predicted[i] if predicted else None for i in indices]
