@@ -1,6 +1,6 @@
 """MetaSchedule schedule rules for CUDA, spelled out so etune can fix what TVM 0.27's defaults break.
 
-Four rule sets, each a family of design spaces for the workloads it applies to:
+Five rule sets, each a family of design spaces for the workloads it applies to:
 - ``tensorcore``: TVM's DefaultCUDATensorCore, except that the wmma accumulator is staged through
   *static* shared memory. With the default ("shared.dyn" for loads and the store), the pass that merges
   dynamic shared allocations types the merged pool with the first buffer's element type (fp16), and the
@@ -14,6 +14,9 @@ Four rule sets, each a family of design spaces for the workloads it applies to:
   calls etune's rules (search_space/attention_rules.py) and nothing else touches them.
 - ``splitk``: GEMV and skinny GEMM (M <= 4) only: K split across lanes and blocks
   (``search_space.splitk``), which MetaSchedule's own rules never do for these shapes.
+- ``rowsoftmax``: softmax only, over etune's row-softmax templates (kernels/softmax_fused.py) like
+  ``fused``: the row in registers with 16-byte vectors, a warp or a block per row, and rows split
+  across blocks (``search_space.softmax_rules``).
 """
 from __future__ import annotations
 
@@ -25,13 +28,15 @@ from tvm.s_tir.meta_schedule import schedule_rule as sr
 
 from . import splitk
 
-RULE_SETS = ("tensorcore", "simt", "fused", "splitk")
+RULE_SETS = ("tensorcore", "simt", "fused", "splitk", "rowsoftmax")
 
 
 def rule_set_applies(rule_set: str, workload) -> bool:
     """Whether a rule set gives a design space of its own for ``workload``."""
     if rule_set == "splitk":
         return splitk.applies(workload)
+    if rule_set == "rowsoftmax":
+        return workload.family == "softmax"
     return True
 
 
@@ -144,4 +149,10 @@ def schedule_rules(rule_set: str, cross_thread_reduction: bool = True) -> list:
     if rule_set == "splitk":
         # The rule schedules the reduction and its epilogue completely; nothing else is left to bind.
         return [splitk.SplitKRule()]
+    if rule_set == "rowsoftmax":
+        from .softmax_rules import register
+
+        register()
+        tensor_intrinsics()  # TuneContext imports it otherwise, without the fast path (~30 s)
+        return [sr.ApplyCustomRule()]
     raise ValueError(f"unknown rule set {rule_set!r}; known: {', '.join(RULE_SETS)}")

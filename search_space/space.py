@@ -36,6 +36,7 @@ from tvm.s_tir.schedule import LoopRV, SBlockRV, Trace
 
 from etune.kernels import Workload, as_workload
 from etune.kernels.attention_fused import fused_prim_funcs
+from etune.kernels.softmax_fused import softmax_prim_funcs
 
 from . import interrupts
 from .analysis import KernelLaunch, kernel_launches, launch_problem
@@ -43,7 +44,11 @@ from .rules import RULE_SETS, rule_set_applies, schedule_rules
 from .targets import GpuSpec, gpu_spec
 
 # Postprocessors and mutators per rule set, as TVM's defaults pair them.
-_DEFAULT_KIND = {"tensorcore": "cuda-tensorcore", "simt": "cuda", "fused": "cuda", "splitk": "cuda"}
+_DEFAULT_KIND = {"tensorcore": "cuda-tensorcore", "simt": "cuda", "fused": "cuda", "splitk": "cuda",
+                 "rowsoftmax": "cuda"}
+# Rule sets over etune's TIR templates instead of the workload's TE chain: {rule set: the templates
+# that apply to a workload, {name: PrimFunc}}.
+_TEMPLATES = {"fused": fused_prim_funcs, "rowsoftmax": softmax_prim_funcs}
 
 
 # TVM 0.27 raises plain Python exceptions across its FFI (no TVMError any more).
@@ -330,9 +335,9 @@ class ScheduleSpace:
         for rule_set in rule_sets:
             if not rule_set_applies(rule_set, self.workload):
                 continue
-            if rule_set == "fused":  # one module per fused template that applies (none outside attention)
+            if rule_set in _TEMPLATES:  # one module per template that applies
                 modules = [(name, tvm.IRModule({"main": func}))
-                           for name, func in fused_prim_funcs(self.workload).items()]
+                           for name, func in _TEMPLATES[rule_set](self.workload).items()]
             else:
                 modules = [(None, self.mod)]
             for template, mod in modules:
@@ -341,7 +346,7 @@ class ScheduleSpace:
                 except SamplingError as exc:
                     if template is None:
                         raise
-                    self.notes.append(f"fused {template}: no design space ({exc})")
+                    self.notes.append(f"{rule_set} {template}: no design space ({exc})")
                     continue
                 for space in spaces:
                     trace = Trace(space.trace.simplified(remove_postproc=True).insts, {})
