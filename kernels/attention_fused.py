@@ -154,13 +154,166 @@ def split_kv_decode(batch: int, heads: int, q_len: int, kv_len: int, head_dim: i
     return main
 
 
+# FlashAttention-2 style prefill. Keys are visited in granules of PREFILL_GRANULE: the online softmax
+# rescales the running output once per granule, and the rule stages several granules of K and V in
+# shared memory at a time (its sampled key tile). The query tile is the template's own constant: it is
+# the loop every thread block owns across the whole key loop, which no schedule primitive can resize.
+PREFILL_GRANULE = 32
+PREFILL_Q_TILES = (32, 64, 128)
+
+
+def prefill_q_tiles(q_len: int, head_dim: int) -> list[int]:
+    """Query tiles offered as templates: those whose Q tile and one granule of K/V fit in 48 KiB of
+    shared memory beside the scores, and no bigger than the query length rounded up to 32."""
+    fitting = [t for t in PREFILL_Q_TILES
+               if t * head_dim * 2 + 2 * PREFILL_GRANULE * head_dim * 2 + t * PREFILL_GRANULE * 6 <= 40 * 1024]
+    return [t for t in fitting if t <= max(32, -(-q_len // 32) * 32)] or fitting[:1]
+
+
+def flash_prefill(batch: int, heads: int, q_len: int, kv_len: int, head_dim: int, causal: bool = False,
+                  dtype: str = "float16", q_tile: int = 64, granule: int = PREFILL_GRANULE):
+    """The FlashAttention-2 style prefill PrimFunc: one thread block per (batch, head, query tile).
+
+    Per key granule t: scores S = Q K^T (fp32, masked, scaled), the running row max Mx (granule t's from granule
+    t - 1's), the rescale Alpha = exp2(Mx_{t-1} - Mx_t), probabilities P = exp2(S - Mx_t) (fp16, as the
+    unfused chain rounds them), the running sum L = L * Alpha + sum(P) and output
+    Oacc = Oacc * Alpha + P V (fp32).
+    The output is divided by L and written once. Rows past q_len are computed on zeros and not
+    stored; keys past kv_len are loaded as zeros and masked. Causal (bottom-right aligned): in
+    granules no row of the tile can see, the K/V loads and both products are skipped (an ``if``
+    inside those blocks: a block predicate would make the reductions' bindings non-affine and the
+    loads no longer cover what the granule reads, and TVM inserts no barrier inside a condition);
+    the row statistics still run there, on scores that are all masked, and leave the state as is.
+    Granules crossing the diagonal mask per element.
+    """
+    import tvm
+    from tvm.script import tirx as T
+
+    B, H, QL, KV, D = batch, heads, q_len, kv_len, head_dim
+    TQ, G = int(q_tile), int(granule)
+    NQ, NT = -(-QL // TQ), -(-KV // G)
+    scale = 1.0 / math.sqrt(D) * math.log2(math.e)
+    offset = KV - QL  # causal, bottom-right aligned: query i sees keys j <= i + offset
+    lowest = T.min_value("float32")
+
+    def visible(q, key):
+        return tvm.tirx.all(key < KV, key <= q + offset) if causal else key < KV
+
+    def granule_live(qt, t):
+        # Some row of query tile qt sees the granule's first key (always true without causal).
+        return t * G <= qt * TQ + TQ - 1 + offset if causal else True
+
+    @T.prim_func(s_tir=True)
+    def main(Q: T.Buffer((B, H, QL, D), dtype), K: T.Buffer((B, H, KV, D), dtype),
+             V: T.Buffer((B, H, KV, D), dtype), O: T.Buffer((B, H, QL, D), dtype)):
+        T.func_attr({"global_symbol": "main", "tirx.noalias": True})
+        with T.sblock("root"):
+            Qs = T.sblock_alloc_buffer((B, H, NQ, TQ, D), dtype, scope="shared")
+            Ks = T.sblock_alloc_buffer((B, H, NQ, NT, G, D), dtype, scope="shared")
+            Vs = T.sblock_alloc_buffer((B, H, NQ, NT, G, D), dtype, scope="shared")
+            # Running row max after granules t (even) and t (odd): granule t reads granule t - 1's.
+            Mx = T.sblock_alloc_buffer((B, H, NQ, 2, TQ), "float32", scope="shared")
+            Alpha = T.sblock_alloc_buffer((B, H, NQ, 2, TQ), "float32", scope="shared")
+            L = T.sblock_alloc_buffer((B, H, NQ, TQ), "float32", scope="shared")
+            Oacc = T.sblock_alloc_buffer((B, H, NQ, TQ, D), "float32", scope="local")
+            for b, h, qt in T.grid(B, H, NQ):
+                for qi, d in T.grid(TQ, D):
+                    with T.sblock("q_load"):
+                        vb, vh, vq, vi, vd = T.axis.remap("SSSSS", [b, h, qt, qi, d])
+                        T.sblock_attr({"schedule_rule": "etune_flash_prefill"})
+                        Qs[vb, vh, vq, vi, vd] = T.if_then_else(
+                            vq * TQ + vi < QL, Q[vb, vh, T.min(vq * TQ + vi, QL - 1), vd], T.Cast(dtype, 0))
+                for t, j, d in T.grid(NT, G, D):
+                    with T.sblock("k_load"):
+                        vb, vh, vq, vt, vj, vd = T.axis.remap("SSSSSS", [b, h, qt, t, j, d])
+                        if granule_live(vq, vt):
+                            Ks[vb, vh, vq, vt, vj, vd] = T.if_then_else(
+                                vt * G + vj < KV, K[vb, vh, T.min(vt * G + vj, KV - 1), vd], T.Cast(dtype, 0))
+                for t, j, d in T.grid(NT, G, D):
+                    with T.sblock("v_load"):
+                        vb, vh, vq, vt, vj, vd = T.axis.remap("SSSSSS", [b, h, qt, t, j, d])
+                        if granule_live(vq, vt):
+                            Vs[vb, vh, vq, vt, vj, vd] = T.if_then_else(
+                                vt * G + vj < KV, V[vb, vh, T.min(vt * G + vj, KV - 1), vd], T.Cast(dtype, 0))
+                for t in range(NT):
+                    # One key granule. Its reads and writes are declared so that the tile's scope is a
+                    # plain pipeline (loads -> granule -> output) that compute_at can stage K/V in;
+                    # the running state it also reads stays inside. Within, every block writes its
+                    # buffer alone (the first granule initialises instead of rescaling), so the rule
+                    # may bind each.
+                    with T.sblock("granule"):
+                        vb, vh, vq, vt = T.axis.remap("SSSS", [b, h, qt, t])
+                        T.reads(Qs[vb, vh, vq, 0:TQ, 0:D], Ks[vb, vh, vq, vt, 0:G, 0:D], Vs[vb, vh, vq, vt, 0:G, 0:D])
+                        T.writes(Oacc[vb, vh, vq, 0:TQ, 0:D], L[vb, vh, vq, 0:TQ], Mx[vb, vh, vq, 0:2, 0:TQ],
+                                 Alpha[vb, vh, vq, 0:2, 0:TQ])
+                        Sacc = T.sblock_alloc_buffer((TQ, G), "float32", scope="local")
+                        S = T.sblock_alloc_buffer((TQ, G), "float32", scope="shared")
+                        P = T.sblock_alloc_buffer((TQ, G), dtype, scope="shared")
+                        for qi, j, d in T.grid(TQ, G, D):
+                            with T.sblock("qk"):
+                                vi, vj, vd = T.axis.remap("SSR", [qi, j, d])
+                                with T.init():
+                                    Sacc[vi, vj] = T.float32(0)
+                                if granule_live(vq, vt):
+                                    Sacc[vi, vj] += T.Cast("float32", Qs[vb, vh, vq, vi, vd]) * T.Cast(
+                                        "float32", Ks[vb, vh, vq, vt, vj, vd])
+                        for qi, j in T.grid(TQ, G):
+                            with T.sblock("s_store"):
+                                vi, vj = T.axis.remap("SS", [qi, j])
+                                S[vi, vj] = T.if_then_else(visible(vq * TQ + vi, vt * G + vj),
+                                                           Sacc[vi, vj] * T.float32(scale), lowest)
+                        for qi, j in T.grid(TQ, G):
+                            with T.sblock("tile_max"):
+                                vi, vj = T.axis.remap("SR", [qi, j])
+                                with T.init():
+                                    Mx[vb, vh, vq, vt % 2, vi] = T.if_then_else(
+                                        vt == 0, lowest, Mx[vb, vh, vq, (vt + 1) % 2, vi])
+                                Mx[vb, vh, vq, vt % 2, vi] = T.max(Mx[vb, vh, vq, vt % 2, vi], S[vi, vj])
+                        for qi in range(TQ):
+                            with T.sblock("rescale"):
+                                vi = T.axis.remap("S", [qi])
+                                # Zero for the first granule: its "previous" output and sum are not read.
+                                Alpha[vb, vh, vq, vt % 2, vi] = T.if_then_else(vt == 0, T.float32(0), T.exp2(
+                                    Mx[vb, vh, vq, (vt + 1) % 2, vi] - Mx[vb, vh, vq, vt % 2, vi]))
+                        for qi, j in T.grid(TQ, G):
+                            with T.sblock("prob"):
+                                vi, vj = T.axis.remap("SS", [qi, j])
+                                P[vi, vj] = T.Cast(dtype, T.exp2(S[vi, vj] - Mx[vb, vh, vq, vt % 2, vi]))
+                        for qi, j in T.grid(TQ, G):
+                            with T.sblock("tile_sum"):
+                                vi, vj = T.axis.remap("SR", [qi, j])
+                                with T.init():
+                                    L[vb, vh, vq, vi] = T.if_then_else(
+                                        vt == 0, T.float32(0), L[vb, vh, vq, vi] * Alpha[vb, vh, vq, vt % 2, vi])
+                                L[vb, vh, vq, vi] += T.Cast("float32", P[vi, vj])
+                        for qi, e, j in T.grid(TQ, D, G):
+                            with T.sblock("pv"):
+                                vi, ve, vj = T.axis.remap("SSR", [qi, e, j])
+                                with T.init():
+                                    Oacc[vb, vh, vq, vi, ve] = T.if_then_else(
+                                        vt == 0, T.float32(0), Oacc[vb, vh, vq, vi, ve] * Alpha[vb, vh, vq, vt % 2, vi])
+                                if granule_live(vq, vt):
+                                    Oacc[vb, vh, vq, vi, ve] += T.Cast("float32", P[vi, vj]) * T.Cast(
+                                        "float32", Vs[vb, vh, vq, vt, vj, ve])
+                for qi, e in T.grid(TQ, D):
+                    with T.sblock("O"):
+                        vb, vh, vq, vi, ve = T.axis.remap("SSSSS", [b, h, qt, qi, e])
+                        T.where(qt * TQ + qi < QL)
+                        O[vb, vh, vq * TQ + vi, ve] = T.Cast(dtype, Oacc[vb, vh, vq, vi, ve] / L[vb, vh, vq, vi])
+
+    return main
+
+
 def fused_prim_funcs(workload) -> dict:
     """Fused templates that apply to an attention workload: {template name: PrimFunc}."""
     if workload.family != "attention":
         return {}
     p = workload.params
     funcs = {}
+    shape = (p["batch"], p["heads"], p["q_len"], p["kv_len"], p["head_dim"], p["causal"], p["dtype"])
     if p["q_len"] <= DECODE_MAX_Q:
-        funcs["split_kv_decode"] = split_kv_decode(p["batch"], p["heads"], p["q_len"], p["kv_len"], p["head_dim"],
-                                                   p["causal"], p["dtype"])
+        funcs["split_kv_decode"] = split_kv_decode(*shape)
+    else:
+        for q_tile in prefill_q_tiles(p["q_len"], p["head_dim"]):
+            funcs[f"flash_prefill_q{q_tile}"] = flash_prefill(*shape, q_tile=q_tile)
     return funcs

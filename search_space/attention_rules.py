@@ -86,7 +86,80 @@ def split_kv_decode(sch, block):
     return [sch]
 
 
-RULES = {"etune_split_kv_decode": split_kv_decode}
+def flash_prefill(sch, block):
+    """Schedule the flash prefill template; ``block`` is its ``q_load`` block. One thread block per
+    (batch, head, query tile), threads (threadIdx.y over query rows) x (threadIdx.x over columns)."""
+    g = sch.get_sblock
+    sch.unannotate(block, "schedule_rule")
+    b, h, qt = sch.get_loops(block)[:3]
+    sch.bind(sch.fuse(b, h, qt), "blockIdx.x")
+    # Key tile: granules of K and V staged in shared memory per step of the key loop.
+    t = sch.get_loops(g("granule"))[-1]
+    t_stage, _ = sch.split(t, sch.sample_perfect_tile(t, n=2, max_innermost_factor=4))
+    for name in ("k_load", "v_load"):
+        sch.compute_at(g(name), t_stage, preserve_unit_loops=True)
+    # Thread layout, shared by every block: row threads x rows per thread over the query tile, column
+    # threads x columns per thread over head_dim (each thread's part of the output in registers).
+    qi, e = sch.get_loops(g("O"))[-2:]
+    rows = sch.sample_perfect_tile(qi, n=2, max_innermost_factor=8)
+    cols = sch.sample_perfect_tile(e, n=2, max_innermost_factor=8)
+    vec = sch.sample_categorical(VECTOR_WIDTHS, [0.1, 0.2, 0.3, 0.4])
+
+    def threads(row_threads, col_threads):
+        sch.bind(row_threads, "threadIdx.y")
+        sch.bind(col_threads, "threadIdx.x")
+
+    def tile_output(name):
+        """Rows and head_dim columns of the output tile, as the output accumulator is owned."""
+        qi, e = sch.get_loops(g(name))[-3:-1] if name == "pv" else sch.get_loops(g(name))[-2:]
+        r_t, r_i = sch.split(qi, rows)
+        c_t, c_i = sch.split(e, cols)
+        sch.reorder(r_t, c_t, r_i, c_i)
+        threads(r_t, c_t)
+        return r_i, c_i
+
+    def tile_scores(name, qi, j):
+        """Rows as the output, keys of a granule strided over the column threads."""
+        r_t, r_i = sch.split(qi, rows)
+        j_o, j_t = sch.split(j, [None, cols[0]])
+        sch.reorder(r_t, j_t, r_i, j_o)
+        threads(r_t, j_t)
+        return r_i, j_o
+
+    def one_row_per_thread(name):
+        """Row statistics: each row's reduction over the granule in one thread, read from shared."""
+        qi = sch.get_loops(g(name))[0]  # the loops inside the granule block
+        _, r_t, c_t = sch.split(qi, [None, rows[0], cols[0]])
+        threads(r_t, c_t)
+
+    def cooperative(name):
+        loops = sch.get_loops(g(name))
+        fused = sch.fuse(*loops[-2:] if name == "q_load" else loops[-3:])
+        _, r_t, c_t, lanes = sch.split(fused, [None, rows[0], cols[0], vec])
+        threads(r_t, c_t)
+        sch.vectorize(lanes)
+
+    for name in ("q_load", "k_load", "v_load"):
+        cooperative(name)
+    # S = Q K^T: a micro-tile of scores per thread, accumulated in registers, stored as owned.
+    qk = g("qk")
+    qi, j, d = sch.get_loops(qk)[-3:]
+    r_i, j_o = tile_scores("qk", qi, j)
+    sch.reorder(d, r_i, j_o)
+    for name in ("s_store", "prob"):
+        tile_scores(name, *sch.get_loops(g(name))[-2:])
+    for name in ("tile_max", "rescale", "tile_sum"):
+        one_row_per_thread(name)
+    # O += P V: the thread's rows x columns of the accumulator.
+    r_i, c_i = tile_output("pv")
+    sch.reorder(sch.get_loops(g("pv"))[-1], r_i, c_i)
+    tile_output("O")
+    unroll = sch.sample_categorical(UNROLL_STEPS, [0.25] * 4)
+    sch.annotate(g("root"), "meta_schedule.unroll_explicit", unroll)
+    return [sch]
+
+
+RULES = {"etune_split_kv_decode": split_kv_decode, "etune_flash_prefill": flash_prefill}
 
 
 def register() -> None:

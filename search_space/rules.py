@@ -126,6 +126,18 @@ def _wmma_tiling():
     )
 
 
+def postprocs(rule_set: str, kind: str):
+    """The postprocessors of a rule set: TVM's defaults for ``kind``, except that ``fused`` drops
+    RewriteUnboundBlock. The fused rules bind every block themselves, and that postprocessor aborts
+    ("blockIdx is bound but threadIdx is not") on the prefill template's granule block, whose threads
+    are bound inside it."""
+    from tvm.s_tir.meta_schedule.postproc import Postproc
+
+    if rule_set != "fused":
+        return kind
+    return [p for p in Postproc.create(kind) if type(p).__name__ != "RewriteUnboundBlock"]
+
+
 def schedule_rules(rule_set: str, cross_thread_reduction: bool = True) -> list:
     """The rules of a rule set. ``cross_thread_reduction=False`` drops the rule that, in TVM 0.27,
     aborts design-space generation for multi-block modules such as attention ("Unable to get the
