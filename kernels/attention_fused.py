@@ -246,22 +246,30 @@ def flash_prefill(batch: int, heads: int, q_len: int, kv_len: int, head_dim: int
                         T.reads(Qs[vb, vh, vq, 0:TQ, 0:D], Ks[vb, vh, vq, vt, 0:G, 0:D], Vs[vb, vh, vq, vt, 0:G, 0:D])
                         T.writes(Oacc[vb, vh, vq, 0:TQ, 0:D], L[vb, vh, vq, 0:TQ], Mx[vb, vh, vq, 0:2, 0:TQ],
                                  Alpha[vb, vh, vq, 0:2, 0:TQ])
-                        Sacc = T.sblock_alloc_buffer((TQ, G), "float32", scope="local")
                         S = T.sblock_alloc_buffer((TQ, G), "float32", scope="shared")
                         P = T.sblock_alloc_buffer((TQ, G), dtype, scope="shared")
-                        for qi, j, d in T.grid(TQ, G, D):
-                            with T.sblock("qk"):
-                                vi, vj, vd = T.axis.remap("SSR", [qi, j, d])
-                                with T.init():
-                                    Sacc[vi, vj] = T.float32(0)
-                                if granule_live(vq, vt):
-                                    Sacc[vi, vj] += T.Cast("float32", Qs[vb, vh, vq, vi, vd]) * T.Cast(
-                                        "float32", Ks[vb, vh, vq, vt, vj, vd])
-                        for qi, j in T.grid(TQ, G):
-                            with T.sblock("s_store"):
-                                vi, vj = T.axis.remap("SS", [qi, j])
-                                S[vi, vj] = T.if_then_else(visible(vq * TQ + vi, vt * G + vj),
-                                                           Sacc[vi, vj] * T.float32(scale), lowest)
+                        # The two products are blocks of their own: a scope with nothing but a product
+                        # is one where the rule may cache operands in registers. A unit loop sits
+                        # between such a block and the granule block: with none, TVM 0.27's split
+                        # inside it wrote into the template's own module (copy-on-write missed).
+                        for _ in range(1):  # see the note on the granule block
+                            with T.sblock("scores"):
+                                T.reads(Qs[vb, vh, vq, 0:TQ, 0:D], Ks[vb, vh, vq, vt, 0:G, 0:D])
+                                T.writes(S[0:TQ, 0:G])
+                                Sacc = T.sblock_alloc_buffer((TQ, G), "float32", scope="local")
+                                for qi, j, d in T.grid(TQ, G, D):
+                                    with T.sblock("qk"):
+                                        vi, vj, vd = T.axis.remap("SSR", [qi, j, d])
+                                        with T.init():
+                                            Sacc[vi, vj] = T.float32(0)
+                                        if granule_live(vq, vt):
+                                            Sacc[vi, vj] += T.Cast("float32", Qs[vb, vh, vq, vi, vd]) * T.Cast(
+                                                "float32", Ks[vb, vh, vq, vt, vj, vd])
+                                for qi, j in T.grid(TQ, G):
+                                    with T.sblock("s_store"):
+                                        vi, vj = T.axis.remap("SS", [qi, j])
+                                        S[vi, vj] = T.if_then_else(visible(vq * TQ + vi, vt * G + vj),
+                                                                   Sacc[vi, vj] * T.float32(scale), lowest)
                         for qi, j in T.grid(TQ, G):
                             with T.sblock("tile_max"):
                                 vi, vj = T.axis.remap("SR", [qi, j])
@@ -286,15 +294,20 @@ def flash_prefill(batch: int, heads: int, q_len: int, kv_len: int, head_dim: int
                                     L[vb, vh, vq, vi] = T.if_then_else(
                                         vt == 0, T.float32(0), L[vb, vh, vq, vi] * Alpha[vb, vh, vq, vt % 2, vi])
                                 L[vb, vh, vq, vi] += T.Cast("float32", P[vi, vj])
-                        for qi, e, j in T.grid(TQ, D, G):
-                            with T.sblock("pv"):
-                                vi, ve, vj = T.axis.remap("SSR", [qi, e, j])
-                                with T.init():
-                                    Oacc[vb, vh, vq, vi, ve] = T.if_then_else(
-                                        vt == 0, T.float32(0), Oacc[vb, vh, vq, vi, ve] * Alpha[vb, vh, vq, vt % 2, vi])
-                                if granule_live(vq, vt):
-                                    Oacc[vb, vh, vq, vi, ve] += T.Cast("float32", P[vi, vj]) * T.Cast(
-                                        "float32", Vs[vb, vh, vq, vt, vj, ve])
+                        for _ in range(1):  # see the note on the granule block
+                            with T.sblock("output_update"):
+                                T.reads(P[0:TQ, 0:G], Vs[vb, vh, vq, vt, 0:G, 0:D], Alpha[vb, vh, vq, vt % 2, 0:TQ],
+                                        Oacc[vb, vh, vq, 0:TQ, 0:D])
+                                T.writes(Oacc[vb, vh, vq, 0:TQ, 0:D])
+                                for qi, e, j in T.grid(TQ, D, G):
+                                    with T.sblock("pv"):
+                                        vi, ve, vj = T.axis.remap("SSR", [qi, e, j])
+                                        with T.init():
+                                            Oacc[vb, vh, vq, vi, ve] = T.if_then_else(
+                                                vt == 0, T.float32(0), Oacc[vb, vh, vq, vi, ve] * Alpha[vb, vh, vq, vt % 2, vi])
+                                        if granule_live(vq, vt):
+                                            Oacc[vb, vh, vq, vi, ve] += T.Cast("float32", P[vi, vj]) * T.Cast(
+                                                "float32", Vs[vb, vh, vq, vt, vj, ve])
                 for qi, e in T.grid(TQ, D):
                     with T.sblock("O"):
                         vb, vh, vq, vi, ve = T.axis.remap("SSSSS", [b, h, qt, qi, e])

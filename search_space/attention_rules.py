@@ -139,6 +139,14 @@ def flash_prefill(sch, block):
         threads(r_t, c_t)
         sch.vectorize(lanes)
 
+    def cache_operands(block, names, loop):
+        """Each thread's slice of the named operands in registers, loaded once per step of ``loop``."""
+        reads = [region.source.name for region in sch.get(block).reads]
+        for name in names:
+            cached = sch.cache_read(block, reads.index(name), "local")
+            sch.compute_at(cached, loop, preserve_unit_loops=True)
+            sch.vectorize(sch.get_loops(cached)[-1])
+
     for name in ("q_load", "k_load", "v_load"):
         cooperative(name)
     # S = Q K^T: a micro-tile of scores per thread, accumulated in registers, stored as owned.
@@ -146,13 +154,17 @@ def flash_prefill(sch, block):
     qi, j, d = sch.get_loops(qk)[-3:]
     r_i, j_o = tile_scores("qk", qi, j)
     sch.reorder(d, r_i, j_o)
+    cache_operands(qk, ("Qs", "Ks"), d)
     for name in ("s_store", "prob"):
         tile_scores(name, *sch.get_loops(g(name))[-2:])
     for name in ("tile_max", "rescale", "tile_sum"):
         one_row_per_thread(name)
     # O += P V: the thread's rows x columns of the accumulator.
+    pv = g("pv")
     r_i, c_i = tile_output("pv")
-    sch.reorder(sch.get_loops(g("pv"))[-1], r_i, c_i)
+    j = sch.get_loops(pv)[-1]
+    sch.reorder(j, r_i, c_i)
+    cache_operands(pv, ("P", "Vs"), j)
     tile_output("O")
     unroll = sch.sample_categorical(UNROLL_STEPS, [0.25] * 4)
     sch.annotate(g("root"), "meta_schedule.unroll_explicit", unroll)
