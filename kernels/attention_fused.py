@@ -162,16 +162,24 @@ PREFILL_GRANULE = 32
 PREFILL_Q_TILES = (32, 64, 128)
 
 
-def prefill_q_tiles(q_len: int, head_dim: int) -> list[int]:
-    """Query tiles offered as templates: those whose Q tile and one granule of K/V fit in 48 KiB of
-    shared memory beside the scores, and no bigger than the query length rounded up to 32."""
-    fitting = [t for t in PREFILL_Q_TILES
-               if t * head_dim * 2 + 2 * PREFILL_GRANULE * head_dim * 2 + t * PREFILL_GRANULE * 6 <= 40 * 1024]
+def prefill_shared_bytes(q_tile: int, head_dim: int, tensor_cores: bool, granule: int = PREFILL_GRANULE) -> int:
+    """Shared memory of the prefill template with one granule of K/V staged: the Q tile, K and V,
+    fp32 scores and fp16 probabilities, and (tensor cores) the fp32 P V tile of a granule."""
+    scores = q_tile * granule * (4 + 2)
+    pv_tile = q_tile * head_dim * 4 if tensor_cores else 0
+    return q_tile * head_dim * 2 + 2 * granule * head_dim * 2 + scores + pv_tile
+
+
+def prefill_q_tiles(q_len: int, head_dim: int, tensor_cores: bool = False) -> list[int]:
+    """Query tiles offered as templates: those whose tiles fit in 48 KiB of shared memory (the row
+    statistics take a little more), and no bigger than the query length rounded up to 32."""
+    fitting = [t for t in PREFILL_Q_TILES if prefill_shared_bytes(t, head_dim, tensor_cores) <= 47 * 1024]
     return [t for t in fitting if t <= max(32, -(-q_len // 32) * 32)] or fitting[:1]
 
 
 def flash_prefill(batch: int, heads: int, q_len: int, kv_len: int, head_dim: int, causal: bool = False,
-                  dtype: str = "float16", q_tile: int = 64, granule: int = PREFILL_GRANULE):
+                  dtype: str = "float16", q_tile: int = 64, granule: int = PREFILL_GRANULE,
+                  tensor_cores: bool = False):
     """The FlashAttention-2 style prefill PrimFunc: one thread block per (batch, head, query tile).
 
     Per key granule t: scores S = Q K^T (fp32, masked, scaled), the running row max Mx (granule t's from granule
@@ -185,6 +193,11 @@ def flash_prefill(batch: int, heads: int, q_len: int, kv_len: int, head_dim: int
     loads no longer cover what the granule reads, and TVM inserts no barrier inside a condition);
     the row statistics still run there, on scores that are all masked, and leave the state as is.
     Granules crossing the diagonal mask per element.
+
+    ``tensor_cores``: the form whose two products a rule can tensorize (wmma): the products are plain
+    (no skip inside: a dead granule's K/V are zeros instead), scores are stored raw and masked where
+    read, and P V goes to a per-granule tile in shared memory that a plain block adds to the running
+    output (a wmma accumulator cannot be rescaled row by row).
     """
     import tvm
     from tvm.script import tirx as T
@@ -195,6 +208,7 @@ def flash_prefill(batch: int, heads: int, q_len: int, kv_len: int, head_dim: int
     scale = 1.0 / math.sqrt(D) * math.log2(math.e)
     offset = KV - QL  # causal, bottom-right aligned: query i sees keys j <= i + offset
     lowest = T.min_value("float32")
+    rule = "etune_flash_prefill_tc" if tensor_cores else "etune_flash_prefill"
 
     def visible(q, key):
         return tvm.tirx.all(key < KV, key <= q + offset) if causal else key < KV
@@ -202,6 +216,16 @@ def flash_prefill(batch: int, heads: int, q_len: int, kv_len: int, head_dim: int
     def granule_live(qt, t):
         # Some row of query tile qt sees the granule's first key (always true without causal).
         return t * G <= qt * TQ + TQ - 1 + offset if causal else True
+
+    def skip_inside_products(qt, t):
+        return True if tensor_cores else granule_live(qt, t)
+
+    def score(q, key, raw):
+        return T.if_then_else(visible(q, key), raw * T.float32(scale), lowest)
+
+    def stored_score(q, key, stored):
+        # Scores are stored masked and scaled, or raw (tensor cores) and masked where read.
+        return score(q, key, stored) if tensor_cores else stored
 
     @T.prim_func(s_tir=True)
     def main(Q: T.Buffer((B, H, QL, D), dtype), K: T.Buffer((B, H, KV, D), dtype),
@@ -220,19 +244,27 @@ def flash_prefill(batch: int, heads: int, q_len: int, kv_len: int, head_dim: int
                 for qi, d in T.grid(TQ, D):
                     with T.sblock("q_load"):
                         vb, vh, vq, vi, vd = T.axis.remap("SSSSS", [b, h, qt, qi, d])
-                        T.sblock_attr({"schedule_rule": "etune_flash_prefill"})
+                        T.sblock_attr({"schedule_rule": rule})
                         Qs[vb, vh, vq, vi, vd] = T.if_then_else(
                             vq * TQ + vi < QL, Q[vb, vh, T.min(vq * TQ + vi, QL - 1), vd], T.Cast(dtype, 0))
                 for t, j, d in T.grid(NT, G, D):
                     with T.sblock("k_load"):
                         vb, vh, vq, vt, vj, vd = T.axis.remap("SSSSSS", [b, h, qt, t, j, d])
-                        if granule_live(vq, vt):
+                        if tensor_cores:
+                            Ks[vb, vh, vq, vt, vj, vd] = T.if_then_else(
+                                tvm.tirx.all(granule_live(vq, vt), vt * G + vj < KV),
+                                K[vb, vh, T.min(vt * G + vj, KV - 1), vd], T.Cast(dtype, 0))
+                        elif granule_live(vq, vt):
                             Ks[vb, vh, vq, vt, vj, vd] = T.if_then_else(
                                 vt * G + vj < KV, K[vb, vh, T.min(vt * G + vj, KV - 1), vd], T.Cast(dtype, 0))
                 for t, j, d in T.grid(NT, G, D):
                     with T.sblock("v_load"):
                         vb, vh, vq, vt, vj, vd = T.axis.remap("SSSSSS", [b, h, qt, t, j, d])
-                        if granule_live(vq, vt):
+                        if tensor_cores:
+                            Vs[vb, vh, vq, vt, vj, vd] = T.if_then_else(
+                                tvm.tirx.all(granule_live(vq, vt), vt * G + vj < KV),
+                                V[vb, vh, T.min(vt * G + vj, KV - 1), vd], T.Cast(dtype, 0))
+                        elif granule_live(vq, vt):
                             Vs[vb, vh, vq, vt, vj, vd] = T.if_then_else(
                                 vt * G + vj < KV, V[vb, vh, T.min(vt * G + vj, KV - 1), vd], T.Cast(dtype, 0))
                 for t in range(NT):
@@ -248,11 +280,12 @@ def flash_prefill(batch: int, heads: int, q_len: int, kv_len: int, head_dim: int
                                  Alpha[vb, vh, vq, 0:2, 0:TQ])
                         S = T.sblock_alloc_buffer((TQ, G), "float32", scope="shared")
                         P = T.sblock_alloc_buffer((TQ, G), dtype, scope="shared")
+                        Ot = T.sblock_alloc_buffer((TQ, D), "float32", scope="shared")
                         # The two products are blocks of their own: a scope with nothing but a product
                         # is one where the rule may cache operands in registers. A unit loop sits
                         # between such a block and the granule block: with none, TVM 0.27's split
                         # inside it wrote into the template's own module (copy-on-write missed).
-                        for _ in range(1):  # see the note on the granule block
+                        for _ in range(1):
                             with T.sblock("scores"):
                                 T.reads(Qs[vb, vh, vq, 0:TQ, 0:D], Ks[vb, vh, vq, vt, 0:G, 0:D])
                                 T.writes(S[0:TQ, 0:G])
@@ -262,21 +295,24 @@ def flash_prefill(batch: int, heads: int, q_len: int, kv_len: int, head_dim: int
                                         vi, vj, vd = T.axis.remap("SSR", [qi, j, d])
                                         with T.init():
                                             Sacc[vi, vj] = T.float32(0)
-                                        if granule_live(vq, vt):
+                                        if skip_inside_products(vq, vt):
                                             Sacc[vi, vj] += T.Cast("float32", Qs[vb, vh, vq, vi, vd]) * T.Cast(
                                                 "float32", Ks[vb, vh, vq, vt, vj, vd])
                                 for qi, j in T.grid(TQ, G):
                                     with T.sblock("s_store"):
                                         vi, vj = T.axis.remap("SS", [qi, j])
-                                        S[vi, vj] = T.if_then_else(visible(vq * TQ + vi, vt * G + vj),
-                                                                   Sacc[vi, vj] * T.float32(scale), lowest)
+                                        if tensor_cores:
+                                            S[vi, vj] = Sacc[vi, vj]
+                                        else:
+                                            S[vi, vj] = score(vq * TQ + vi, vt * G + vj, Sacc[vi, vj])
                         for qi, j in T.grid(TQ, G):
                             with T.sblock("tile_max"):
                                 vi, vj = T.axis.remap("SR", [qi, j])
                                 with T.init():
                                     Mx[vb, vh, vq, vt % 2, vi] = T.if_then_else(
                                         vt == 0, lowest, Mx[vb, vh, vq, (vt + 1) % 2, vi])
-                                Mx[vb, vh, vq, vt % 2, vi] = T.max(Mx[vb, vh, vq, vt % 2, vi], S[vi, vj])
+                                Mx[vb, vh, vq, vt % 2, vi] = T.max(Mx[vb, vh, vq, vt % 2, vi],
+                                                                   stored_score(vq * TQ + vi, vt * G + vj, S[vi, vj]))
                         for qi in range(TQ):
                             with T.sblock("rescale"):
                                 vi = T.axis.remap("S", [qi])
@@ -286,7 +322,8 @@ def flash_prefill(batch: int, heads: int, q_len: int, kv_len: int, head_dim: int
                         for qi, j in T.grid(TQ, G):
                             with T.sblock("prob"):
                                 vi, vj = T.axis.remap("SS", [qi, j])
-                                P[vi, vj] = T.Cast(dtype, T.exp2(S[vi, vj] - Mx[vb, vh, vq, vt % 2, vi]))
+                                P[vi, vj] = T.Cast(dtype, T.exp2(stored_score(vq * TQ + vi, vt * G + vj, S[vi, vj])
+                                                                 - Mx[vb, vh, vq, vt % 2, vi]))
                         for qi, j in T.grid(TQ, G):
                             with T.sblock("tile_sum"):
                                 vi, vj = T.axis.remap("SR", [qi, j])
@@ -294,20 +331,48 @@ def flash_prefill(batch: int, heads: int, q_len: int, kv_len: int, head_dim: int
                                     L[vb, vh, vq, vi] = T.if_then_else(
                                         vt == 0, T.float32(0), L[vb, vh, vq, vi] * Alpha[vb, vh, vq, vt % 2, vi])
                                 L[vb, vh, vq, vi] += T.Cast("float32", P[vi, vj])
-                        for _ in range(1):  # see the note on the granule block
-                            with T.sblock("output_update"):
-                                T.reads(P[0:TQ, 0:G], Vs[vb, vh, vq, vt, 0:G, 0:D], Alpha[vb, vh, vq, vt % 2, 0:TQ],
-                                        Oacc[vb, vh, vq, 0:TQ, 0:D])
-                                T.writes(Oacc[vb, vh, vq, 0:TQ, 0:D])
-                                for qi, e, j in T.grid(TQ, D, G):
-                                    with T.sblock("pv"):
-                                        vi, ve, vj = T.axis.remap("SSR", [qi, e, j])
-                                        with T.init():
-                                            Oacc[vb, vh, vq, vi, ve] = T.if_then_else(
-                                                vt == 0, T.float32(0), Oacc[vb, vh, vq, vi, ve] * Alpha[vb, vh, vq, vt % 2, vi])
-                                        if granule_live(vq, vt):
-                                            Oacc[vb, vh, vq, vi, ve] += T.Cast("float32", P[vi, vj]) * T.Cast(
+                        if tensor_cores:
+                            for _ in range(1):
+                                with T.sblock("output_update"):
+                                    T.reads(P[0:TQ, 0:G], Vs[vb, vh, vq, vt, 0:G, 0:D])
+                                    T.writes(Ot[0:TQ, 0:D])
+                                    Otacc = T.sblock_alloc_buffer((TQ, D), "float32", scope="local")
+                                    for qi, e, j in T.grid(TQ, D, G):
+                                        with T.sblock("pv"):
+                                            vi, ve, vj = T.axis.remap("SSR", [qi, e, j])
+                                            with T.init():
+                                                Otacc[vi, ve] = T.float32(0)
+                                            Otacc[vi, ve] += T.Cast("float32", P[vi, vj]) * T.Cast(
                                                 "float32", Vs[vb, vh, vq, vt, vj, ve])
+                                    for qi, e in T.grid(TQ, D):
+                                        with T.sblock("o_store"):
+                                            vi, ve = T.axis.remap("SS", [qi, e])
+                                            Ot[vi, ve] = Otacc[vi, ve]
+                            # Written as a reduction (of one term) so that, like pv in the SIMT form,
+                            # its rescale of the running output is an init and the block may be bound.
+                            for qi, e, one in T.grid(TQ, D, 1):
+                                with T.sblock("o_merge"):
+                                    vi, ve, vone = T.axis.remap("SSR", [qi, e, one])
+                                    with T.init():
+                                        Oacc[vb, vh, vq, vi, ve] = T.if_then_else(
+                                            vt == 0, T.float32(0), Oacc[vb, vh, vq, vi, ve] * Alpha[vb, vh, vq, vt % 2, vi])
+                                    Oacc[vb, vh, vq, vi, ve] += Ot[vi + vone, ve]
+                        else:
+                            for _ in range(1):
+                                with T.sblock("output_update"):
+                                    T.reads(P[0:TQ, 0:G], Vs[vb, vh, vq, vt, 0:G, 0:D],
+                                            Alpha[vb, vh, vq, vt % 2, 0:TQ], Oacc[vb, vh, vq, 0:TQ, 0:D])
+                                    T.writes(Oacc[vb, vh, vq, 0:TQ, 0:D])
+                                    for qi, e, j in T.grid(TQ, D, G):
+                                        with T.sblock("pv"):
+                                            vi, ve, vj = T.axis.remap("SSR", [qi, e, j])
+                                            with T.init():
+                                                Oacc[vb, vh, vq, vi, ve] = T.if_then_else(
+                                                    vt == 0, T.float32(0),
+                                                    Oacc[vb, vh, vq, vi, ve] * Alpha[vb, vh, vq, vt % 2, vi])
+                                            if granule_live(vq, vt):
+                                                Oacc[vb, vh, vq, vi, ve] += T.Cast("float32", P[vi, vj]) * T.Cast(
+                                                    "float32", Vs[vb, vh, vq, vt, vj, ve])
                 for qi, e in T.grid(TQ, D):
                     with T.sblock("O"):
                         vb, vh, vq, vi, ve = T.axis.remap("SSSSS", [b, h, qt, qi, e])
@@ -329,4 +394,7 @@ def fused_prim_funcs(workload) -> dict:
     else:
         for q_tile in prefill_q_tiles(p["q_len"], p["head_dim"]):
             funcs[f"flash_prefill_q{q_tile}"] = flash_prefill(*shape, q_tile=q_tile)
+        if p["head_dim"] % 16 == 0:  # wmma tiles of 16 over head_dim
+            for q_tile in prefill_q_tiles(p["q_len"], p["head_dim"], tensor_cores=True):
+                funcs[f"flash_prefill_wmma_q{q_tile}"] = flash_prefill(*shape, q_tile=q_tile, tensor_cores=True)
     return funcs

@@ -171,7 +171,95 @@ def flash_prefill(sch, block):
     return [sch]
 
 
-RULES = {"etune_split_kv_decode": split_kv_decode, "etune_flash_prefill": flash_prefill}
+def flash_prefill_tensor_cores(sch, block):
+    """Schedule the tensor-core form of the flash prefill template (wmma 16x16x16, fp32 accumulate).
+
+    Threads: warps (threadIdx.y, sampled) x 32 lanes. Each product's 16x16 output tiles are dealt to
+    the warps; the row statistics, probabilities and the output merge run on all threads as in the
+    SIMT schedule, with 32 column threads."""
+    from .rules import tensor_intrinsics
+
+    tensor_intrinsics()  # registers the wmma intrinsics
+    g = sch.get_sblock
+    sch.unannotate(block, "schedule_rule")
+    b, h, qt = sch.get_loops(block)[:3]
+    sch.bind(sch.fuse(b, h, qt), "blockIdx.x")
+    t = sch.get_loops(g("granule"))[-1]
+    t_stage, _ = sch.split(t, sch.sample_perfect_tile(t, n=2, max_innermost_factor=4))
+    for name in ("k_load", "v_load"):
+        sch.compute_at(g(name), t_stage, preserve_unit_loops=True)
+    vec = sch.sample_categorical(VECTOR_WIDTHS, [0.1, 0.2, 0.3, 0.4])
+
+    def wmma_tiles(name):
+        """The block's 16x16x16 tiles: (row tiles, column tiles, reduction tiles, the 16^3 loops)."""
+        i, j, k = sch.get_loops(g(name))[-3:]
+        i_o, i_16 = sch.split(i, [None, 16])
+        j_o, j_16 = sch.split(j, [None, 16])
+        k_o, k_16 = sch.split(k, [None, 16])
+        sch.reorder(i_o, j_o, k_o, i_16, j_16, k_16)
+        return i_o, j_o, k_o, i_16
+
+    qk_tiles = wmma_tiles("qk")
+    # Warps over the 16-row strips of the query tile, in both products.
+    warps, _ = sch.sample_perfect_tile(qk_tiles[0], n=2, max_innermost_factor=16)
+
+    def product(name, tiling, store, operands, intrinsics):
+        i_o, j_o, k_o, inner = tiling
+        warp, per_warp = sch.split(i_o, [warps, None])
+        sch.bind(warp, "threadIdx.y")
+        block = g(name)
+        sch.set_scope(block, 0, "wmma.accumulator")
+        reads = [region.source.name for region in sch.get(block).reads]
+        for buffer, fragment, load in zip(operands, ("wmma.matrix_a", "wmma.matrix_b"), intrinsics[:2]):
+            cached = sch.cache_read(block, reads.index(buffer), fragment)
+            sch.compute_at(cached, k_o, preserve_unit_loops=True)
+            loops = sch.get_loops(cached)[-2:]
+            outer = [sch.split(loop, [None, 16])[0] for loop in loops]
+            sch.reorder(*outer, *[sch.get_loops(cached)[-3], sch.get_loops(cached)[-1]])
+            sch.tensorize(sch.get_loops(cached)[-2], load)
+        init = sch.decompose_reduction(block, per_warp)
+        sch.tensorize(sch.get_loops(init)[-2], "wmma_fill_16x16x16_f32")
+        sch.tensorize(inner, intrinsics[2])
+        i, j = sch.get_loops(g(store))[-2:]
+        i_o, i_16 = sch.split(i, [None, 16])
+        j_o, j_16 = sch.split(j, [None, 16])
+        sch.reorder(i_o, j_o, i_16, j_16)
+        sch.bind(sch.split(i_o, [warps, None])[0], "threadIdx.y")
+        sch.tensorize(i_16, "wmma_store_16x16x16_f32_shared")
+
+    def threads(row_threads, lanes):
+        sch.bind(row_threads, "threadIdx.y")
+        sch.bind(lanes, "threadIdx.x")
+
+    for name in ("q_load", "k_load", "v_load"):
+        loops = sch.get_loops(g(name))
+        fused = sch.fuse(*loops[-2:] if name == "q_load" else loops[-3:])
+        _, r_t, lanes, vector = sch.split(fused, [None, warps, 32, vec])
+        threads(r_t, lanes)
+        sch.vectorize(vector)
+    product("qk", qk_tiles, "s_store", ("Qs", "Ks"), ("wmma_load_16x16x16_f16_a_shared",
+                                             "wmma_load_16x16x16_f16_b_trans_shared",
+                                             "wmma_sync_16x16x16_f16f16f32_trans"))
+    product("pv", wmma_tiles("pv"), "o_store", ("P", "Vs"), ("wmma_load_16x16x16_f16_a_shared", "wmma_load_16x16x16_f16_b_shared",
+                                            "wmma_sync_16x16x16_f16f16f32"))
+    for name in ("tile_max", "rescale", "tile_sum"):
+        _, r_t, lanes = sch.split(sch.get_loops(g(name))[0], [None, warps, 32])
+        threads(r_t, lanes)
+    _, r_t, lanes = sch.split(sch.fuse(*sch.get_loops(g("prob"))[-2:]), [None, warps, 32])
+    threads(r_t, lanes)
+    for name in ("o_merge", "O"):
+        qi, e = sch.get_loops(g(name))[-3:-1] if name == "o_merge" else sch.get_loops(g(name))[-2:]
+        r_t, _ = sch.split(qi, [warps, None])
+        lanes, _ = sch.split(e, [32, None])
+        sch.reorder(r_t, lanes)
+        threads(r_t, lanes)
+    unroll = sch.sample_categorical(UNROLL_STEPS, [0.25] * 4)
+    sch.annotate(g("root"), "meta_schedule.unroll_explicit", unroll)
+    return [sch]
+
+
+RULES = {"etune_split_kv_decode": split_kv_decode, "etune_flash_prefill": flash_prefill,
+         "etune_flash_prefill_tc": flash_prefill_tensor_cores}
 
 
 def register() -> None:
