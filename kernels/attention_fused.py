@@ -164,10 +164,10 @@ PREFILL_Q_TILES = (32, 64, 128)
 
 def prefill_shared_bytes(q_tile: int, head_dim: int, tensor_cores: bool, granule: int = PREFILL_GRANULE) -> int:
     """Shared memory of the prefill template with one granule of K/V staged: the Q tile, K and V,
-    fp32 scores and fp16 probabilities, and (tensor cores) the fp32 P V tile of a granule."""
-    scores = q_tile * granule * (4 + 2)
-    pv_tile = q_tile * head_dim * 4 if tensor_cores else 0
-    return q_tile * head_dim * 2 + 2 * granule * head_dim * 2 + scores + pv_tile
+    fp32 scores (with tensor cores, as wide as the fp32 P V tile that reuses them) and fp16
+    probabilities."""
+    scores = q_tile * (max(head_dim, granule) if tensor_cores else granule) * 4
+    return q_tile * head_dim * 2 + 2 * granule * head_dim * 2 + scores + q_tile * granule * 2
 
 
 def prefill_q_tiles(q_len: int, head_dim: int, tensor_cores: bool = False) -> list[int]:
@@ -196,8 +196,8 @@ def flash_prefill(batch: int, heads: int, q_len: int, kv_len: int, head_dim: int
 
     ``tensor_cores``: the form whose two products a rule can tensorize (wmma): the products are plain
     (no skip inside: a dead granule's K/V are zeros instead), scores are stored raw and masked where
-    read, and P V goes to a per-granule tile in shared memory that a plain block adds to the running
-    output (a wmma accumulator cannot be rescaled row by row).
+    read, and P V goes to a per-granule tile in shared memory (the scores' buffer) that a plain block
+    adds to the running output (a wmma accumulator cannot be rescaled row by row).
     """
     import tvm
     from tvm.script import tirx as T
@@ -278,9 +278,13 @@ def flash_prefill(batch: int, heads: int, q_len: int, kv_len: int, head_dim: int
                         T.reads(Qs[vb, vh, vq, 0:TQ, 0:D], Ks[vb, vh, vq, vt, 0:G, 0:D], Vs[vb, vh, vq, vt, 0:G, 0:D])
                         T.writes(Oacc[vb, vh, vq, 0:TQ, 0:D], L[vb, vh, vq, 0:TQ], Mx[vb, vh, vq, 0:2, 0:TQ],
                                  Alpha[vb, vh, vq, 0:2, 0:TQ])
-                        S = T.sblock_alloc_buffer((TQ, G), "float32", scope="shared")
+                        # Tensor cores: S also holds the P V tile once the scores are read (one fp32
+                        # buffer; TVM's merge of shared buffers otherwise gave the fp32 tile an fp16
+                        # pool, which does not build).
+                        S = T.sblock_alloc_buffer((TQ, max(D, G) if tensor_cores else G), "float32", scope="shared")
                         P = T.sblock_alloc_buffer((TQ, G), dtype, scope="shared")
-                        Ot = T.sblock_alloc_buffer((TQ, D), "float32", scope="shared")
+                        Mrow = T.sblock_alloc_buffer((TQ,), "float32", scope="local")
+                        Lrow = T.sblock_alloc_buffer((TQ,), "float32", scope="local")
                         # The two products are blocks of their own: a scope with nothing but a product
                         # is one where the rule may cache operands in registers. A unit loop sits
                         # between such a block and the granule block: with none, TVM 0.27's split
@@ -305,14 +309,18 @@ def flash_prefill(batch: int, heads: int, q_len: int, kv_len: int, head_dim: int
                                             S[vi, vj] = Sacc[vi, vj]
                                         else:
                                             S[vi, vj] = score(vq * TQ + vi, vt * G + vj, Sacc[vi, vj])
+                        # Row statistics accumulate in registers and are stored once: a shared
+                        # accumulator would get a barrier per key (TVM cannot tell rows apart).
                         for qi, j in T.grid(TQ, G):
                             with T.sblock("tile_max"):
                                 vi, vj = T.axis.remap("SR", [qi, j])
                                 with T.init():
-                                    Mx[vb, vh, vq, vt % 2, vi] = T.if_then_else(
-                                        vt == 0, lowest, Mx[vb, vh, vq, (vt + 1) % 2, vi])
-                                Mx[vb, vh, vq, vt % 2, vi] = T.max(Mx[vb, vh, vq, vt % 2, vi],
-                                                                   stored_score(vq * TQ + vi, vt * G + vj, S[vi, vj]))
+                                    Mrow[vi] = T.if_then_else(vt == 0, lowest, Mx[vb, vh, vq, (vt + 1) % 2, vi])
+                                Mrow[vi] = T.max(Mrow[vi], stored_score(vq * TQ + vi, vt * G + vj, S[vi, vj]))
+                        for qi in range(TQ):
+                            with T.sblock("max_store"):
+                                vi = T.axis.remap("S", [qi])
+                                Mx[vb, vh, vq, vt % 2, vi] = Mrow[vi]
                         for qi in range(TQ):
                             with T.sblock("rescale"):
                                 vi = T.axis.remap("S", [qi])
@@ -328,14 +336,18 @@ def flash_prefill(batch: int, heads: int, q_len: int, kv_len: int, head_dim: int
                             with T.sblock("tile_sum"):
                                 vi, vj = T.axis.remap("SR", [qi, j])
                                 with T.init():
-                                    L[vb, vh, vq, vi] = T.if_then_else(
+                                    Lrow[vi] = T.if_then_else(
                                         vt == 0, T.float32(0), L[vb, vh, vq, vi] * Alpha[vb, vh, vq, vt % 2, vi])
-                                L[vb, vh, vq, vi] += T.Cast("float32", P[vi, vj])
+                                Lrow[vi] += T.Cast("float32", P[vi, vj])
+                        for qi in range(TQ):
+                            with T.sblock("sum_store"):
+                                vi = T.axis.remap("S", [qi])
+                                L[vb, vh, vq, vi] = Lrow[vi]
                         if tensor_cores:
                             for _ in range(1):
                                 with T.sblock("output_update"):
                                     T.reads(P[0:TQ, 0:G], Vs[vb, vh, vq, vt, 0:G, 0:D])
-                                    T.writes(Ot[0:TQ, 0:D])
+                                    T.writes(S[0:TQ, 0:D])
                                     Otacc = T.sblock_alloc_buffer((TQ, D), "float32", scope="local")
                                     for qi, e, j in T.grid(TQ, D, G):
                                         with T.sblock("pv"):
@@ -347,7 +359,7 @@ def flash_prefill(batch: int, heads: int, q_len: int, kv_len: int, head_dim: int
                                     for qi, e in T.grid(TQ, D):
                                         with T.sblock("o_store"):
                                             vi, ve = T.axis.remap("SS", [qi, e])
-                                            Ot[vi, ve] = Otacc[vi, ve]
+                                            S[vi, ve] = Otacc[vi, ve]
                             # Written as a reduction (of one term) so that, like pv in the SIMT form,
                             # its rescale of the running output is an init and the block may be bound.
                             for qi, e, one in T.grid(TQ, D, 1):
@@ -356,7 +368,7 @@ def flash_prefill(batch: int, heads: int, q_len: int, kv_len: int, head_dim: int
                                     with T.init():
                                         Oacc[vb, vh, vq, vi, ve] = T.if_then_else(
                                             vt == 0, T.float32(0), Oacc[vb, vh, vq, vi, ve] * Alpha[vb, vh, vq, vt % 2, vi])
-                                    Oacc[vb, vh, vq, vi, ve] += Ot[vi + vone, ve]
+                                    Oacc[vb, vh, vq, vi, ve] += S[vi + vone, ve]
                         else:
                             for _ in range(1):
                                 with T.sblock("output_update"):

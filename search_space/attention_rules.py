@@ -157,7 +157,7 @@ def flash_prefill(sch, block):
     cache_operands(qk, ("Qs", "Ks"), d)
     for name in ("s_store", "prob"):
         tile_scores(name, *sch.get_loops(g(name))[-2:])
-    for name in ("tile_max", "rescale", "tile_sum"):
+    for name in ("tile_max", "max_store", "rescale", "tile_sum", "sum_store"):
         one_row_per_thread(name)
     # O += P V: the thread's rows x columns of the accumulator.
     pv = g("pv")
@@ -242,7 +242,7 @@ def flash_prefill_tensor_cores(sch, block):
                                              "wmma_sync_16x16x16_f16f16f32_trans"))
     product("pv", wmma_tiles("pv"), "o_store", ("P", "Vs"), ("wmma_load_16x16x16_f16_a_shared", "wmma_load_16x16x16_f16_b_shared",
                                             "wmma_sync_16x16x16_f16f16f32"))
-    for name in ("tile_max", "rescale", "tile_sum"):
+    for name in ("tile_max", "max_store", "rescale", "tile_sum", "sum_store"):
         _, r_t, lanes = sch.split(sch.get_loops(g(name))[0], [None, warps, 32])
         threads(r_t, lanes)
     _, r_t, lanes = sch.split(sch.fuse(*sch.get_loops(g("prob"))[-2:]), [None, warps, 32])

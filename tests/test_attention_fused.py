@@ -51,25 +51,30 @@ def run_on_cpu(workload, func):
     return workload.check([args[-1].numpy()], workload.reference(inputs))
 
 
+@pytest.mark.parametrize("tensor_cores", [False, True])
 @pytest.mark.parametrize("shape, q_tile", [
     ((1, 2, 70, 90, 16, False), 32),  # both lengths past a tile: guarded query rows and keys
     ((1, 1, 50, 83, 24, True), 32),  # causal with kv_len > q_len: skipped granules and a diagonal
-    ((2, 1, 33, 33, 8, True), 32),
     ((1, 1, 64, 64, 64, True), 64),
 ])
-def test_prefill_template_matches_the_reference_on_cpu(shape, q_tile):
+def test_prefill_template_matches_the_reference_on_cpu(shape, q_tile, tensor_cores):
     b, h, q, kv, d, causal = shape
     workload = parse_spec(f"attention:{b},{h},{q},{kv},{d}" + (",causal" if causal else ""))
-    ok, error = run_on_cpu(workload, flash_prefill(*shape, q_tile=q_tile))
+    ok, error = run_on_cpu(workload, flash_prefill(*shape, q_tile=q_tile, tensor_cores=tensor_cores))
     assert ok, error
 
 
 def test_offered_by_q_len():
     assert set(fused_prim_funcs(parse_spec("attention:1,2,8,64,64"))) == {"split_kv_decode"}
-    # Prefill: one template per query tile whose tiles fit in shared memory (64 rows of head_dim 128
-    # do not beside K/V and the scores).
-    assert set(fused_prim_funcs(parse_spec("attention:1,2,200,64,64"))) == {"flash_prefill_q32", "flash_prefill_q64"}
-    assert set(fused_prim_funcs(parse_spec("attention:1,2,9,64,128,causal"))) == {"flash_prefill_q32"}
+    # Prefill: per query tile whose tiles fit in shared memory, a SIMT and (head_dim a multiple of 16)
+    # a wmma template; with tensor cores, 64 rows of head_dim 128 do not fit beside the P V tile.
+    assert set(fused_prim_funcs(parse_spec("attention:1,2,200,64,64"))) == {
+        "flash_prefill_q32", "flash_prefill_q64", "flash_prefill_wmma_q32", "flash_prefill_wmma_q64"}
+    assert set(fused_prim_funcs(parse_spec("attention:1,2,100,128,128,causal"))) == {
+        "flash_prefill_q32", "flash_prefill_q64", "flash_prefill_wmma_q32"}
+    assert set(fused_prim_funcs(parse_spec("attention:1,2,200,64,40"))) == {
+        "flash_prefill_q32", "flash_prefill_q64", "flash_prefill_q128"}
+    assert set(fused_prim_funcs(parse_spec("attention:1,2,9,64,40"))) == {"flash_prefill_q32"}  # tiles up to q_len
     assert fused_prim_funcs(parse_spec("gemm:64,64,64")) == {}
 
 
@@ -159,21 +164,23 @@ def prefill_space():
 
 @pytest.fixture(scope="module")
 def prefill_sampled(prefill_space):
-    return prefill_space.sample(6, seed=1, max_attempts=300)
+    return prefill_space.sample(8, seed=1, max_attempts=400)
 
 
 def test_prefill_samples_are_one_kernel_without_global_intermediates(prefill_space, prefill_sampled):
-    assert len(prefill_sampled) == 6, prefill_space.last_sample
-    assert {d.template for d in prefill_space.design_spaces} == {"flash_prefill_q32", "flash_prefill_q64"}
+    assert len(prefill_sampled) == 8, prefill_space.last_sample
+    assert {d.template for d in prefill_space.design_spaces} == {
+        "flash_prefill_q32", "flash_prefill_q64", "flash_prefill_wmma_q32", "flash_prefill_wmma_q64"}
     p = prefill_space.workload.params
     templates = set()
     for c in prefill_sampled:
         template = prefill_space.design_spaces[c.design_space].template
         templates.add(template)
-        q_tile = int(template.removeprefix("flash_prefill_q"))
+        q_tile = int(template.rsplit("_q", 1)[1])
         assert launch_problem(c.launches, prefill_space.gpu) is None
         assert len(c.launches) == 1, [k.name for k in c.launches]
         (kernel,) = c.launches
+        assert kernel.uses_tensor_cores == ("wmma" in template)
         query_tiles = -(-p["q_len"] // q_tile)
         assert kernel.blocks == p["batch"] * p["heads"] * query_tiles
         for buffer in c.mod["main"].body.block.alloc_buffers:
@@ -187,15 +194,18 @@ def test_prefill_samples_are_one_kernel_without_global_intermediates(prefill_spa
         q_bytes = p["batch"] * p["heads"] * query_tiles * q_tile * p["head_dim"] * 2
         assert kernel.traffic.global_load_bytes <= 4 * (kv_bytes + q_bytes)
         assert kernel.traffic.global_store_bytes <= q_bytes
-    assert len(templates) == 2
+    assert len(templates) == 4
 
 
 def test_prefill_decisions_mutate_cross_over_and_round_trip(prefill_space, prefill_sampled):
     rng = random.Random(0)
-    kinds = [i.kind.name for i in prefill_space.design_spaces[0].trace.insts]
-    # Key tile, row and column threads: perfect tiles; vector width and unroll: categorical.
-    assert kinds.count("SamplePerfectTile") == 3 and kinds.count("SampleCategorical") == 2
-    mutants = [m for m in (prefill_space.mutate(prefill_sampled[i % 6], rng) for i in range(12)) if m is not None]
+    for space in prefill_space.design_spaces:
+        kinds = [i.kind.name for i in space.trace.insts]
+        # Key tile and the threads (rows x columns, or warps with tensor cores): perfect tiles;
+        # vector width and unroll: categorical.
+        assert kinds.count("SamplePerfectTile") == (2 if "wmma" in space.template else 3)
+        assert kinds.count("SampleCategorical") == 2
+    mutants = [m for m in (prefill_space.mutate(prefill_sampled[i % 8], rng) for i in range(12)) if m is not None]
     assert mutants and all(len(m.launches) == 1 for m in mutants)
     assert {m.structural_hash for m in mutants} - {c.structural_hash for c in prefill_sampled}
     same_space = [c for c in prefill_sampled if c.design_space == prefill_sampled[0].design_space]
@@ -209,8 +219,10 @@ def test_prefill_decisions_mutate_cross_over_and_round_trip(prefill_space, prefi
 def test_prefill_builds_for_sm_90(prefill_space, prefill_sampled, tmp_path):
     from etune.search_space import Builder
 
-    results = Builder(prefill_space.gpu, workdir=tmp_path, jobs=2).build(prefill_sampled[:3])
-    assert all(r.ok for r in results), [r.error for r in results if not r.ok]
+    # One candidate of each template (SIMT and wmma, two query tiles).
+    one_each = list({c.design_space: c for c in prefill_sampled}.values())
+    results = Builder(prefill_space.gpu, workdir=tmp_path, jobs=2).build(one_each)
+    assert len(results) == 4 and all(r.ok for r in results), [r.error for r in results if not r.ok]
     assert all(len(r.kernels) == 1 and r.kernels[0].registers > 0 for r in results)
 
 
