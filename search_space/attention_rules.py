@@ -191,28 +191,29 @@ def flash_prefill_tensor_cores(sch, block):
     vec = sch.sample_categorical(VECTOR_WIDTHS, [0.1, 0.2, 0.3, 0.4])
 
     def wmma_tiles(name):
-        """The block's 16x16x16 tiles: (row tiles, column tiles, reduction tiles, the 16^3 loops)."""
+        """The block's 16x16x16 tiles: (row tiles, reduction tiles, column tiles, the 16^3 loops). The
+        reduction outside the columns: a warp loads each A fragment once for all its columns."""
         i, j, k = sch.get_loops(g(name))[-3:]
         i_o, i_16 = sch.split(i, [None, 16])
         j_o, j_16 = sch.split(j, [None, 16])
         k_o, k_16 = sch.split(k, [None, 16])
-        sch.reorder(i_o, j_o, k_o, i_16, j_16, k_16)
-        return i_o, j_o, k_o, i_16
+        sch.reorder(i_o, k_o, j_o, i_16, j_16, k_16)
+        return i_o, k_o, j_o, i_16
 
     qk_tiles = wmma_tiles("qk")
     # Warps over the 16-row strips of the query tile, in both products.
     warps, _ = sch.sample_perfect_tile(qk_tiles[0], n=2, max_innermost_factor=16)
 
     def product(name, tiling, store, operands, intrinsics):
-        i_o, j_o, k_o, inner = tiling
+        i_o, k_o, j_o, inner = tiling
         warp, per_warp = sch.split(i_o, [warps, None])
         sch.bind(warp, "threadIdx.y")
         block = g(name)
         sch.set_scope(block, 0, "wmma.accumulator")
         reads = [region.source.name for region in sch.get(block).reads]
-        for buffer, fragment, load in zip(operands, ("wmma.matrix_a", "wmma.matrix_b"), intrinsics[:2]):
+        for buffer, fragment, load, at in zip(operands, ("wmma.matrix_a", "wmma.matrix_b"), intrinsics[:2], (k_o, j_o)):
             cached = sch.cache_read(block, reads.index(buffer), fragment)
-            sch.compute_at(cached, k_o, preserve_unit_loops=True)
+            sch.compute_at(cached, at, preserve_unit_loops=True)
             loops = sch.get_loops(cached)[-2:]
             outer = [sch.split(loop, [None, 16])[0] for loop in loops]
             sch.reorder(*outer, *[sch.get_loops(cached)[-3], sch.get_loops(cached)[-1]])
