@@ -8,6 +8,11 @@ normalises. Within a slot the keys are visited as ``chunk // phases`` steps of `
 the rows a thread owns are the same in every block of the partial kernel (their scores then stay in
 registers) whatever the schedule picks for the threads over rows (a divisor of ``phases``).
 
+FlashAttention-2 style prefill (``flash_prefill``), for longer q_len: one kernel, one thread block per
+query tile; K/V streamed through shared memory in granules, online softmax in fp32, the output
+written once. The query tile is a template parameter (one template per tile, each its own design
+space); everything else is the rule's sampling decisions. A SIMT form and a tensor-core (wmma) form.
+
 Arguments (Q, K, V, O), shapes and dtypes are those of the unfused workload, so references, builds,
 export and measurement work unchanged. Scores use exp2 with log2(e) folded into the scale.
 """

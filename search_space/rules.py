@@ -10,8 +10,9 @@ Four rule sets, each a family of design spaces for the workloads it applies to:
 - ``simt``: TVM's DefaultCUDA (no tensor cores). Kept as a separate space because its energy profile
   differs from the tensor-core one, which is exactly what an energy search wants to see.
 - ``fused``: attention only. Not a rule set over the workload's TE chain but over etune's fused TIR
-  templates (kernels/attention_fused.py), which carry a ``schedule_rule`` annotation: ApplyCustomRule
-  calls etune's rules (search_space/attention_rules.py) and nothing else touches them.
+  templates (kernels/attention_fused.py: split-KV decode, flash prefill), which carry a
+  ``schedule_rule`` annotation: ApplyCustomRule calls etune's rules (search_space/attention_rules.py)
+  and nothing else touches them.
 - ``splitk``: GEMV and skinny GEMM (M <= 4) only: K split across lanes and blocks
   (``search_space.splitk``), which MetaSchedule's own rules never do for these shapes.
 """
