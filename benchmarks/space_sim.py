@@ -21,11 +21,11 @@ from etune.search_space import ScheduleSpace  # noqa: E402
 from etune.search_space.rules import RULE_SETS, rule_set_applies  # noqa: E402
 
 
-def survey(spec: str, samples: int, gpu: str = "h100", seed: int = 0) -> dict:
+def survey(spec: str, samples: int, gpu: str = "h100", seed: int = 0, rule_sets=RULE_SETS) -> dict:
     sim = SimBackend(gpu)
     rows = {}
     vendor = None
-    for rule_set in RULE_SETS:
+    for rule_set in rule_sets:
         started = time.time()
         space = ScheduleSpace(spec, gpu, rule_sets=[rule_set], seed=seed)
         if not space.design_spaces or not rule_set_applies(rule_set, space.workload):
@@ -56,11 +56,12 @@ def main(argv=None) -> int:
     parser.add_argument("specs", nargs="+")
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--gpu", default="h100")
+    parser.add_argument("--rule-sets", nargs="+", default=list(RULE_SETS), choices=RULE_SETS)
     parser.add_argument("--out")
     args = parser.parse_args(argv)
     results = []
     for spec in args.specs:
-        result = survey(spec, args.samples, args.gpu)
+        result = survey(spec, args.samples, args.gpu, rule_sets=args.rule_sets)
         results.append(result)
         vendor = result["vendor"]
         print(f"{spec}: vendor {vendor['latency_us']:.1f} us {vendor['energy_mj']:.2f} mJ, "
