@@ -21,6 +21,10 @@ training part and score it on the held-out part:
   candidates; the benchmark reports how much power varies among those within ``--slack`` of the
   fastest, and the model against the constant-power baseline there (trained on half of them, scored
   on the other half, as the tuner's model is trained on the candidates it measured in the slack).
+  It then replays the choice of which of them get an energy measurement, one at a time, under each
+  selection rule (``selections``: expected improvement with the model or with constant power, the
+  update policy, fastest first, random) and counts the measurements each needs to find the least
+  energy in the slack.
 
 Writes ``energy_model_accuracy.json`` and ``energy_model_accuracy.md`` into ``--out``; every table
 and number carries the backend it was measured on (sim numbers are never hardware results).
