@@ -21,6 +21,10 @@ training part and score it on the held-out part:
   candidates; the benchmark reports how much power varies among those within ``--slack`` of the
   fastest, and the model against the constant-power baseline there (trained on half of them, scored
   on the other half, as the tuner's model is trained on the candidates it measured in the slack).
+  It then replays the choice of which of them get an energy measurement, one at a time, under each
+  selection rule (``selections``: expected improvement with the model or with constant power, the
+  update policy, fastest first, random) and counts the measurements each needs to find the least
+  energy in the slack.
 
 Writes ``energy_model_accuracy.json`` and ``energy_model_accuracy.md`` into ``--out``; every table
 and number carries the backend it was measured on (sim numbers are never hardware results).
@@ -254,7 +258,7 @@ def slack_pool(name: str, seed: int, args) -> dict:
              "energy_j": en.value} for c, lat, en in zip(candidates, latency, energy) if lat.ok and en.ok]
     log(f"{spec}: {len(rows)} candidates of a {args.slack_trials}-trial latency run (seed {seed}) "
         f"in {time.perf_counter() - started:.0f} s")
-    return {"name": name, "spec": spec, "seed": seed, "rows": rows}
+    return {"name": name, "spec": spec, "seed": seed, "rows": rows, "device": backend.device().name}
 
 
 def evaluate_in_slack(pool: dict, args) -> dict:
@@ -467,8 +471,8 @@ def markdown(report: dict) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--workloads", nargs="+", default=list(DEFAULT_WORKLOADS),
-                        help="suite names (kernels.SUITE_SPECS) or specs")
+    parser.add_argument("--workloads", nargs="*", default=list(DEFAULT_WORKLOADS),
+                        help="suite names (kernels.SUITE_SPECS) or specs (none: only the slack study)")
     parser.add_argument("--backend", default="sim", choices=("sim", "nvml", "auto"))
     parser.add_argument("--gpu", default="h100")
     parser.add_argument("--train", type=int, default=64)
@@ -533,7 +537,10 @@ def main(argv=None) -> int:
         report.update(slack_fraction=args.slack, slack_trials=args.slack_trials, slack=[])
         for name in args.slack_workloads or args.workloads:
             for seed in args.slack_seeds:
-                found = evaluate_in_slack(slack_pool(name, seed, args), args)
+                pool = slack_pool(name, seed, args)
+                report.setdefault("backend", "sim")
+                report.setdefault("device", pool["device"])
+                found = evaluate_in_slack(pool, args)
                 report["slack"].append(found)
                 log(f"[sim] {name} seed {seed}: {found['within_slack']} within {100 * args.slack:g} %, power "
                     f"{found['power_min_w']:.0f}-{found['power_max_w']:.0f} W (CV {100 * found['power_cv']:.1f} %), "
