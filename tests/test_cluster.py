@@ -122,3 +122,30 @@ def test_a_build_through_ray_is_the_local_build(cluster, sampled, tmp_path):
     assert sorted(os.listdir(remote.artifact_dir)) == sorted(os.listdir(local.artifact_dir))
     (again,) = builder.build([candidate])
     assert again.cached and again.kernels == remote.kernels  # the structural-hash cache, as locally
+
+
+def test_the_cli_tunes_several_workloads_at_once_on_the_cluster(cluster, tmp_path):
+    from typer.testing import CliRunner
+
+    from etune.tuner.cli import app
+
+    db = tmp_path / "cli.db"
+    args = ["tune", SMALL, "softmax:512,1024", "--backend", "sim", "--no-build", "--trials", "4", "--batch", "4",
+            "--db", str(db), "--cluster", "ray"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "on 4 measurement actors of the Ray cluster" in " ".join(result.output.split())
+    with RecordsDB.open(db, readonly=True) as records:
+        assert sorted(w.spec for w in records.workloads()) == sorted([SMALL, "softmax:512,1024"])
+        assert all(r.status == "finished" for r in records.runs())
+        assert sum(m.kind == "latency" for m in records.measurements()) == 8
+
+
+def test_without_ray_a_cluster_is_one_line_error(monkeypatch):
+    import sys
+
+    from etune.tuner.cluster import ClusterError, connect
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
+    with pytest.raises(ClusterError, match=r"^--cluster needs Ray, which is not installed: pip install 'etune\[ray\]'$"):
+        connect("ray")

@@ -373,6 +373,9 @@ def tune_workloads(specs: Sequence[str], objective, backend: ClusterBackend, db,
     RecordsDB.open(db).close()  # the schema, made once before the threads write
     statuses: list = [None] * len(specs)
     failures: list[BaseException] = []
+    # One Tuner made at a time: making design spaces imports TVM modules lazily, and two threads
+    # importing one module at once see it half made.
+    making = threading.Lock()
 
     def run(index: int, spec: str) -> None:
         try:
@@ -381,8 +384,9 @@ def tune_workloads(specs: Sequence[str], objective, backend: ClusterBackend, db,
                 builder = cluster_builder(gpu_spec(backend.target or settings.target), as_workload(spec),
                                           settings.workdir)
             with RecordsDB.open(db) as records:
-                tuner = Tuner(spec, objective, backend, records, settings, builder=builder, on_status=on_status,
-                              log=None if log is None else (lambda m: log(f"{spec}: {m}")))
+                with making:
+                    tuner = Tuner(spec, objective, backend, records, settings, builder=builder, on_status=on_status,
+                                  log=None if log is None else (lambda m: log(f"{spec}: {m}")))
                 statuses[index] = tuner.run()
         except BaseException as exc:  # noqa: BLE001 - raised again on the main thread
             failures.append(exc)
@@ -406,3 +410,21 @@ def tune_workloads(specs: Sequence[str], objective, backend: ClusterBackend, db,
     for failure in failures:
         raise failure
     return statuses
+
+
+def tune_on_cluster(specs: Sequence[str], objective="energy", backend: str = "auto", db="etune.db", *,
+                    cluster: str = "ray", actors: int | None = None, on_status=None, log=None, **settings) -> list:
+    """``tuner.search.tune`` for several workloads at once on a Ray cluster: their Status in order.
+    ``settings``: the fields of ``TuneSettings``; ``backend`` is made on each GPU's actor."""
+    from .objectives import Objective
+    from .search import TuneSettings
+
+    objective = objective if isinstance(objective, Objective) else Objective.parse(objective)
+    settings = TuneSettings(**settings)
+    connect(cluster)
+    measuring = ClusterBackend(backend, actors=actors, gpu=settings.target if settings.target != "local" else "h100",
+                               log=log)
+    try:
+        return tune_workloads(specs, objective, measuring, db, settings, on_status=on_status, log=log)
+    finally:
+        measuring.close()
