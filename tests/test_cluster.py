@@ -3,75 +3,34 @@
 Sim actors take a scaled share of each measurement's simulated GPU time as wall time, so parallel
 measurement shows as it would on GPUs."""
 import os
-import threading
 import time
 from collections import Counter
-from pathlib import Path
 
 import pytest
 
 ray = pytest.importorskip("ray")
 
-from etune.energy_model.policy import UpdatePolicy  # noqa: E402
+from benchmarks.cluster_scaling import energy_heavy_run, sample_candidates, start_local_cluster  # noqa: E402
 from etune.measurements.records import RecordsDB  # noqa: E402
-from etune.tuner.cluster import ClusterBackend, cluster_builder, connect  # noqa: E402
-from etune.tuner.objectives import Objective  # noqa: E402
-from etune.tuner.search import Tuner, TuneSettings  # noqa: E402
+from etune.tuner.cluster import cluster_builder  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 SMALL = "softmax:1024,1024"
-# One generation of 16 candidates, each measured for energy (the winner then has its energy: no final
-# check), at ~3.35 s of simulated GPU time each.
+# One generation of 16 candidates, each measured for latency and energy (~3.35 s of simulated GPU
+# time each, of which SCALE is taken as wall time).
 TRIALS = 16
-SCALE = 0.2  # ~0.67 s of wall time per energy measurement
+SCALE = 0.3  # ~1 s per energy measurement: well above the driver's own few seconds per run
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    # Ray's workers import etune from this checkout, not from wherever the interpreter installed it.
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
-    ray.init(num_cpus=2, num_gpus=4, include_dashboard=False, logging_level="ERROR")
-    yield connect("ray")
+    yield start_local_cluster(gpus=4)
     ray.shutdown()
 
 
 @pytest.fixture(scope="module")
 def sampled():
     """The run's candidates, sampled once: TVM's sampling is not what the cluster speeds up."""
-    from etune.kernels import as_workload
-    from etune.search_space import ScheduleSpace, gpu_spec
-
-    return ScheduleSpace(as_workload(SMALL), gpu_spec("h100"), seed=0).sample(TRIALS, seed=0)
-
-
-class _Given:
-    """A search strategy that proposes the given candidates once."""
-
-    def __init__(self, candidates):
-        self.left = list(candidates)
-
-    def propose(self, n):
-        found, self.left = self.left[:n], self.left[n:]
-        return found
-
-    def observe(self, trials):
-        pass
-
-
-def _energy_heavy_run(db_path, candidates, actors: int, scale: float = SCALE, during=None):
-    backend = ClusterBackend("sim", actors=actors, gpu="h100", wall_time_scale=scale)
-    try:
-        with RecordsDB.open(db_path) as db:
-            tuner = Tuner(SMALL, Objective.parse("energy@none"), backend, db,
-                          TuneSettings(trials=TRIALS, batch=TRIALS, energy_measurements=TRIALS + 1, build=False, seed=1),
-                          strategy=_Given(candidates), policy=UpdatePolicy(per_batch=TRIALS, seed=1))
-            if during is not None:
-                threading.Thread(target=during, args=(backend,), daemon=True).start()
-            started = time.monotonic()
-            status = tuner.run()
-            return status, time.monotonic() - started, len(backend.actors)
-    finally:
-        backend.close()
+    return sample_candidates(TRIALS, SMALL)
 
 
 def _records(db_path):
@@ -80,8 +39,8 @@ def _records(db_path):
 
 
 def test_four_actors_measure_an_energy_heavy_run_3x_faster_with_the_same_records(cluster, sampled, tmp_path):
-    one, one_s, _ = _energy_heavy_run(tmp_path / "one.db", sampled, actors=1)
-    four, four_s, _ = _energy_heavy_run(tmp_path / "four.db", sampled, actors=4)
+    one, one_s, _ = energy_heavy_run(tmp_path / "one.db", sampled, 1, SCALE)
+    four, four_s, _ = energy_heavy_run(tmp_path / "four.db", sampled, 4, SCALE)
     print(f"1 actor: {one_s:.1f} s, 4 actors: {four_s:.1f} s ({one_s / four_s:.2f}x)")
     assert one_s >= 3 * four_s
     assert one.trials == four.trials == TRIALS and one.energy_measurements == four.energy_measurements == TRIALS
@@ -101,7 +60,7 @@ def test_an_actor_killed_mid_run_costs_at_most_its_task(cluster, sampled, tmp_pa
         time.sleep(1.0)  # inside the energy measurements (4 rounds of ~0.5 s)
         ray.kill(backend.actors[0])
 
-    status, _, left = _energy_heavy_run(tmp_path / "k.db", sampled, actors=4, scale=0.15, during=kill_one)
+    status, _, left = energy_heavy_run(tmp_path / "k.db", sampled, 4, 0.15, during=kill_one)
     records = _records(tmp_path / "k.db")
     assert left == 3 and status.trials == TRIALS and status.stopped_by == "trials"
     assert set(Counter((m.candidate_id, m.kind) for m in records).values()) == {1}
