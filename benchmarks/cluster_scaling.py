@@ -60,7 +60,8 @@ def start_local_cluster(gpus: int, cpus: int = 2):
     import ray
 
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
-    ray.init(num_cpus=cpus, num_gpus=gpus, include_dashboard=False, logging_level="ERROR")
+    # address="local": a new cluster even when another runs on this host (ray.init would join that one)
+    ray.init(address="local", num_cpus=cpus, num_gpus=gpus, include_dashboard=False, logging_level="ERROR")
     return connect("ray")
 
 
