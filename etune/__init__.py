@@ -74,11 +74,13 @@ class Run:
             return db.points(workload.id, self.backend, run_id=self.run_id)
 
 
-def tune(spec: str, objective: str = "energy@0.05", backend: str = "auto", storage: str | Path = "etune.db", *,
-         trials: int = 64, energy_measurements: int | None = None, time_budget_s: float | None = None,
-         target: str = "h100", seed: int = 0, strategy: str = "genetic", build: bool = True, batch: int = 16,
-         jobs: int | None = None, workdir: str | Path | None = None, log=None) -> Run:
-    """Tune one workload and return the run.
+def tune(spec: str | list[str], objective: str = "energy@0.05", backend: str = "auto",
+         storage: str | Path = "etune.db", *, trials: int = 64, energy_measurements: int | None = None,
+         time_budget_s: float | None = None, target: str = "h100", seed: int = 0, strategy: str = "genetic",
+         build: bool = True, batch: int = 16, jobs: int | None = None, workdir: str | Path | None = None, log=None,
+         cluster: str | None = None) -> Run | list[Run]:
+    """Tune one workload and return the run (with ``cluster``, several at once: a list of specs gives
+    a list of runs).
 
     Args:
         spec: the workload, e.g. ``"gemm:1,4096,4096"``, ``"softmax:4096,4096"``,
@@ -99,19 +101,31 @@ def tune(spec: str, objective: str = "energy@0.05", backend: str = "auto", stora
         jobs: parallel builds (default: the CPU count).
         workdir: build artifacts and cache.
         log: a callable taking one line of progress text.
+        cluster: tune on a Ray cluster (``pip install 'etune[ray]'``): ``"ray"`` (start or attach a
+            local one), ``"ray://HOST:PORT"`` or ``"auto"``; builds run on its CPUs, measurements on
+            one actor per GPU, and the workloads are tuned at once.
 
     Returns:
         A ``Run``: ``best``, ``pareto()``, ``frame()``.
     """
-    from etune.tuner.search import tune as run_tuner
-
     storage = Path(storage)
-    status = run_tuner(spec, objective, backend=backend, db=storage, log=log, trials=trials,
-                       energy_measurements=energy_measurements, time_budget_s=time_budget_s, seed=seed,
-                       strategy=strategy, target=target, build=build, batch=batch, jobs=jobs,
-                       workdir=None if workdir is None else Path(workdir))
-    return Run(status.workload, status.objective, status.backend, storage, status.run_id, status.stopped_by,
-               status.trials, status.energy_measurements)
+    settings = dict(trials=trials, energy_measurements=energy_measurements, time_budget_s=time_budget_s, seed=seed,
+                    strategy=strategy, target=target, build=build, batch=batch, jobs=jobs,
+                    workdir=None if workdir is None else Path(workdir))
+    specs = [spec] if isinstance(spec, str) else list(spec)
+    if cluster is not None:
+        from etune.tuner.cluster import tune_on_cluster
+
+        statuses = tune_on_cluster(specs, objective, backend, storage, cluster=cluster, log=log, **settings)
+    elif len(specs) == 1:
+        from etune.tuner.search import tune as run_tuner
+
+        statuses = [run_tuner(specs[0], objective, backend=backend, db=storage, log=log, **settings)]
+    else:
+        raise ValueError("several workloads at once need a cluster (cluster='ray'); else tune them one by one")
+    runs = [Run(s.workload, s.objective, s.backend, storage, s.run_id, s.stopped_by, s.trials, s.energy_measurements)
+            for s in statuses]
+    return runs[0] if isinstance(spec, str) else runs
 
 
 def report(storage: str | Path = "etune.db", specs: list[str] | None = None, backend: str | None = None) -> dict:

@@ -172,6 +172,9 @@ def tune(
     build: bool = typer.Option(True, help="Build candidates with nvcc (--no-build: sim only)."),
     jobs: Optional[int] = typer.Option(None, min=1, help="Parallel builds (default: CPU cores)."),
     workdir: Path = typer.Option(Path(".etune/builds"), help="Build artifacts and cache."),
+    cluster: Optional[str] = typer.Option(
+        None, help="Tune the workloads at once on a Ray cluster (pip install 'etune[ray]'): ray (start or attach "
+                   "a local one), ray://HOST:PORT, or auto. Builds run on its CPUs, measurements on its GPUs."),
 ) -> None:
     """Tune workloads for an objective; every measurement goes to --db as it is taken, and the same
     command resumes a run that was interrupted (Ctrl-C, SIGTERM) or killed."""
@@ -191,7 +194,7 @@ def tune(
     deadline = None if time_budget is None else time.monotonic() + time_budget
     summaries = []
     with records_db(db) as records, interrupts.stop_on(signal.SIGINT, signal.SIGTERM):
-        chosen = _announce_backend(backend, target)
+        chosen = _announce_backend(backend, target) if cluster is None else _cluster_backend(cluster, backend, target)
         try:
             if not build and chosen.name == "nvml":
                 fail("--no-build is for the sim backend only: a GPU runs built kernels")
@@ -200,6 +203,11 @@ def tune(
                     chosen.recorded_pool(workload.spec)
                 except BackendError as exc:
                     fail(str(exc))
+            if cluster is not None:
+                summaries = _tune_on_cluster(workloads, goal, chosen, db, TuneSettings(
+                    trials=trials, energy_measurements=energy_measurements, time_budget_s=time_budget, batch=batch,
+                    seed=seed, strategy=strategy, target=target, build=build, jobs=jobs, workdir=workdir))
+                workloads = []  # tuned
             for workload in workloads:
                 left = None if deadline is None else max(0.0, deadline - time.monotonic())
                 settings = TuneSettings(trials=trials, energy_measurements=energy_measurements, time_budget_s=left,
@@ -235,6 +243,45 @@ def tune(
     unmeasured = [f"{s.workload} (stopped by {s.stopped_by})" for s in summaries if s.fastest is None]
     if unmeasured:
         fail(f"no schedule was measured for {', '.join(unmeasured)}", code=1)
+
+
+def _cluster_backend(address: str, backend: str, target: str):
+    """Connect to the Ray cluster and start a measurement actor on each of its GPUs; say where."""
+    from etune.measurements import BackendError
+
+    from .cluster import ClusterBackend, ClusterError, connect
+
+    try:
+        with console.status(f"connecting to the Ray cluster ({address}) and starting measurement actors"):
+            connect(address)
+            chosen = ClusterBackend(backend, gpu=target if target != "local" else "h100",
+                                    log=lambda m: console.print(escape(m), highlight=False))
+    except (ClusterError, BackendError) as exc:
+        fail(str(exc))
+    device = chosen.device()
+    note = ": figures are model outputs, not measurements" if chosen.name == "sim" else ""
+    console.print(f"backend: [bold]{chosen.name}[/] ({escape(device.name)}) on {len(chosen.actors)} measurement actors "
+                  f"of the Ray cluster{note}", highlight=False)
+    return chosen
+
+
+def _tune_on_cluster(workloads, goal, chosen, db: Path, settings) -> list:
+    """Every workload at once (tuner.cluster.tune_workloads), one progress bar each."""
+    from .cluster import tune_workloads
+
+    with _progress() as progress:
+        tasks = {w.spec: progress.add_task(f"{w.spec}: design spaces", total=settings.trials) for w in workloads}
+
+        def show(status):
+            progress.update(tasks[status.workload], completed=status.trials, description=escape(_status_line(status)))
+
+        summaries = tune_workloads([w.spec for w in workloads], goal, chosen, db, settings, on_status=show,
+                                   log=lambda m: console.print(escape(m), highlight=False))
+    for status in summaries:
+        console.print(escape(_status_line(status)) + f"  stopped by {status.stopped_by}", highlight=False)
+    if any(s.stopped_by == "interrupted" for s in summaries):
+        raise KeyboardInterrupt
+    return summaries
 
 
 @app.command("report")

@@ -84,11 +84,12 @@ class _Stop(Exception):
 class Tuner:
     def __init__(self, spec: str, objective: Objective, backend: Backend, db: RecordsDB,
                  settings: TuneSettings | None = None, *, strategy: SearchStrategy | None = None,
-                 models: Models | None = None, policy=None,
+                 models: Models | None = None, policy=None, builder: Builder | None = None,
                  on_status: Callable[[Status], None] | None = None, log: Callable[[str], None] | None = None):
         """``strategy``, ``models`` and ``policy`` (which candidates get an energy measurement: an
         ``energy_model.policy.UpdatePolicy`` or anything with its ``select``/``observe``) default to
-        the settings' strategy, the XGBoost models and the update policy."""
+        the settings' strategy, the XGBoost models and the update policy; ``builder`` (used when the
+        settings build) to a Builder of local worker processes."""
         from etune.energy_model.policy import UpdatePolicy
 
         self.workload = as_workload(spec)
@@ -101,8 +102,9 @@ class Tuner:
         self.log = log or (lambda message: None)
         seed = self.settings.seed
         self.space = ScheduleSpace(self.workload, self.gpu, seed=seed)
-        self.builder = (Builder(self.gpu, workdir=self.settings.workdir, jobs=self.settings.jobs)
-                        if self.settings.build else None)
+        self.builder = None
+        if self.settings.build:
+            self.builder = builder or Builder(self.gpu, workdir=self.settings.workdir, jobs=self.settings.jobs)
         pool = backend.recorded_pool(self.workload.spec)
         if pool is not None:  # only recorded schedules can be measured: search among them, builds as recorded
             self.space = PoolSpace(self.space, pool.entries)
@@ -256,10 +258,15 @@ class Tuner:
             picks = [timed[i] for i in indices]
             predicted = [predicted[i] if predicted else None for i in indices]
             std = [std[i] if std else None for i in indices]
-        for trial, pred, spread in zip(picks, predicted, std):
-            candidate = self._load_candidate(trial)
-            build = builds_by_hash.get(trial.structural_hash) if builds_by_hash else self._cached_build(candidate)
-            result = self.backend.measure([candidate], "energy", builds=[build] if self.builder else None)[0]
+        candidates = [self._load_candidate(trial) for trial in picks]
+        builds = None
+        if self.builder:
+            builds = [builds_by_hash.get(c.structural_hash) if builds_by_hash else self._cached_build(c)
+                      for c in candidates]
+        by_hash = {trial.structural_hash: (trial, pred, spread) for trial, pred, spread in zip(picks, predicted, std)}
+
+        def record_energy(result: MeasureResult) -> None:
+            trial, pred, spread = by_hash[result.structural_hash]
             self._record(trial, result, {"generation": self.status.generation, "final_check": final,
                                          "predicted_energy_j": pred, "predicted_energy_std_j": spread})
             self.status.energy_measurements += 1
@@ -270,6 +277,9 @@ class Tuner:
                     self.policy.observe(pred, result.value)
             self._update_best()
             self.on_status(self.status)
+
+        # One call for the generation's picks: a cluster backend measures them on several GPUs at once.
+        self.backend.measure(candidates, "energy", builds=builds, progress=record_energy)
         self.models.retrain(self.trials.values())
 
     def _cached_build(self, candidate):
