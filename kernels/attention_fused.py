@@ -372,7 +372,8 @@ def flash_prefill(batch: int, heads: int, q_len: int, kv_len: int, head_dim: int
                                     vi, ve, vone = T.axis.remap("SSR", [qi, e, one])
                                     with T.init():
                                         Oacc[vb, vh, vq, vi, ve] = T.if_then_else(
-                                            vt == 0, T.float32(0), Oacc[vb, vh, vq, vi, ve] * Alpha[vb, vh, vq, vt % 2, vi])
+                                            vt == 0, T.float32(0),
+                                            Oacc[vb, vh, vq, vi, ve] * Alpha[vb, vh, vq, vt % 2, vi])
                                     Oacc[vb, vh, vq, vi, ve] += S[vi + vone, ve]
                         else:
                             for _ in range(1):

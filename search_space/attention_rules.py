@@ -93,18 +93,48 @@ def split_kv_decode(sch, block):
     return [sch]
 
 
-def flash_prefill(sch, block):
-    """Schedule the flash prefill template; ``block`` is its ``q_load`` block. One thread block per
-    (batch, head, query tile), threads (threadIdx.y over query rows) x (threadIdx.x over columns)."""
+def _stage_key_granules(sch, block) -> None:
+    """The part both prefill schedules share: one thread block per (batch, head, query tile), and K/V
+    staged in shared memory a sampled number of granules at a time (the key tile)."""
     g = sch.get_sblock
     sch.unannotate(block, "schedule_rule")
     b, h, qt = sch.get_loops(block)[:3]
     sch.bind(sch.fuse(b, h, qt), "blockIdx.x")
-    # Key tile: granules of K and V staged in shared memory per step of the key loop.
     t = sch.get_loops(g("granule"))[-1]
     t_stage, _ = sch.split(t, sch.sample_perfect_tile(t, n=2, max_innermost_factor=4))
     for name in ("k_load", "v_load"):
         sch.compute_at(g(name), t_stage, preserve_unit_loops=True)
+
+
+def _bind_threads(sch, row_threads, col_threads) -> None:
+    sch.bind(row_threads, "threadIdx.y")
+    sch.bind(col_threads, "threadIdx.x")
+
+
+def _cooperative_loads(sch, row_threads, col_threads, vec) -> None:
+    """Q, K and V into shared memory by all threads, ``vec`` fp16 per access."""
+    for name in ("q_load", "k_load", "v_load"):
+        loops = sch.get_loops(sch.get_sblock(name))
+        fused = sch.fuse(*loops[-2:] if name == "q_load" else loops[-3:])
+        _, r_t, c_t, lanes = sch.split(fused, [None, row_threads, col_threads, vec])
+        _bind_threads(sch, r_t, c_t)
+        sch.vectorize(lanes)
+
+
+def _row_statistics(sch, row_threads, col_threads) -> None:
+    """Row max, rescale factor and sum: each row's reduction over a granule in one thread (from
+    shared memory), the rows dealt to all threads."""
+    for name in ("tile_max", "max_store", "rescale", "tile_sum", "sum_store"):
+        qi = sch.get_loops(sch.get_sblock(name))[0]  # the loops inside the granule block
+        _, r_t, c_t = sch.split(qi, [None, row_threads, col_threads])
+        _bind_threads(sch, r_t, c_t)
+
+
+def flash_prefill(sch, block):
+    """Schedule the SIMT form of the flash prefill template; ``block`` is its ``q_load`` block.
+    Threads: threadIdx.y over query rows x threadIdx.x over columns (head_dim, or a granule's keys)."""
+    g = sch.get_sblock
+    _stage_key_granules(sch, block)
     # Thread layout, shared by every block: row threads x rows per thread over the query tile, column
     # threads x columns per thread over head_dim (each thread's part of the output in registers).
     qi, e = sch.get_loops(g("O"))[-2:]
@@ -112,39 +142,21 @@ def flash_prefill(sch, block):
     cols = sch.sample_perfect_tile(e, n=2, max_innermost_factor=8)
     vec = sch.sample_categorical(VECTOR_WIDTHS, [0.1, 0.2, 0.3, 0.4])
 
-    def threads(row_threads, col_threads):
-        sch.bind(row_threads, "threadIdx.y")
-        sch.bind(col_threads, "threadIdx.x")
-
-    def tile_output(name):
+    def tile_output(qi, e):
         """Rows and head_dim columns of the output tile, as the output accumulator is owned."""
-        qi, e = sch.get_loops(g(name))[-3:-1] if name == "pv" else sch.get_loops(g(name))[-2:]
         r_t, r_i = sch.split(qi, rows)
         c_t, c_i = sch.split(e, cols)
         sch.reorder(r_t, c_t, r_i, c_i)
-        threads(r_t, c_t)
+        _bind_threads(sch, r_t, c_t)
         return r_i, c_i
 
-    def tile_scores(name, qi, j):
+    def tile_scores(qi, j):
         """Rows as the output, keys of a granule strided over the column threads."""
         r_t, r_i = sch.split(qi, rows)
         j_o, j_t = sch.split(j, [None, cols[0]])
         sch.reorder(r_t, j_t, r_i, j_o)
-        threads(r_t, j_t)
+        _bind_threads(sch, r_t, j_t)
         return r_i, j_o
-
-    def one_row_per_thread(name):
-        """Row statistics: each row's reduction over the granule in one thread, read from shared."""
-        qi = sch.get_loops(g(name))[0]  # the loops inside the granule block
-        _, r_t, c_t = sch.split(qi, [None, rows[0], cols[0]])
-        threads(r_t, c_t)
-
-    def cooperative(name):
-        loops = sch.get_loops(g(name))
-        fused = sch.fuse(*loops[-2:] if name == "q_load" else loops[-3:])
-        _, r_t, c_t, lanes = sch.split(fused, [None, rows[0], cols[0], vec])
-        threads(r_t, c_t)
-        sch.vectorize(lanes)
 
     def cache_operands(block, names, loop):
         """Each thread's slice of the named operands in registers, loaded once per step of ``loop``."""
@@ -154,47 +166,46 @@ def flash_prefill(sch, block):
             sch.compute_at(cached, loop, preserve_unit_loops=True)
             sch.vectorize(sch.get_loops(cached)[-1])
 
-    for name in ("q_load", "k_load", "v_load"):
-        cooperative(name)
+    _cooperative_loads(sch, rows[0], cols[0], vec)
     # S = Q K^T: a micro-tile of scores per thread, accumulated in registers, stored as owned.
     qk = g("qk")
     qi, j, d = sch.get_loops(qk)[-3:]
-    r_i, j_o = tile_scores("qk", qi, j)
+    r_i, j_o = tile_scores(qi, j)
     sch.reorder(d, r_i, j_o)
     cache_operands(qk, ("Qs", "Ks"), d)
     for name in ("s_store", "prob"):
-        tile_scores(name, *sch.get_loops(g(name))[-2:])
-    for name in ("tile_max", "max_store", "rescale", "tile_sum", "sum_store"):
-        one_row_per_thread(name)
+        tile_scores(*sch.get_loops(g(name))[-2:])
+    _row_statistics(sch, rows[0], cols[0])
     # O += P V: the thread's rows x columns of the accumulator.
     pv = g("pv")
-    r_i, c_i = tile_output("pv")
+    r_i, c_i = tile_output(*sch.get_loops(pv)[-3:-1])
     j = sch.get_loops(pv)[-1]
     sch.reorder(j, r_i, c_i)
     cache_operands(pv, ("P", "Vs"), j)
-    tile_output("O")
+    tile_output(*sch.get_loops(g("O"))[-2:])
     unroll = sch.sample_categorical(UNROLL_STEPS, [0.25] * 4)
     sch.annotate(g("root"), "meta_schedule.unroll_explicit", unroll)
     return [sch]
+
+
+# wmma intrinsics (TVM's names) per product: A load, B load, multiply-accumulate.
+_QK_INTRINSICS = ("wmma_load_16x16x16_f16_a_shared", "wmma_load_16x16x16_f16_b_trans_shared",
+                  "wmma_sync_16x16x16_f16f16f32_trans")
+_PV_INTRINSICS = ("wmma_load_16x16x16_f16_a_shared", "wmma_load_16x16x16_f16_b_shared",
+                  "wmma_sync_16x16x16_f16f16f32")
 
 
 def flash_prefill_tensor_cores(sch, block):
     """Schedule the tensor-core form of the flash prefill template (wmma 16x16x16, fp32 accumulate).
 
     Threads: warps (threadIdx.y, sampled) x 32 lanes. Each product's 16x16 output tiles are dealt to
-    the warps; the row statistics, probabilities and the output merge run on all threads as in the
-    SIMT schedule, with 32 column threads."""
+    the warps by 16-row strips; the row statistics, probabilities and the output merge run on all
+    threads as in the SIMT schedule, with 32 column threads."""
     from .rules import tensor_intrinsics
 
     tensor_intrinsics()  # registers the wmma intrinsics
     g = sch.get_sblock
-    sch.unannotate(block, "schedule_rule")
-    b, h, qt = sch.get_loops(block)[:3]
-    sch.bind(sch.fuse(b, h, qt), "blockIdx.x")
-    t = sch.get_loops(g("granule"))[-1]
-    t_stage, _ = sch.split(t, sch.sample_perfect_tile(t, n=2, max_innermost_factor=4))
-    for name in ("k_load", "v_load"):
-        sch.compute_at(g(name), t_stage, preserve_unit_loops=True)
+    _stage_key_granules(sch, block)
     vec = sch.sample_categorical(VECTOR_WIDTHS, [0.1, 0.2, 0.3, 0.4])
 
     def wmma_tiles(name):
@@ -207,6 +218,12 @@ def flash_prefill_tensor_cores(sch, block):
         sch.reorder(i_o, k_o, j_o, i_16, j_16, k_16)
         return i_o, k_o, j_o, i_16
 
+    def tiles_16(loops):
+        """Two loops cut into 16x16 tiles: (outer row, outer column, inner row, inner column)."""
+        (r_o, r_16), (c_o, c_16) = (sch.split(loop, [None, 16]) for loop in loops)
+        sch.reorder(r_o, c_o, r_16, c_16)
+        return r_o, c_o, r_16
+
     qk_tiles = wmma_tiles("qk")
     # Warps over the 16-row strips of the query tile, in both products.
     warps, _ = sch.sample_perfect_tile(qk_tiles[0], n=2, max_innermost_factor=16)
@@ -218,49 +235,32 @@ def flash_prefill_tensor_cores(sch, block):
         block = g(name)
         sch.set_scope(block, 0, "wmma.accumulator")
         reads = [region.source.name for region in sch.get(block).reads]
-        for buffer, fragment, load, at in zip(operands, ("wmma.matrix_a", "wmma.matrix_b"), intrinsics[:2], (k_o, j_o)):
+        # A fragments per reduction step, B fragments per column tile.
+        for buffer, fragment, load, at in zip(operands, ("wmma.matrix_a", "wmma.matrix_b"), intrinsics, (k_o, j_o)):
             cached = sch.cache_read(block, reads.index(buffer), fragment)
             sch.compute_at(cached, at, preserve_unit_loops=True)
-            loops = sch.get_loops(cached)[-2:]
-            outer = [sch.split(loop, [None, 16])[0] for loop in loops]
-            sch.reorder(*outer, *[sch.get_loops(cached)[-3], sch.get_loops(cached)[-1]])
-            sch.tensorize(sch.get_loops(cached)[-2], load)
+            sch.tensorize(tiles_16(sch.get_loops(cached)[-2:])[2], load)
         init = sch.decompose_reduction(block, per_warp)
         sch.tensorize(sch.get_loops(init)[-2], "wmma_fill_16x16x16_f32")
         sch.tensorize(inner, intrinsics[2])
-        i, j = sch.get_loops(g(store))[-2:]
-        i_o, i_16 = sch.split(i, [None, 16])
-        j_o, j_16 = sch.split(j, [None, 16])
-        sch.reorder(i_o, j_o, i_16, j_16)
-        sch.bind(sch.split(i_o, [warps, None])[0], "threadIdx.y")
-        sch.tensorize(i_16, "wmma_store_16x16x16_f32_shared")
+        # The accumulator tiles to shared memory, each by the warp that holds it.
+        r_o, _, r_16 = tiles_16(sch.get_loops(g(store))[-2:])
+        sch.bind(sch.split(r_o, [warps, None])[0], "threadIdx.y")
+        sch.tensorize(r_16, "wmma_store_16x16x16_f32_shared")
 
-    def threads(row_threads, lanes):
-        sch.bind(row_threads, "threadIdx.y")
-        sch.bind(lanes, "threadIdx.x")
-
-    for name in ("q_load", "k_load", "v_load"):
-        loops = sch.get_loops(g(name))
-        fused = sch.fuse(*loops[-2:] if name == "q_load" else loops[-3:])
-        _, r_t, lanes, vector = sch.split(fused, [None, warps, 32, vec])
-        threads(r_t, lanes)
-        sch.vectorize(vector)
-    product("qk", qk_tiles, "s_store", ("Qs", "Ks"), ("wmma_load_16x16x16_f16_a_shared",
-                                             "wmma_load_16x16x16_f16_b_trans_shared",
-                                             "wmma_sync_16x16x16_f16f16f32_trans"))
-    product("pv", wmma_tiles("pv"), "o_store", ("P", "Vs"), ("wmma_load_16x16x16_f16_a_shared", "wmma_load_16x16x16_f16_b_shared",
-                                            "wmma_sync_16x16x16_f16f16f32"))
-    for name in ("tile_max", "max_store", "rescale", "tile_sum", "sum_store"):
-        _, r_t, lanes = sch.split(sch.get_loops(g(name))[0], [None, warps, 32])
-        threads(r_t, lanes)
+    _cooperative_loads(sch, warps, 32, vec)
+    product("qk", qk_tiles, "s_store", ("Qs", "Ks"), _QK_INTRINSICS)
+    product("pv", wmma_tiles("pv"), "o_store", ("P", "Vs"), _PV_INTRINSICS)
+    _row_statistics(sch, warps, 32)
     _, r_t, lanes = sch.split(sch.fuse(*sch.get_loops(g("prob"))[-2:]), [None, warps, 32])
-    threads(r_t, lanes)
+    _bind_threads(sch, r_t, lanes)
+    # The running output as the SIMT schedule owns it: rows over warps, contiguous columns per lane.
     for name in ("o_merge", "O"):
         qi, e = sch.get_loops(g(name))[-3:-1] if name == "o_merge" else sch.get_loops(g(name))[-2:]
         r_t, _ = sch.split(qi, [warps, None])
         lanes, _ = sch.split(e, [32, None])
         sch.reorder(r_t, lanes)
-        threads(r_t, lanes)
+        _bind_threads(sch, r_t, lanes)
     unroll = sch.sample_categorical(UNROLL_STEPS, [0.25] * 4)
     sch.annotate(g("root"), "meta_schedule.unroll_explicit", unroll)
     return [sch]
