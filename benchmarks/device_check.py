@@ -135,11 +135,11 @@ def _sim_run_best(spec: str, trials: int, seed: int) -> list:
     from etune.measurements.records import RecordsDB
     from etune.measurements.sim import SimBackend
     from etune.tuner.objectives import Objective
-    from etune.tuner.search import TuneConfig, Tuner
+    from etune.tuner.search import TuneSettings, Tuner
 
     with tempfile.TemporaryDirectory() as tmp, RecordsDB.open(Path(tmp) / "sim.db") as db:
         tuner = Tuner(spec, Objective.parse("energy@0.05"), SimBackend(gpu=TARGET, seed=seed), db,
-                      TuneConfig(trials=trials, seed=seed, build=False), gpu=TARGET)
+                      TuneSettings(trials=trials, seed=seed, build=False, target=TARGET))
         tuner.run()
         rows = db.candidates(tuner.workload_id)
         return [tuner.space.from_trace_json(r.trace, r.design_space) for r in rows]

@@ -12,14 +12,27 @@ training part and score it on the held-out part:
 * Variants: ``energy`` (energy regressed directly from features), ``power`` (average power regressed,
   times the measured latency), ``power|pred-lat`` (power mode with the model's own predicted latency,
   as for candidates not yet built), each weighted (default) and unweighted; optionally with
-  MetaSchedule's per-store features appended (``--per-store``); and the latency model (its target
-  relative to the workload's roofline, the default, or to the candidate's analytic bottleneck time).
+  MetaSchedule's per-store features appended (``--per-store``); the latency model (its target
+  relative to the workload's roofline, the default, or to the candidate's analytic bottleneck time);
+  and the model-free baseline ``constant power`` (median training power x measured latency,
+  ``energy_model.baselines.ConstantPowerModel``), which the energy model has to beat.
+* Within the latency slack (``--slack-seeds``, sim only): random samples are rarely near the fastest,
+  where the energy objective chooses, so a latency-tuning run per seed collects near-fastest
+  candidates; the benchmark reports how much power varies among those within ``--slack`` of the
+  fastest, and the model against the constant-power baseline there (trained on half of them, scored
+  on the other half, as the tuner's model is trained on the candidates it measured in the slack).
+  It then replays the choice of which of them get an energy measurement, one at a time, under each
+  selection rule (``selections``: expected improvement with the model or with constant power, the
+  update policy, fastest first, random) and counts the measurements each needs to find the least
+  energy in the slack.
 
 Writes ``energy_model_accuracy.json`` and ``energy_model_accuracy.md`` into ``--out``; every table
 and number carries the backend it was measured on (sim numbers are never hardware results).
 
     python benchmarks/energy_model_accuracy.py --out out/energy_model_accuracy
     python benchmarks/energy_model_accuracy.py --workloads gemm-4096 softmax-4096x4096 attention-decode-4096
+    python benchmarks/energy_model_accuracy.py --workloads gemv-4096 gemm-4096 softmax-4096x4096 \
+        attention-decode-4096 --slack-seeds 1 2 --pool-cache out/pools
 """
 from __future__ import annotations
 
@@ -35,10 +48,14 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from etune.energy_model import metrics  # noqa: E402
+from etune.energy_model.baselines import ConstantPowerModel  # noqa: E402
+from etune.energy_model.policy import (ExpectedImprovementPolicy, FastestFirstPolicy, RandomPolicy,  # noqa: E402
+                                       UpdatePolicy)
 from etune.energy_model.features import candidate_features, per_store_features  # noqa: E402
 from etune.energy_model.model import DEFAULT_ENERGY_MODE, CostModel  # noqa: E402
 
 DEFAULT_WORKLOADS = ("gemm-4096", "softmax-4096x4096")
+CONSTANT_LABEL = "constant power (baseline)"
 
 
 def log(message: str) -> None:
@@ -113,6 +130,8 @@ def variants(per_store: bool):
                         "latency": "measured", "per_store": False})
     out.append({"label": "power|pred-lat", "mode": "power", "weighted": True, "latency": "predicted",
                 "per_store": False})
+    out.append({"label": CONSTANT_LABEL, "mode": "constant", "weighted": False, "latency": "measured",
+                "per_store": False})
     if per_store:
         for mode in ("energy", "power"):
             out.append({"label": f"{mode} +per-store", "mode": mode, "weighted": True, "latency": "measured",
@@ -136,7 +155,8 @@ def evaluate(pool: dict, args) -> dict:
         low = truth <= np.quantile(truth, 0.1)
         for v in variants(args.per_store):
             started = time.perf_counter()
-            model = CostModel("energy", mode=v["mode"], weighted=v["weighted"], seed=split, ensemble=args.ensemble)
+            model = ConstantPowerModel(seed=split) if v["mode"] == "constant" else \
+                CostModel("energy", mode=v["mode"], weighted=v["weighted"], seed=split, ensemble=args.ensemble)
             model.fit([_strip(r["features"], v["per_store"]) for r in train], [r["energy_j"] for r in train],
                       latency_s=[r["latency_s"] for r in train])
             fit_s = time.perf_counter() - started
@@ -209,6 +229,137 @@ def transfer(source: dict, target: dict, args) -> dict:
     return {how: {str(n): _mean(runs) for n, runs in by_n.items()} for how, by_n in results.items()}
 
 
+def slack_pool(name: str, seed: int, args) -> dict:
+    """Every candidate a latency-tuning run on sim measured, with latency and energy measured again on
+    one sim backend (the run's own database is kept beside the pools, so a second call resumes it)."""
+    from etune.kernels import SUITE_SPECS
+    from etune.measurements.records import RecordsDB
+    from etune.measurements.sim import SimBackend
+    from etune.search_space import ScheduleSpace, gpu_spec
+    from etune.tuner.search import tune
+
+    spec = SUITE_SPECS.get(name, name)
+    gpu = gpu_spec(args.gpu)
+    folder = args.pool_cache or args.out
+    folder.mkdir(parents=True, exist_ok=True)
+    db = folder / f"latency-{_slug(name)}-sim-seed{seed}.db"  # more trials later resume this run
+    started = time.perf_counter()
+    tune(spec, "latency", backend="sim", db=db, gpu=args.gpu, trials=args.slack_trials, batch=16, build=False,
+         seed=seed)
+    space = ScheduleSpace(spec, gpu, seed=seed)
+    with RecordsDB.open(db) as records:
+        workload_id = records.add_workload(space.workload.spec, space.workload.family, space.workload.params)
+        stored = records.candidates(workload_id)
+    candidates = [space.from_trace_json(row.trace, row.design_space) for row in stored]
+    backend = SimBackend(gpu=args.gpu, seed=seed)
+    latency = backend.measure(candidates, "latency")
+    energy = backend.measure(candidates, "energy")
+    rows = [{"hash": c.structural_hash, "features": candidate_features(c, gpu), "latency_s": lat.value,
+             "energy_j": en.value} for c, lat, en in zip(candidates, latency, energy) if lat.ok and en.ok]
+    log(f"{spec}: {len(rows)} candidates of a {args.slack_trials}-trial latency run (seed {seed}) "
+        f"in {time.perf_counter() - started:.0f} s")
+    return {"name": name, "spec": spec, "seed": seed, "rows": rows, "device": backend.device().name}
+
+
+def evaluate_in_slack(pool: dict, args) -> dict:
+    """How much power varies within the slack of the fastest, and the energy model against the
+    constant-power baseline there: trained on half of the candidates within the slack, scored on the rest."""
+    rows = pool["rows"]
+    fastest = min(r["latency_s"] for r in rows)
+    within = [r for r in rows if r["latency_s"] <= (1 + args.slack) * fastest]
+    energy = np.array([r["energy_j"] for r in within])
+    latency = np.array([r["latency_s"] for r in within])
+    power = energy / latency
+    out = {"name": pool["name"], "spec": pool["spec"], "seed": pool["seed"], "candidates": len(rows),
+           "within_slack": len(within), "fastest_s": fastest,
+           "power_min_w": float(power.min()), "power_max_w": float(power.max()),
+           "power_cv": float(power.std() / power.mean()),
+           "fastest_energy_j": float(min(within, key=lambda r: r["latency_s"])["energy_j"]),
+           "least_energy_j": float(energy.min()),
+           "latency_energy_spearman": metrics.spearman(latency, energy) if len(within) > 2 else math.nan}
+    out["saving_over_fastest"] = 1 - out["least_energy_j"] / out["fastest_energy_j"]
+    if len(within) < 8:
+        return out
+    scores: dict[str, list[dict]] = {}
+    for split in range(args.splits):
+        order = np.random.default_rng(3000 + split).permutation(len(within))
+        train = [within[i] for i in order[: len(within) // 2]]
+        test = [within[i] for i in order[len(within) // 2:]]
+        truth = np.array([r["energy_j"] for r in test])
+        for label, model in (("power (default)", CostModel("energy", seed=split, ensemble=args.ensemble)),
+                             (CONSTANT_LABEL, ConstantPowerModel(seed=split))):
+            model.fit([r["features"] for r in train], [r["energy_j"] for r in train],
+                      latency_s=[r["latency_s"] for r in train])
+            pred, _ = model.predict([r["features"] for r in test], latency_s=[r["latency_s"] for r in test])
+            scores.setdefault(label, []).append({"mape": metrics.mape(pred, truth),
+                                                 "spearman": metrics.spearman(pred, truth),
+                                                 "regret_at_1": metrics.best_regret(pred, truth)})
+    out["results"] = {label: _mean(runs) for label, runs in scores.items()}
+    out["selection"] = compare_selections(within, args)
+    return out
+
+
+def selections(args) -> dict:
+    """label -> (policy, model or None) factories of a seed: the selection rules the replay compares."""
+    model = lambda seed: CostModel("energy", seed=seed, ensemble=args.ensemble)  # noqa: E731
+    return {
+        "expected improvement + model": (lambda seed: ExpectedImprovementPolicy(seed=seed), model),
+        "expected improvement + constant power": (lambda seed: ExpectedImprovementPolicy(seed=seed),
+                                                  lambda seed: ConstantPowerModel(seed=seed)),
+        "update policy + model": (lambda seed: UpdatePolicy(per_batch=1, extra_checks=0, seed=seed), model),
+        "fastest first (naive)": (lambda seed: FastestFirstPolicy(seed=seed), None),
+        "random": (lambda seed: RandomPolicy(seed=seed), None),
+    }
+
+
+def replay_selection(within: list[dict], policy, model) -> list[float]:
+    """The least measured energy after each energy measurement when ``policy`` picks one candidate at
+    a time among ``within`` (all latency-measured), the model retrained on everything measured so far
+    from the third measurement on (as the tuner does). Stops early when the policy picks nothing."""
+    latency = [r["latency_s"] for r in within]
+    measured: list[int] = []
+    curve: list[float] = []
+    while len(measured) < len(within):
+        mean = std = None
+        if model is not None and len(measured) >= 3:
+            model.fit([within[i]["features"] for i in measured], [within[i]["energy_j"] for i in measured],
+                      latency_s=[latency[i] for i in measured])
+            mean, std = model.predict([r["features"] for r in within], latency_s=latency)
+        incumbent = min((within[i]["energy_j"] for i in measured), default=None)
+        picked = policy.select(mean, std, latency_s=latency, budget=1, exclude=measured, incumbent=incumbent)
+        if not picked:
+            break
+        if mean is not None:
+            policy.observe(mean[picked[0]], within[picked[0]]["energy_j"])
+        measured.append(picked[0])
+        curve.append(min(within[i]["energy_j"] for i in measured))
+    return curve
+
+
+def compare_selections(within: list[dict], args) -> dict:
+    """Per selection rule (random: mean over ``--splits`` seeds): the energy measurements it needs to
+    find the least energy within the slack, and the least energy it has after 30 % of the
+    measurements the naive way takes (every candidate in the slack)."""
+    least = min(r["energy_j"] for r in within)
+    early = max(1, round(0.3 * len(within)))
+    out = {}
+    for label, (make_policy, make_model) in selections(args).items():
+        seeds = range(args.splits) if label == "random" else range(1)
+        needed, at_early = [], []
+        for seed in seeds:
+            curve = replay_selection(within, make_policy(seed), make_model(seed) if make_model else None)
+            hit = next((n for n, best in enumerate(curve, 1) if best <= least), None)
+            needed.append(hit if hit is not None else math.nan)
+            at_early.append(curve[min(early, len(curve)) - 1] / least - 1)
+        out[label] = {"measurements_to_least": float(np.mean(needed)), "found_least": bool(np.isfinite(needed).all()),
+                      "excess_at_30_percent": float(np.mean(at_early))}
+    return out
+
+
+def _slug(name: str) -> str:
+    return name.replace(":", "_").replace(",", "x")
+
+
 def _scores(pred, std, truth, low, k, fit_s) -> dict:
     s = metrics.summary(pred, truth, k=k)
     s["mape_best_decile"] = metrics.mape(pred[low], truth[low])
@@ -274,6 +425,44 @@ def markdown(report: dict) -> str:
                      for n in sizes]
             lines.append(f"| {how} | " + " | ".join(cells) + " |")
         lines.append("")
+    if report.get("slack"):
+        lines.append(f"## Within {100 * report['slack_fraction']:g} % of the fastest latency, backend: sim")
+        lines.append("")
+        lines.append(f"Candidates of a {report['slack_trials']}-trial latency-tuning run per seed (near-fastest "
+                     f"schedules; random samples rarely are), measured on sim. Power spread and energy among those "
+                     f"within the slack; the default model and the constant-power baseline trained on half of them "
+                     f"and scored on the rest ({report['splits']} splits).")
+        lines.append("")
+        lines.append("| workload | seed | in slack / run | power min-max (W) | power CV | fastest's energy -> least "
+                     "(saving) | rho(latency, energy) | model MAPE / rho | constant MAPE / rho |")
+        lines.append("|---|---|---|---|---|---|---|---|---|")
+        for w in report["slack"]:
+            cells = []
+            for label in ("power (default)", CONSTANT_LABEL):
+                r = w.get("results", {}).get(label)
+                cells.append(f"{100 * r['mape']:.2f} % / {r['spearman']:.2f}" if r else "-")
+            lines.append(f"| {w['name']} | {w['seed']} | {w['within_slack']} / {w['candidates']} "
+                         f"| {w['power_min_w']:.0f}-{w['power_max_w']:.0f} | {100 * w['power_cv']:.1f} % "
+                         f"| {1e3 * w['fastest_energy_j']:.3f} -> {1e3 * w['least_energy_j']:.3f} mJ "
+                         f"({100 * w['saving_over_fastest']:.1f} %) | {w['latency_energy_spearman']:.2f} "
+                         f"| {cells[0]} | {cells[1]} |")
+        lines.append("")
+        lines.append("Which candidates to measure, one energy measurement at a time among those in the slack "
+                     "(the model retrained after each from the third on): measurements needed to find the least "
+                     "energy in the slack (of how many the naive way measures: all of them), and how far above "
+                     "it each rule still is after 30 % of those measurements (random: mean of "
+                     f"{report['splits']} seeds).")
+        lines.append("")
+        labels = next((list(w["selection"]) for w in report["slack"] if w.get("selection")), [])
+        lines.append("| workload | seed | " + " | ".join(labels) + " |")
+        lines.append("|---|---|" + "---|" * len(labels))
+        for w in report["slack"]:
+            found = w.get("selection", {})
+            cells = [f"{found[label]['measurements_to_least']:.0f}/{w['within_slack']}, "
+                     f"+{100 * found[label]['excess_at_30_percent']:.1f} %" if label in found else "-"
+                     for label in labels]
+            lines.append(f"| {w['name']} | {w['seed']} | " + " | ".join(cells) + " |")
+        lines.append("")
     lines.append(f"All figures above: backend **{report['backend']}**. Issue target (sim): energy MAPE < 10 % and "
                  "Spearman > 0.85 on 256 held-out after 64 training candidates.")
     lines.append("")
@@ -282,8 +471,8 @@ def markdown(report: dict) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--workloads", nargs="+", default=list(DEFAULT_WORKLOADS),
-                        help="suite names (kernels.SUITE_SPECS) or specs")
+    parser.add_argument("--workloads", nargs="*", default=list(DEFAULT_WORKLOADS),
+                        help="suite names (kernels.SUITE_SPECS) or specs (none: only the slack study)")
     parser.add_argument("--backend", default="sim", choices=("sim", "nvml", "auto"))
     parser.add_argument("--gpu", default="h100")
     parser.add_argument("--train", type=int, default=64)
@@ -302,6 +491,12 @@ def main(argv=None) -> int:
     parser.add_argument("--transfer-sizes", nargs="+", type=int, default=[4, 8, 16, 32, 64])
     parser.add_argument("--refeature", action="store_true",
                         help="with --pool-cache: recompute the features of cached pools from their traces")
+    parser.add_argument("--slack-seeds", nargs="*", type=int, default=[],
+                        help="sim only: also study the candidates within --slack of the fastest, from a latency-"
+                             "tuning run per seed")
+    parser.add_argument("--slack-workloads", nargs="+", default=None, help="default: --workloads")
+    parser.add_argument("--slack", type=float, default=0.05)
+    parser.add_argument("--slack-trials", type=int, default=96)
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -310,7 +505,7 @@ def main(argv=None) -> int:
               "workloads": []}
     pools = {}
     for name in list(args.workloads) + [n for n in (args.transfer or []) if n not in args.workloads]:
-        cached = args.pool_cache / f"{name.replace(':', '_').replace(',', 'x')}-{args.backend}-{args.seed}.json" \
+        cached = args.pool_cache / f"{_slug(name)}-{args.backend}-{args.seed}.json" \
             if args.pool_cache else None
         if cached is not None and cached.exists():
             pool = json.loads(cached.read_text())
@@ -336,6 +531,22 @@ def main(argv=None) -> int:
         for label, s in results.items():
             log(f"[{pool['device']['backend']}] {name} {label:18s} MAPE {100 * s['mape']:5.1f} %  "
                 f"Spearman {s['spearman']:.3f}  top-{args.k} {s['top_k_recall']:.2f}  regret@1 {100 * s['regret_at_1']:.1f} %")
+    if args.slack_seeds:
+        if args.backend != "sim":
+            parser.error("--slack-seeds runs latency tuning on sim; it does not apply to other backends")
+        report.update(slack_fraction=args.slack, slack_trials=args.slack_trials, slack=[])
+        for name in args.slack_workloads or args.workloads:
+            for seed in args.slack_seeds:
+                pool = slack_pool(name, seed, args)
+                report.setdefault("backend", "sim")
+                report.setdefault("device", pool["device"])
+                found = evaluate_in_slack(pool, args)
+                report["slack"].append(found)
+                log(f"[sim] {name} seed {seed}: {found['within_slack']} within {100 * args.slack:g} %, power "
+                    f"{found['power_min_w']:.0f}-{found['power_max_w']:.0f} W (CV {100 * found['power_cv']:.1f} %), "
+                    f"saving over the fastest {100 * found['saving_over_fastest']:.1f} %; "
+                    + "; ".join(f"{label} MAPE {100 * r['mape']:.2f} % rho {r['spearman']:.2f}"
+                                for label, r in found.get("results", {}).items()))
     if args.transfer:
         source, target = args.transfer
         report["transfer"] = {"source": source, "target": target, "backend": pools[target]["device"]["backend"],

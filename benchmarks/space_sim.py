@@ -24,11 +24,11 @@ from etune.search_space import SamplingError, ScheduleSpace  # noqa: E402
 from etune.search_space.rules import RULE_SETS, rule_set_applies  # noqa: E402
 
 
-def survey(spec: str, samples: int, gpu: str = "h100", seed: int = 0) -> dict:
+def survey(spec: str, samples: int, gpu: str = "h100", seed: int = 0, rule_sets=RULE_SETS) -> dict:
     sim = SimBackend(gpu)
     rows = {}
     vendor = None
-    for rule_set in RULE_SETS:
+    for rule_set in rule_sets:
         started = time.time()
         try:
             space = ScheduleSpace(spec, gpu, rule_sets=[rule_set], seed=seed)
@@ -90,11 +90,12 @@ def main(argv=None) -> int:
     parser.add_argument("--tune", type=int, default=0, metavar="TRIALS",
                         help="also an energy@0.05 run of this many trials on sim over the default space")
     parser.add_argument("--db", default="space_sim.db", help="records database of the --tune runs")
+    parser.add_argument("--rule-sets", nargs="+", default=list(RULE_SETS), choices=RULE_SETS)
     parser.add_argument("--out")
     args = parser.parse_args(argv)
     results = []
     for spec in args.specs:
-        result = survey(spec, args.samples, args.gpu)
+        result = survey(spec, args.samples, args.gpu, rule_sets=args.rule_sets)
         if args.tune:
             result["tuned"] = tuned(spec, args.tune, Path(args.db), args.gpu)
         results.append(result)

@@ -27,8 +27,7 @@ from etune.measurements.backend import record_result  # noqa: E402
 from etune.measurements.records import RecordsDB  # noqa: E402
 from etune.search_space import gpu_spec  # noqa: E402
 from etune.tuner.objectives import Objective, best  # noqa: E402
-from etune.tuner.report import candidate_points  # noqa: E402
-from etune.tuner.search import TuneConfig, Tuner  # noqa: E402
+from etune.tuner.search import TuneSettings, Tuner  # noqa: E402
 
 
 def _vendor(db: RecordsDB, backend, workload, workload_id: int) -> dict:
@@ -81,9 +80,10 @@ def main() -> None:
                 key = f"{workload.spec}|{objective.label}|{backend.name}"
                 left = None if deadline is None else deadline - time.monotonic()
                 if not stopped and (left is None or left > 0):
-                    config = TuneConfig(trials=args.trials, time_budget_s=left, seed=args.seed, build=args.build)
+                    settings = TuneSettings(trials=args.trials, time_budget_s=left, seed=args.seed, build=args.build,
+                                            target=args.target)
                     started = time.perf_counter()
-                    status = Tuner(workload.spec, objective, backend, db, config, gpu=gpu).run()
+                    status = Tuner(workload.spec, objective, backend, db, settings).run()
                     state[key] = state.get(key, 0.0) + time.perf_counter() - started
                     state_path.write_text(json.dumps(state, indent=1))
                     stopped = status.stopped_by in ("time", "interrupted")
@@ -93,7 +93,7 @@ def main() -> None:
                             and r.workload_id == db.add_workload(workload.spec, workload.family, workload.params)), None)
                 winner = None
                 if run is not None:
-                    points = candidate_points(db, run.workload_id, backend.name, run_id=run.id)
+                    points = db.points(run.workload_id, backend.name, run_id=run.id)
                     winner = best(points, objective)
                     energy_count = len(db.measurements(run.workload_id, run_id=run.id, kind="energy"))
                 row[objective.label] = None if winner is None else {

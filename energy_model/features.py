@@ -50,6 +50,8 @@ MEMORY_LATENCY_S = 400e-9
 LOADS_IN_FLIGHT = 2
 # One wmma mma_sync: 2 x 16^3 flops by a warp, counted once per thread.
 _MMA_FLOPS_PER_THREAD = 2 * 16**3 / 32
+# L2 and DRAM move 32-byte sectors.
+_SECTOR_BYTES = 32
 
 # Fixed order of the feature vector. Names ending in _log2 are log2(1 + x) of an amount.
 FEATURE_NAMES: tuple[str, ...] = (
@@ -70,6 +72,8 @@ FEATURE_NAMES: tuple[str, ...] = (
     "shared_per_global_bytes",
     "memory_instructions_log2",      # global accesses + shared accesses (4 B each)
     "issued_instructions_log2",      # arithmetic + one per tensor-core mma per thread + memory accesses
+    "warp_instructions_log2",        # the same per warp: a warp of 4 busy lanes issues as much as one of 32
+    "l2_sector_bytes_log2",          # global traffic in 32-byte sectors: narrow warp accesses move whole ones
     # time
     "roofline_s",                    # sum over kernels of max(flops/peak, bytes/bandwidth)
     "est_time_s",                    # roofline with SM fill and wave quantisation + launch overhead
@@ -81,6 +85,8 @@ FEATURE_NAMES: tuple[str, ...] = (
     "est_warps_hiding",              # resident warps per SM scheduler (latency hiding), time-weighted
     # launch shape: time-weighted mean over kernels ...
     "threads_per_block", "blocks_log2", "total_threads_log2", "waves", "wave_efficiency", "sm_fill",
+    "busy_sm_fraction",              # share of SM-time holding blocks when blocks are dealt round-robin
+    "busy_thread_fraction",          # ... times the threads those SMs hold: occupancy-aware static power
     "occupancy", "occupancy_with_registers", "shared_bytes_per_block", "local_bytes_per_thread",
     "vector_lanes", "registers_per_thread",
     "est_registers_per_thread",      # static estimate: 32 + local bytes / 4 within launch bounds
@@ -198,11 +204,16 @@ def _kernel_numbers(launch, resources, gpu) -> dict:
     bytes_per_access = (t.global_load_bytes + t.global_store_bytes) / load_i if load_i > 0 else 0.0
     memory_instructions = load_i + (t.shared_load_bytes + t.shared_store_bytes) / 4.0
     issued = t.arithmetic_ops + t.tensor_core_flops / _MMA_FLOPS_PER_THREAD + memory_instructions
+    lanes = threads / warps
+    # L2 moves 32-byte sectors: a warp access narrower than one (few lanes, small elements) moves a whole one.
+    sector_waste = max(1.0, _SECTOR_BYTES / (lanes * bytes_per_access)) if bytes_per_access > 0 else 1.0
     per_sm = blocks_per_sm(threads, launch.shared_bytes, gpu)
     capacity = max(1, per_sm * gpu.sm_count)
     waves = blocks / capacity
     wave_efficiency = waves / math.ceil(waves) if waves > 0 else 0.0
     sm_fill = min(1.0, blocks / gpu.sm_count)
+    # Blocks are dealt to SMs in turn: 133 blocks keep one SM busy twice as long as the other 131.
+    busy_sm_fraction = blocks / (gpu.sm_count * math.ceil(blocks / gpu.sm_count)) if blocks > 0 else 0.0
     flops = t.tensor_core_flops + t.arithmetic_ops
     global_bytes = t.global_load_bytes + t.global_store_bytes
     compute_s = t.tensor_core_flops / gpu.peak_fp16_tensor_flops + t.arithmetic_ops / gpu.peak_fp32_flops
@@ -238,7 +249,9 @@ def _kernel_numbers(launch, resources, gpu) -> dict:
         "resident_warps": resident_warps,
         "in_flight": resident_threads * bytes_per_access,
         "lanes_used": lane_utilisation, "thread_occupancy": resident_threads / gpu.max_threads_per_sm,
-        "memory_instructions": memory_instructions, "issued": issued,
+        "memory_instructions": memory_instructions, "issued": issued, "warp_instructions": issued / lanes,
+        "sector_bytes": global_bytes * sector_waste, "busy_sm_fraction": busy_sm_fraction,
+        "busy_thread_fraction": busy_sm_fraction * resident_threads / gpu.max_threads_per_sm,
         "shared_s": shared_s, "issue_s": issue_s, "lsu_s": lsu_s, "bottleneck": bottleneck, "hiding": hiding,
         "parallelism_s": parallelism_s,
         "compute_bound": 1.0 if compute_s >= memory_s else 0.0, "roofline": roofline, "est": est,
@@ -318,6 +331,8 @@ def launch_features(launches, workload, gpu, build=None, trace=None) -> dict[str
         "shared_per_global_bytes": shared_b / max(global_b, 1.0),
         "memory_instructions_log2": _log2(sum(k["memory_instructions"] for k in kernels)),
         "issued_instructions_log2": _log2(sum(k["issued"] for k in kernels)),
+        "warp_instructions_log2": _log2(sum(k["warp_instructions"] for k in kernels)),
+        "l2_sector_bytes_log2": _log2(sum(k["sector_bytes"] for k in kernels)),
         "roofline_s": roofline,
         "est_time_s": est,
         "est_over_workload_roofline": est / wl_roofline if wl_roofline > 0 else math.nan,
@@ -334,6 +349,8 @@ def launch_features(launches, workload, gpu, build=None, trace=None) -> dict[str
         "waves": _weighted([k["waves"] for k in kernels], weights),
         "wave_efficiency": _weighted([k["wave_efficiency"] for k in kernels], weights),
         "sm_fill": _weighted([k["sm_fill"] for k in kernels], weights),
+        "busy_sm_fraction": _weighted([k["busy_sm_fraction"] for k in kernels], weights),
+        "busy_thread_fraction": _weighted([k["busy_thread_fraction"] for k in kernels], weights),
         "occupancy": _weighted([k["occupancy"] for k in kernels], weights),
         "occupancy_with_registers": _weighted([k["occupancy_reg"] for k in kernels], weights),
         "shared_bytes_per_block": _weighted([k["shared"] for k in kernels], weights),
@@ -402,11 +419,18 @@ RATE_FEATURES: tuple[str, ...] = (
     "latency_over_roofline",         # how far from the roofline the schedule runs
     "latency_over_est",
     "latency_over_bottleneck",
-    "achieved_compute_fraction",     # tensor-core + SIMT work per second over the peaks
+    # Work per second of each kind that costs energy, over the peaks: a tensor-core flop and a SIMT
+    # operation cost very different energy, so they are not added up.
+    "achieved_tensor_fraction",
+    "achieved_simt_fraction",
     "achieved_bandwidth_fraction",   # global bytes per second over HBM bandwidth
+    "compulsory_bandwidth_fraction", # the workload's minimum bytes per second: DRAM traffic's floor
+    "l2_sector_bytes_per_s_log2",
     "shared_bytes_per_s_log2",
     "issued_instructions_per_s_log2",
+    "warp_instructions_per_s_log2",
     "memory_instructions_per_s_log2",
+    "launch_gap_fraction",           # time between kernels: the clocks are up but no SM holds a block
 )
 
 
@@ -428,7 +452,9 @@ def rate_features(features: Mapping[str, float], latency_s: float, gpu=None) -> 
     """What a measured (or predicted) latency says about a schedule: its achieved rates.
 
     Average power is idle power plus energy per operation times operations per second, so with the
-    latency known the rates are the natural inputs of a power model (``CostModel(mode="power")``).
+    latency known the rates are the natural inputs of a power model (``CostModel(mode="power")``); with
+    ``busy_sm_fraction`` and the resident warps (static features) they say how much of the chip is
+    busy and how hard, and ``latency_over_est`` shows a clock slowed at the power cap.
     Fractions are of the target's peaks; without ``gpu``, of the H100 preset's (a constant scale, which
     trees do not care about).
     """
@@ -436,6 +462,7 @@ def rate_features(features: Mapping[str, float], latency_s: float, gpu=None) -> 
     if latency_s is None or not math.isfinite(latency_s) or latency_s <= 0:
         return {name: math.nan for name in RATE_FEATURES}
     get = lambda name: features.get(name, math.nan)  # noqa: E731
+    per_second = lambda amount: _log2(_unlog2(get(amount)) / latency_s)  # noqa: E731
     tc = _unlog2(get("tensor_core_flops_log2"))
     arith = _unlog2(get("arithmetic_ops_log2"))
     roofline, est = get("roofline_s"), get("est_time_s")
@@ -444,19 +471,24 @@ def rate_features(features: Mapping[str, float], latency_s: float, gpu=None) -> 
         "latency_over_roofline": latency_s / roofline if roofline and roofline > 0 else math.nan,
         "latency_over_est": latency_s / est if est and est > 0 else math.nan,
         "latency_over_bottleneck": latency_s / get("bottleneck_time_s") if get("bottleneck_time_s") > 0 else math.nan,
-        "achieved_compute_fraction": (tc / gpu.peak_fp16_tensor_flops + arith / gpu.peak_fp32_flops) / latency_s,
+        "achieved_tensor_fraction": tc / latency_s / gpu.peak_fp16_tensor_flops,
+        "achieved_simt_fraction": arith / latency_s / gpu.peak_fp32_flops,
         "achieved_bandwidth_fraction": _unlog2(get("global_bytes_log2")) / latency_s / gpu.memory_bandwidth,
-        "shared_bytes_per_s_log2": _log2(_unlog2(get("shared_bytes_moved_log2")) / latency_s),
-        "issued_instructions_per_s_log2": _log2(_unlog2(get("issued_instructions_log2")) / latency_s),
-        "memory_instructions_per_s_log2": _log2(_unlog2(get("memory_instructions_log2")) / latency_s),
+        "compulsory_bandwidth_fraction": _unlog2(get("workload_min_bytes_log2")) / latency_s / gpu.memory_bandwidth,
+        "l2_sector_bytes_per_s_log2": per_second("l2_sector_bytes_log2"),
+        "shared_bytes_per_s_log2": per_second("shared_bytes_moved_log2"),
+        "issued_instructions_per_s_log2": per_second("issued_instructions_log2"),
+        "warp_instructions_per_s_log2": per_second("warp_instructions_log2"),
+        "memory_instructions_per_s_log2": per_second("memory_instructions_log2"),
+        "launch_gap_fraction": min(1.0, get("n_kernels") * KERNEL_LAUNCH_S / latency_s),
     }
 
 
 # -- shape-relative features (what transfers across shapes of a family) ------------------------------
 _PER_FLOP = ("flops_log2", "tensor_core_flops_log2", "arithmetic_ops_log2")
 _PER_BYTE = ("global_load_bytes_log2", "global_store_bytes_log2", "global_bytes_log2", "shared_bytes_moved_log2",
-             "global_load_instructions_log2", "global_store_instructions_log2", "memory_instructions_log2",
-             "issued_instructions_log2")
+             "l2_sector_bytes_log2", "global_load_instructions_log2", "global_store_instructions_log2",
+             "memory_instructions_log2", "issued_instructions_log2", "warp_instructions_log2")
 _PER_ROOFLINE = ("roofline_s", "est_time_s", "shared_time_s", "issue_time_s", "lsu_time_s", "bottleneck_time_s",
                  "memory_parallelism_time_s")
 

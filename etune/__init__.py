@@ -68,18 +68,19 @@ class Run:
 
     def _points(self) -> list:
         from etune.measurements.records import RecordsDB
-        from etune.tuner.report import candidate_points
 
         with RecordsDB.open(self.storage, readonly=True) as db:
             (workload,) = [w for w in db.workloads() if w.spec == self.spec]
-            return candidate_points(db, workload.id, self.backend, run_id=self.run_id)
+            return db.points(workload.id, self.backend, run_id=self.run_id)
 
 
-def tune(spec: str, objective: str = "energy@0.05", backend: str = "auto", storage: str | Path = "etune.db", *,
-         trials: int = 64, energy_measurements: int | None = None, time_budget_s: float | None = None,
-         target: str = "h100", seed: int = 0, build: bool = True, batch: int = 16, jobs: int | None = None,
-         workdir: str | Path | None = None, log=None) -> Run:
-    """Tune one workload and return the run.
+def tune(spec: str | list[str], objective: str = "energy@0.05", backend: str = "auto",
+         storage: str | Path = "etune.db", *, trials: int = 64, energy_measurements: int | None = None,
+         time_budget_s: float | None = None, target: str = "h100", seed: int = 0, strategy: str = "genetic",
+         build: bool = True, batch: int = 16, jobs: int | None = None, workdir: str | Path | None = None, log=None,
+         cluster: str | None = None) -> Run | list[Run]:
+    """Tune one workload and return the run (with ``cluster``, several at once: a list of specs gives
+    a list of runs).
 
     Args:
         spec: the workload, e.g. ``"gemm:1,4096,4096"``, ``"softmax:4096,4096"``,
@@ -94,23 +95,37 @@ def tune(spec: str, objective: str = "energy@0.05", backend: str = "auto", stora
         time_budget_s: seconds for this call.
         target: the GPU preset to build for (``h100``, ``h200``, ``a100``, ``local``).
         seed: makes a run repeat.
+        strategy: the search: ``genetic`` (model-guided) or ``random`` (a baseline).
         build: build candidates with nvcc (``False``: sim only, no register counts).
         batch: candidates built and measured per generation.
         jobs: parallel builds (default: the CPU count).
         workdir: build artifacts and cache.
         log: a callable taking one line of progress text.
+        cluster: tune on a Ray cluster (``pip install 'etune[ray]'``): ``"ray"`` (start or attach a
+            local one), ``"ray://HOST:PORT"`` or ``"auto"``; builds run on its CPUs, measurements on
+            one actor per GPU, and the workloads are tuned at once.
 
     Returns:
         A ``Run``: ``best``, ``pareto()``, ``frame()``.
     """
-    from etune.tuner.search import tune as run_tuner
-
     storage = Path(storage)
-    status = run_tuner(spec, objective, backend=backend, db=storage, gpu=target, log=log, trials=trials,
-                       energy_measurements=energy_measurements, time_budget_s=time_budget_s, seed=seed,
-                       build=build, batch=batch, jobs=jobs, workdir=None if workdir is None else Path(workdir))
-    return Run(status.workload, status.objective, status.backend, storage, status.run_id, status.stopped_by,
-               status.trials, status.energy_measurements)
+    settings = dict(trials=trials, energy_measurements=energy_measurements, time_budget_s=time_budget_s, seed=seed,
+                    strategy=strategy, target=target, build=build, batch=batch, jobs=jobs,
+                    workdir=None if workdir is None else Path(workdir))
+    specs = [spec] if isinstance(spec, str) else list(spec)
+    if cluster is not None:
+        from etune.tuner.cluster import tune_on_cluster
+
+        statuses = tune_on_cluster(specs, objective, backend, storage, cluster=cluster, log=log, **settings)
+    elif len(specs) == 1:
+        from etune.tuner.search import tune as run_tuner
+
+        statuses = [run_tuner(specs[0], objective, backend=backend, db=storage, log=log, **settings)]
+    else:
+        raise ValueError("several workloads at once need a cluster (cluster='ray'); else tune them one by one")
+    runs = [Run(s.workload, s.objective, s.backend, storage, s.run_id, s.stopped_by, s.trials, s.energy_measurements)
+            for s in statuses]
+    return runs[0] if isinstance(spec, str) else runs
 
 
 def report(storage: str | Path = "etune.db", specs: list[str] | None = None, backend: str | None = None) -> dict:

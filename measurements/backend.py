@@ -11,7 +11,7 @@ import abc
 import dataclasses
 from typing import Callable, Sequence
 
-KINDS = ("latency", "energy")
+from .records import KINDS
 
 
 class BackendError(RuntimeError):

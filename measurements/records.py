@@ -20,6 +20,7 @@ import json
 import os
 import socket
 import sqlite3
+import statistics
 import time
 import urllib.parse
 from contextlib import contextmanager
@@ -28,7 +29,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 SCHEMA_VERSION = 2  # stored in PRAGMA user_version; bump it and add a migration when the schema changes
-KINDS = ("latency", "energy")
+KINDS = ("latency", "energy")  # what a measurement measures: seconds per call, joules per call
 # PRAGMA application_id of an etune records database ("etun"), set whenever etune writes one. Files
 # written before it was set are recognised by their tables and user_version.
 APPLICATION_ID = 0x6574756E
@@ -124,7 +125,9 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {0: _SCHEMA_V1, 1: _SCHEMA_V2}
 
 
 @dataclass(frozen=True)
-class Workload:
+class WorkloadRow:
+    """A workload as recorded (``kernels.Workload`` is the workload itself)."""
+
     id: int
     spec: str
     family: str
@@ -133,7 +136,9 @@ class Workload:
 
 
 @dataclass(frozen=True)
-class Candidate:
+class CandidateRow:
+    """A candidate as recorded: its trace, not the schedule (``search_space.Candidate``)."""
+
     id: int
     workload_id: int
     structural_hash: str
@@ -165,6 +170,19 @@ class Measurement:
 
 
 @dataclass(frozen=True)
+class Point:
+    """A candidate's measured (latency, energy): what objectives rank and the Pareto front shows."""
+
+    key: object  # candidate id (from the database), structural hash, or "vendor"
+    latency_s: float
+    energy_j: float | None = None
+    energy_measured: bool = False
+    # False when an energy measurement hit its window cap with the spread above its target: the
+    # number is less certain, and such a point wins only when the user allows it.
+    energy_converged: bool = True
+
+
+@dataclass(frozen=True)
 class Run:
     id: int
     workload_id: int
@@ -176,8 +194,8 @@ class Run:
     updated_at: float
 
 
-def _candidate(r: sqlite3.Row) -> Candidate:
-    return Candidate(r["id"], r["workload_id"], r["structural_hash"], r["design_space"], r["trace"],
+def _candidate(r: sqlite3.Row) -> CandidateRow:
+    return CandidateRow(r["id"], r["workload_id"], r["structural_hash"], r["design_space"], r["trace"],
                      _load(r["features"]), r["created_at"])
 
 
@@ -414,9 +432,9 @@ class RecordsDB:
             )
             return conn.execute("SELECT id FROM workloads WHERE spec = ?", (spec,)).fetchone()[0]
 
-    def workloads(self) -> list[Workload]:
+    def workloads(self) -> list[WorkloadRow]:
         rows = self._read("SELECT * FROM workloads ORDER BY id")
-        return [Workload(r["id"], r["spec"], r["family"], _load(r["params"]), r["created_at"])
+        return [WorkloadRow(r["id"], r["spec"], r["family"], _load(r["params"]), r["created_at"])
                 for r in rows]
 
     # -- candidates
@@ -445,11 +463,11 @@ class RecordsDB:
             if cur.rowcount != 1:
                 raise KeyError(f"no candidate {candidate_id}")
 
-    def candidates(self, workload_id: int) -> list[Candidate]:
+    def candidates(self, workload_id: int) -> list[CandidateRow]:
         rows = self._read("SELECT * FROM candidates WHERE workload_id = ? ORDER BY id", (workload_id,))
         return [_candidate(r) for r in rows]
 
-    def candidate(self, candidate_id: int) -> Candidate | None:
+    def candidate(self, candidate_id: int) -> CandidateRow | None:
         rows = self._read("SELECT * FROM candidates WHERE id = ?", (candidate_id,))
         return _candidate(rows[0]) if rows else None
 
@@ -572,6 +590,26 @@ class RecordsDB:
             )
             for r in rows
         ]
+
+    def points(self, workload_id: int, backend: str | None = None, run_id: int | None = None) -> list[Point]:
+        """One Point per candidate of the workload with an ok latency measurement (on ``backend``, in
+        the run ``run_id``, where given), by candidate id: the median of its ok latencies and of its
+        ok energies (``energy_measured`` False without any). Vendor references and failed
+        measurements are left out. The one query behind the tuner, the report, export and analysis."""
+        latency: dict[int, list[float]] = {}
+        energy: dict[int, list[float]] = {}
+        unconverged: set[int] = set()
+        for m in self.measurements(workload_id, run_id=run_id):
+            if not m.ok or m.candidate_id is None or m.value is None or backend not in (None, m.backend):
+                continue
+            (latency if m.kind == "latency" else energy).setdefault(m.candidate_id, []).append(m.value)
+            if m.kind == "energy" and (m.details or {}).get("converged") is False:
+                unconverged.add(m.candidate_id)
+        points = []
+        for cid in sorted(latency):
+            e = statistics.median(energy[cid]) if cid in energy else None
+            points.append(Point(cid, statistics.median(latency[cid]), e, e is not None, cid not in unconverged))
+        return points
 
     def has_measurement(self, candidate_id: int, kind: str) -> bool:
         """True if the candidate has any `kind` measurement, failed ones included (not retried)."""

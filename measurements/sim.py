@@ -489,6 +489,8 @@ LATENCY_REPEATS = 20
 ENERGY_WINDOWS = 3
 ENERGY_WARMUP_S = 0.2
 ENERGY_WINDOW_S = 1.05
+# A latency measurement's GPU time on hardware: nvml's warm-up and 1 ms per repeat.
+LATENCY_COST_S = 0.05 + LATENCY_REPEATS * 1e-3
 
 
 class SimBackend(Backend):
@@ -502,9 +504,16 @@ class SimBackend(Backend):
 
     name = "sim"
 
-    def __init__(self, gpu="h100", seed: int = 0, noise: float = 0.005, params: SimParams | None = None):
+    def __init__(self, gpu="h100", seed: int = 0, noise: float = 0.005, params: SimParams | None = None,
+                 wall_time_scale: float = 0.0):
+        """``wall_time_scale``: each measurement sleeps for that fraction of the GPU time it would take
+        on hardware (``simulated_cost_s``), so parallel measurement (tuner.cluster) shows its speed-up;
+        0 (the default) answers at once."""
         if noise < 0:
             raise ValueError("noise must be >= 0")
+        if wall_time_scale < 0:
+            raise ValueError("wall_time_scale must be >= 0")
+        self.wall_time_scale = float(wall_time_scale)
         self.gpu = _gpu(gpu)
         self.seed = int(seed)
         self.noise = float(noise)
@@ -547,7 +556,8 @@ class SimBackend(Backend):
             samples = self._samples(rng, outcome.latency_s, LATENCY_REPEATS)
             median = statistics.median(samples)
             details = {"min_s": min(samples), "median_s": median, "repeats": LATENCY_REPEATS, "checked": False,
-                       "note": "sim runs no code", **details}
+                       "note": "sim runs no code", "simulated_cost_s": LATENCY_COST_S, **details}
+            self._take_wall_time(LATENCY_COST_S)
             return MeasureResult(hash_, kind, True, median, coefficient_of_variation(samples), None, details, clock_mhz, None,
                                  started, time.time())
         # One energy sample per window; the window's latency wobbles independently.
@@ -567,8 +577,13 @@ class SimBackend(Backend):
             "simulated_cost_s": ENERGY_WARMUP_S + ENERGY_WINDOWS * ENERGY_WINDOW_S,
             **details,
         }
+        self._take_wall_time(details["simulated_cost_s"])
         return MeasureResult(hash_, kind, True, energy, coefficient_of_variation(energies), None, details, clock_mhz, None,
                              started, time.time())
+
+    def _take_wall_time(self, simulated_cost_s: float) -> None:
+        if self.wall_time_scale > 0:
+            time.sleep(simulated_cost_s * self.wall_time_scale)
 
     # -- Backend --------------------------------------------------------------------------------
     def outcome(self, candidate) -> SimOutcome:

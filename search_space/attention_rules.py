@@ -13,6 +13,13 @@ split-KV decode
 - threads over key rows (sample_perfect_tile of the row phases, threadIdx.y): the keys a block works on at
   once (threads over rows x steps per slot = the per-block KV tile);
 - the unroll step (sample_categorical, as TVM's own rules annotate it).
+
+flash prefill (the query tile is the template's: see kernels/attention_fused.py)
+- key tile: granules of K/V staged in shared memory per step (sample_perfect_tile of the granule loop);
+- SIMT: row threads x rows per thread over the query tile (threadIdx.y) and column threads x columns
+  per thread over head_dim (threadIdx.x), both sample_perfect_tile; warps per block = their product
+  / 32. Tensor cores: warps over 16-row strips (sample_perfect_tile), 32 lanes;
+- vector width of the cooperative Q/K/V loads (sample_categorical 1/2/4/8 fp16) and the unroll step.
 """
 from __future__ import annotations
 
@@ -86,7 +93,181 @@ def split_kv_decode(sch, block):
     return [sch]
 
 
-RULES = {"etune_split_kv_decode": split_kv_decode}
+def _stage_key_granules(sch, block) -> None:
+    """The part both prefill schedules share: one thread block per (batch, head, query tile), and K/V
+    staged in shared memory a sampled number of granules at a time (the key tile)."""
+    g = sch.get_sblock
+    sch.unannotate(block, "schedule_rule")
+    b, h, qt = sch.get_loops(block)[:3]
+    sch.bind(sch.fuse(b, h, qt), "blockIdx.x")
+    t = sch.get_loops(g("granule"))[-1]
+    t_stage, _ = sch.split(t, sch.sample_perfect_tile(t, n=2, max_innermost_factor=4))
+    for name in ("k_load", "v_load"):
+        sch.compute_at(g(name), t_stage, preserve_unit_loops=True)
+
+
+def _bind_threads(sch, row_threads, col_threads) -> None:
+    sch.bind(row_threads, "threadIdx.y")
+    sch.bind(col_threads, "threadIdx.x")
+
+
+def _cooperative_loads(sch, row_threads, col_threads, vec) -> None:
+    """Q, K and V into shared memory by all threads, ``vec`` fp16 per access."""
+    for name in ("q_load", "k_load", "v_load"):
+        loops = sch.get_loops(sch.get_sblock(name))
+        fused = sch.fuse(*loops[-2:] if name == "q_load" else loops[-3:])
+        _, r_t, c_t, lanes = sch.split(fused, [None, row_threads, col_threads, vec])
+        _bind_threads(sch, r_t, c_t)
+        sch.vectorize(lanes)
+
+
+def _row_statistics(sch, row_threads, col_threads) -> None:
+    """Row max, rescale factor and sum: each row's reduction over a granule in one thread (from
+    shared memory), the rows dealt to all threads."""
+    for name in ("tile_max", "max_store", "rescale", "tile_sum", "sum_store"):
+        qi = sch.get_loops(sch.get_sblock(name))[0]  # the loops inside the granule block
+        _, r_t, c_t = sch.split(qi, [None, row_threads, col_threads])
+        _bind_threads(sch, r_t, c_t)
+
+
+def flash_prefill(sch, block):
+    """Schedule the SIMT form of the flash prefill template; ``block`` is its ``q_load`` block.
+    Threads: threadIdx.y over query rows x threadIdx.x over columns (head_dim, or a granule's keys)."""
+    g = sch.get_sblock
+    _stage_key_granules(sch, block)
+    # Thread layout, shared by every block: row threads x rows per thread over the query tile, column
+    # threads x columns per thread over head_dim (each thread's part of the output in registers).
+    qi, e = sch.get_loops(g("O"))[-2:]
+    rows = sch.sample_perfect_tile(qi, n=2, max_innermost_factor=8)
+    cols = sch.sample_perfect_tile(e, n=2, max_innermost_factor=8)
+    vec = sch.sample_categorical(VECTOR_WIDTHS, [0.1, 0.2, 0.3, 0.4])
+
+    def tile_output(qi, e):
+        """Rows and head_dim columns of the output tile, as the output accumulator is owned."""
+        r_t, r_i = sch.split(qi, rows)
+        c_t, c_i = sch.split(e, cols)
+        sch.reorder(r_t, c_t, r_i, c_i)
+        _bind_threads(sch, r_t, c_t)
+        return r_i, c_i
+
+    def tile_scores(qi, j):
+        """Rows as the output, keys of a granule strided over the column threads."""
+        r_t, r_i = sch.split(qi, rows)
+        j_o, j_t = sch.split(j, [None, cols[0]])
+        sch.reorder(r_t, j_t, r_i, j_o)
+        _bind_threads(sch, r_t, j_t)
+        return r_i, j_o
+
+    def cache_operands(block, names, loop):
+        """Each thread's slice of the named operands in registers, loaded once per step of ``loop``."""
+        reads = [region.source.name for region in sch.get(block).reads]
+        for name in names:
+            cached = sch.cache_read(block, reads.index(name), "local")
+            sch.compute_at(cached, loop, preserve_unit_loops=True)
+            sch.vectorize(sch.get_loops(cached)[-1])
+
+    _cooperative_loads(sch, rows[0], cols[0], vec)
+    # S = Q K^T: a micro-tile of scores per thread, accumulated in registers, stored as owned.
+    qk = g("qk")
+    qi, j, d = sch.get_loops(qk)[-3:]
+    r_i, j_o = tile_scores(qi, j)
+    sch.reorder(d, r_i, j_o)
+    cache_operands(qk, ("Qs", "Ks"), d)
+    for name in ("s_store", "prob"):
+        tile_scores(*sch.get_loops(g(name))[-2:])
+    _row_statistics(sch, rows[0], cols[0])
+    # O += P V: the thread's rows x columns of the accumulator.
+    pv = g("pv")
+    r_i, c_i = tile_output(*sch.get_loops(pv)[-3:-1])
+    j = sch.get_loops(pv)[-1]
+    sch.reorder(j, r_i, c_i)
+    cache_operands(pv, ("P", "Vs"), j)
+    tile_output(*sch.get_loops(g("O"))[-2:])
+    unroll = sch.sample_categorical(UNROLL_STEPS, [0.25] * 4)
+    sch.annotate(g("root"), "meta_schedule.unroll_explicit", unroll)
+    return [sch]
+
+
+# wmma intrinsics (TVM's names) per product: A load, B load, multiply-accumulate.
+_QK_INTRINSICS = ("wmma_load_16x16x16_f16_a_shared", "wmma_load_16x16x16_f16_b_trans_shared",
+                  "wmma_sync_16x16x16_f16f16f32_trans")
+_PV_INTRINSICS = ("wmma_load_16x16x16_f16_a_shared", "wmma_load_16x16x16_f16_b_shared",
+                  "wmma_sync_16x16x16_f16f16f32")
+
+
+def flash_prefill_tensor_cores(sch, block):
+    """Schedule the tensor-core form of the flash prefill template (wmma 16x16x16, fp32 accumulate).
+
+    Threads: warps (threadIdx.y, sampled) x 32 lanes. Each product's 16x16 output tiles are dealt to
+    the warps by 16-row strips; the row statistics, probabilities and the output merge run on all
+    threads as in the SIMT schedule, with 32 column threads."""
+    from .rules import tensor_intrinsics
+
+    tensor_intrinsics()  # registers the wmma intrinsics
+    g = sch.get_sblock
+    _stage_key_granules(sch, block)
+    vec = sch.sample_categorical(VECTOR_WIDTHS, [0.1, 0.2, 0.3, 0.4])
+
+    def wmma_tiles(name):
+        """The block's 16x16x16 tiles: (row tiles, reduction tiles, column tiles, the 16^3 loops). The
+        reduction outside the columns: a warp loads each A fragment once for all its columns."""
+        i, j, k = sch.get_loops(g(name))[-3:]
+        i_o, i_16 = sch.split(i, [None, 16])
+        j_o, j_16 = sch.split(j, [None, 16])
+        k_o, k_16 = sch.split(k, [None, 16])
+        sch.reorder(i_o, k_o, j_o, i_16, j_16, k_16)
+        return i_o, k_o, j_o, i_16
+
+    def tiles_16(loops):
+        """Two loops cut into 16x16 tiles: (outer row, outer column, inner row, inner column)."""
+        (r_o, r_16), (c_o, c_16) = (sch.split(loop, [None, 16]) for loop in loops)
+        sch.reorder(r_o, c_o, r_16, c_16)
+        return r_o, c_o, r_16
+
+    qk_tiles = wmma_tiles("qk")
+    # Warps over the 16-row strips of the query tile, in both products.
+    warps, _ = sch.sample_perfect_tile(qk_tiles[0], n=2, max_innermost_factor=16)
+
+    def product(name, tiling, store, operands, intrinsics):
+        i_o, k_o, j_o, inner = tiling
+        warp, per_warp = sch.split(i_o, [warps, None])
+        sch.bind(warp, "threadIdx.y")
+        block = g(name)
+        sch.set_scope(block, 0, "wmma.accumulator")
+        reads = [region.source.name for region in sch.get(block).reads]
+        # A fragments per reduction step, B fragments per column tile.
+        for buffer, fragment, load, at in zip(operands, ("wmma.matrix_a", "wmma.matrix_b"), intrinsics, (k_o, j_o)):
+            cached = sch.cache_read(block, reads.index(buffer), fragment)
+            sch.compute_at(cached, at, preserve_unit_loops=True)
+            sch.tensorize(tiles_16(sch.get_loops(cached)[-2:])[2], load)
+        init = sch.decompose_reduction(block, per_warp)
+        sch.tensorize(sch.get_loops(init)[-2], "wmma_fill_16x16x16_f32")
+        sch.tensorize(inner, intrinsics[2])
+        # The accumulator tiles to shared memory, each by the warp that holds it.
+        r_o, _, r_16 = tiles_16(sch.get_loops(g(store))[-2:])
+        sch.bind(sch.split(r_o, [warps, None])[0], "threadIdx.y")
+        sch.tensorize(r_16, "wmma_store_16x16x16_f32_shared")
+
+    _cooperative_loads(sch, warps, 32, vec)
+    product("qk", qk_tiles, "s_store", ("Qs", "Ks"), _QK_INTRINSICS)
+    product("pv", wmma_tiles("pv"), "o_store", ("P", "Vs"), _PV_INTRINSICS)
+    _row_statistics(sch, warps, 32)
+    _, r_t, lanes = sch.split(sch.fuse(*sch.get_loops(g("prob"))[-2:]), [None, warps, 32])
+    _bind_threads(sch, r_t, lanes)
+    # The running output as the SIMT schedule owns it: rows over warps, contiguous columns per lane.
+    for name in ("o_merge", "O"):
+        qi, e = sch.get_loops(g(name))[-3:-1] if name == "o_merge" else sch.get_loops(g(name))[-2:]
+        r_t, _ = sch.split(qi, [warps, None])
+        lanes, _ = sch.split(e, [32, None])
+        sch.reorder(r_t, lanes)
+        _bind_threads(sch, r_t, lanes)
+    unroll = sch.sample_categorical(UNROLL_STEPS, [0.25] * 4)
+    sch.annotate(g("root"), "meta_schedule.unroll_explicit", unroll)
+    return [sch]
+
+
+RULES = {"etune_split_kv_decode": split_kv_decode, "etune_flash_prefill": flash_prefill,
+         "etune_flash_prefill_tc": flash_prefill_tensor_cores}
 
 
 def register() -> None:

@@ -202,11 +202,15 @@ class Builder:
     """Builds candidates in parallel worker processes; results are cached by structural hash."""
 
     def __init__(self, gpu: GpuSpec | str = "h100", workdir: str | Path | None = None, jobs: int | None = None,
-                 timeout_s: float | None = None):
+                 timeout_s: float | None = None, executor: Callable | None = None):
+        """``executor(jobs, timeout_s)`` makes what runs ``_build_in_worker`` (``submit`` returning
+        concurrent futures, ``shutdown``): local worker processes by default, Ray tasks on a cluster
+        (tuner.cluster); it writes the artifacts into the directory it is given either way."""
         self.gpu = gpu_spec(gpu) if isinstance(gpu, str) else gpu
         self.workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="etune-build-"))
         self.jobs = jobs or default_jobs()
         self.timeout_s = timeout_s
+        self.executor = executor or build_pool
 
     def artifact_dir(self, candidate) -> Path:
         safe_spec = re.sub(r"[^A-Za-z0-9_.-]+", "_", candidate.workload.spec)
@@ -228,7 +232,7 @@ class Builder:
         if pending:
             timeout = self.timeout_s or max(default_timeout(candidates[i].workload, self.jobs) for i in pending)
             gpu = dataclasses.asdict(self.gpu)
-            pool = build_pool(min(self.jobs, len(pending)), timeout)
+            pool = self.executor(min(self.jobs, len(pending)), timeout)
             try:
                 futures = {
                     pool.submit(_build_in_worker, tvm.ir.save_json(candidates[i].mod), gpu,

@@ -10,8 +10,9 @@ Five rule sets, each a family of design spaces for the workloads it applies to:
 - ``simt``: TVM's DefaultCUDA (no tensor cores). Kept as a separate space because its energy profile
   differs from the tensor-core one, which is exactly what an energy search wants to see.
 - ``fused``: attention only. Not a rule set over the workload's TE chain but over etune's fused TIR
-  templates (kernels/attention_fused.py), which carry a ``schedule_rule`` annotation: ApplyCustomRule
-  calls etune's rules (search_space/attention_rules.py) and nothing else touches them.
+  templates (kernels/attention_fused.py: split-KV decode, flash prefill), which carry a
+  ``schedule_rule`` annotation: ApplyCustomRule calls etune's rules (search_space/attention_rules.py)
+  and nothing else touches them.
 - ``splitk``: GEMV and skinny GEMM (M <= 4) only: K split across lanes and blocks
   (``search_space.splitk``), which MetaSchedule's own rules never do for these shapes.
 - ``rowsoftmax``: softmax only, over etune's row-softmax templates (kernels/softmax_fused.py) like
@@ -129,6 +130,18 @@ def _wmma_tiling():
         reuse_write=sr.ReuseType(req="must", levels=[2], scope="shared"),
         use_software_pipeline=False,
     )
+
+
+def postprocs(rule_set: str, kind: str):
+    """The postprocessors of a rule set: TVM's defaults for ``kind``, except that ``fused`` drops
+    RewriteUnboundBlock. The fused rules bind every block themselves, and that postprocessor aborts
+    ("blockIdx is bound but threadIdx is not") on the prefill template's granule block, whose threads
+    are bound inside it."""
+    from tvm.s_tir.meta_schedule.postproc import Postproc
+
+    if rule_set != "fused":
+        return kind
+    return [p for p in Postproc.create(kind) if type(p).__name__ != "RewriteUnboundBlock"]
 
 
 def schedule_rules(rule_set: str, cross_thread_reduction: bool = True) -> list:

@@ -40,7 +40,7 @@ from etune.kernels.softmax_fused import softmax_prim_funcs
 
 from . import interrupts
 from .analysis import KernelLaunch, kernel_launches, launch_problem
-from .rules import RULE_SETS, rule_set_applies, schedule_rules
+from .rules import RULE_SETS, postprocs, rule_set_applies, schedule_rules
 from .targets import GpuSpec, gpu_spec
 
 # Postprocessors and mutators per rule set, as TVM's defaults pair them.
@@ -350,7 +350,7 @@ class ScheduleSpace:
                     continue
                 for space in spaces:
                     trace = Trace(space.trace.simplified(remove_postproc=True).insts, {})
-                    key = str(trace)
+                    key = f"{template}:{trace}"  # fused templates may share a trace
                     if key in seen:  # softmax has no tensor-core site: both rule sets give the same space
                         continue
                     seen.add(key)
@@ -370,7 +370,8 @@ class ScheduleSpace:
         for cross_thread_reduction in (True, False):
             interrupts.check()  # the errors caught below may be a Ctrl-C that TVM wrapped
             generator = ms.space_generator.PostOrderApply(
-                sch_rules=schedule_rules(rule_set, cross_thread_reduction), postprocs=kind, mutator_probs=kind
+                sch_rules=schedule_rules(rule_set, cross_thread_reduction), postprocs=postprocs(rule_set, kind),
+                mutator_probs=kind,
             )
             context = ms.TuneContext(
                 mod=mod, target=self.target, space_generator=generator, task_name=self.workload.spec,

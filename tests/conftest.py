@@ -14,11 +14,20 @@ def _nvml_gpu() -> bool:
     return nvml_available()
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(config, items):
     """``nvml`` tests need a GPU that NVML sees (vendor kernels run through PyTorch); ``gpu`` tests
     also need TVM to run CUDA kernels. Without a GPU both skip; on a GPU host whose TVM cannot run
     CUDA (libcudart missing, say) the ``gpu`` tests fail with that reason: a GPU session must not
-    pass by skipping everything."""
+    pass by skipping everything.
+
+    Under pytest-xdist (``-n auto``, ``--dist loadgroup``), the tests of a module with a
+    module-scoped fixture (a dry run, a trained model, sampled spaces) run on one worker, so the
+    fixture is made once; the rest spread over all workers."""
+    for item in items:
+        info = getattr(item, "_fixtureinfo", None)
+        if info and any(defs[-1].scope == "module" for defs in info.name2fixturedefs.values()):
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
     wanted = [item for item in items if "gpu" in item.keywords or "nvml" in item.keywords]
     if not wanted:
         return
@@ -44,3 +53,43 @@ def pytest_runtest_setup(item):
 @pytest.fixture(scope="session")
 def build_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("builds")
+
+
+def _unusable_databases(root: Path) -> dict:
+    """Files a user could point --db at by mistake, by name (other, empty, text, dir, newer,
+    truncated), and ``good``: an etune database with one latency run of 200 candidates."""
+    import sqlite3
+
+    from etune.measurements.records import SCHEMA_VERSION, RecordsDB
+
+    raw = sqlite3.connect(root / "other.db")
+    raw.execute("CREATE TABLE users (name TEXT)")
+    raw.execute("INSERT INTO users VALUES ('ada')")
+    raw.commit()
+    raw.close()
+    (root / "empty.db").write_bytes(b"")
+    (root / "text.db").write_text("name,value\na,1\n")
+    (root / "dir.db").mkdir()
+    good = root / "good.db"
+    with RecordsDB.open(good) as db:
+        wid = db.add_workload("softmax:8,8", "softmax", {"rows": 8, "cols": 8})
+        run = db.start_run(wid, "latency", "sim", {})
+        for i in range(200):
+            cid = db.add_candidate(wid, f"h{i}", 0, "trace " * 100)
+            db.add_measurement(workload_id=wid, candidate_id=cid, kind="latency", backend="sim", value=1e-6 * (i + 1),
+                               run_id=run)
+        db.finish_run(run, "finished")
+    data = good.read_bytes()
+    (root / "truncated.db").write_bytes(data[: len(data) // 2])
+    (root / "newer.db").write_bytes(data)
+    raw = sqlite3.connect(root / "newer.db")
+    raw.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    raw.execute("PRAGMA journal_mode = DELETE")  # so that nothing but a write would make a -wal file
+    raw.close()
+    return {p.stem: p for p in root.iterdir()}
+
+
+@pytest.fixture(scope="session")
+def unusable_databases():
+    """``unusable_databases(folder)`` writes the files into the folder and returns them by name."""
+    return _unusable_databases

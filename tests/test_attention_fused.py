@@ -1,9 +1,11 @@
-"""The fused split-KV decode family (kernels/attention_fused.py, search_space/attention_rules.py).
+"""The fused attention family (kernels/attention_fused.py, search_space/attention_rules.py): split-KV
+decode and FlashAttention-2 style prefill.
 
-On CPU: the template computes the workload's outputs (built for TVM's llvm target, guarded tails and
-causal masks included), its design space samples valid candidates whose decisions mutate and cross
+On CPU: the templates compute the workload's outputs (built for TVM's llvm target, guarded tails and
+causal masks included), their design spaces sample valid candidates whose decisions mutate and cross
 over, the lowered structure is a partial kernel plus a merge kernel with no global buffer of kv_len
-per query, and candidates build for sm_90 with nvcc. sim figures here are model outputs.
+per query (decode) or one kernel with no global intermediate at all (prefill), and candidates build
+for sm_90 with nvcc. sim figures here are model outputs.
 """
 import random
 
@@ -12,7 +14,8 @@ import pytest
 import tvm
 
 from etune.kernels import parse_spec
-from etune.kernels.attention_fused import DECODE_CHUNK, decode_slots, fused_prim_funcs, split_kv_decode
+from etune.kernels.attention_fused import (DECODE_CHUNK, PREFILL_GRANULE, decode_slots, flash_prefill,
+                                          fused_prim_funcs, split_kv_decode)
 from etune.search_space import ScheduleSpace, launch_problem
 
 SPEC = "attention:2,3,1,600,64"  # 3 slots of 256 keys, the last one a guarded tail
@@ -36,9 +39,42 @@ def test_template_matches_the_reference_on_cpu(shape, chunk):
     assert ok, error
 
 
-def test_offered_for_small_q_len_only():
+def run_on_cpu(workload, func):
+    """The template built for llvm (no schedule: its loops run serially) on the workload's inputs."""
+    p = workload.params
+    executable = tvm.compile(tvm.IRModule({"main": func}), target="llvm")
+    inputs = workload.random_inputs(1)
+    dev = tvm.cpu()
+    out = np.zeros((p["batch"], p["heads"], p["q_len"], p["head_dim"]), "float16")
+    args = [tvm.runtime.tensor(x, dev) for x in inputs] + [tvm.runtime.tensor(out, dev)]
+    executable["main"](*args)
+    return workload.check([args[-1].numpy()], workload.reference(inputs))
+
+
+@pytest.mark.parametrize("tensor_cores", [False, True])
+@pytest.mark.parametrize("shape, q_tile", [
+    ((1, 2, 70, 90, 16, False), 32),  # both lengths past a tile: guarded query rows and keys
+    ((1, 1, 50, 83, 24, True), 32),  # causal with kv_len > q_len: skipped granules and a diagonal
+    ((1, 1, 64, 64, 64, True), 64),
+])
+def test_prefill_template_matches_the_reference_on_cpu(shape, q_tile, tensor_cores):
+    b, h, q, kv, d, causal = shape
+    workload = parse_spec(f"attention:{b},{h},{q},{kv},{d}" + (",causal" if causal else ""))
+    ok, error = run_on_cpu(workload, flash_prefill(*shape, q_tile=q_tile, tensor_cores=tensor_cores))
+    assert ok, error
+
+
+def test_offered_by_q_len():
     assert set(fused_prim_funcs(parse_spec("attention:1,2,8,64,64"))) == {"split_kv_decode"}
-    assert fused_prim_funcs(parse_spec("attention:1,2,64,64,64")) == {}
+    # Prefill: per query tile whose tiles fit in shared memory, a SIMT and (head_dim a multiple of 16)
+    # a wmma template; with tensor cores, 64 rows of head_dim 128 do not fit beside the P V tile.
+    assert set(fused_prim_funcs(parse_spec("attention:1,2,200,64,64"))) == {
+        "flash_prefill_q32", "flash_prefill_q64", "flash_prefill_wmma_q32", "flash_prefill_wmma_q64"}
+    assert set(fused_prim_funcs(parse_spec("attention:1,2,100,128,128,causal"))) == {
+        "flash_prefill_q32", "flash_prefill_q64", "flash_prefill_wmma_q32"}
+    assert set(fused_prim_funcs(parse_spec("attention:1,2,200,64,40"))) == {
+        "flash_prefill_q32", "flash_prefill_q64", "flash_prefill_q128"}
+    assert set(fused_prim_funcs(parse_spec("attention:1,2,9,64,40"))) == {"flash_prefill_q32"}  # tiles up to q_len
     assert fused_prim_funcs(parse_spec("gemm:64,64,64")) == {}
 
 
@@ -113,6 +149,90 @@ def test_built_candidates_match_reference_on_gpu(space, sampled, tmp_path):
 
     local = ScheduleSpace(SPEC, "local", rule_sets=["fused"])
     for i, build in enumerate(Builder(local.gpu, workdir=tmp_path).build(local.sample(3, seed=5))):
+        assert build.ok, build.error
+        ok, error = run_and_check(local.workload, build.library, seed=i)
+        assert ok, f"relative error {error}"
+
+
+PREFILL_SPEC = "attention:1,2,100,150,64,causal"  # 5 granules, the last a guarded tail
+
+
+@pytest.fixture(scope="module")
+def prefill_space():
+    return ScheduleSpace(PREFILL_SPEC, rule_sets=["fused"])
+
+
+@pytest.fixture(scope="module")
+def prefill_sampled(prefill_space):
+    return prefill_space.sample(8, seed=1, max_attempts=400)
+
+
+def test_prefill_samples_are_one_kernel_without_global_intermediates(prefill_space, prefill_sampled):
+    assert len(prefill_sampled) == 8, prefill_space.last_sample
+    assert {d.template for d in prefill_space.design_spaces} == {
+        "flash_prefill_q32", "flash_prefill_q64", "flash_prefill_wmma_q32", "flash_prefill_wmma_q64"}
+    p = prefill_space.workload.params
+    templates = set()
+    for c in prefill_sampled:
+        template = prefill_space.design_spaces[c.design_space].template
+        templates.add(template)
+        q_tile = int(template.rsplit("_q", 1)[1])
+        assert launch_problem(c.launches, prefill_space.gpu) is None
+        assert len(c.launches) == 1, [k.name for k in c.launches]
+        (kernel,) = c.launches
+        assert kernel.uses_tensor_cores == ("wmma" in template)
+        query_tiles = -(-p["q_len"] // q_tile)
+        assert kernel.blocks == p["batch"] * p["heads"] * query_tiles
+        for buffer in c.mod["main"].body.block.alloc_buffers:
+            assert buffer.scope() != "global", buffer
+        # Each query tile reads K and V once (the tail granule padded; the causal skip is a branch,
+        # which the count includes) and Q once; the output is stored once. The count also includes
+        # the guarded lanes of a cooperative load whose threads x vector width exceed its tile (up
+        # to 4x here); reading K/V once per query row would be q_tile (32 or 64) times as much.
+        keys = -(-p["kv_len"] // PREFILL_GRANULE) * PREFILL_GRANULE
+        kv_bytes = 2 * p["batch"] * p["heads"] * query_tiles * keys * p["head_dim"] * 2
+        q_bytes = p["batch"] * p["heads"] * query_tiles * q_tile * p["head_dim"] * 2
+        assert kernel.traffic.global_load_bytes <= 4 * (kv_bytes + q_bytes)
+        assert kernel.traffic.global_store_bytes <= q_bytes
+    assert len(templates) == 4
+
+
+def test_prefill_decisions_mutate_cross_over_and_round_trip(prefill_space, prefill_sampled):
+    rng = random.Random(0)
+    for space in prefill_space.design_spaces:
+        kinds = [i.kind.name for i in space.trace.insts]
+        # Key tile and the threads (rows x columns, or warps with tensor cores): perfect tiles;
+        # vector width and unroll: categorical.
+        assert kinds.count("SamplePerfectTile") == (2 if "wmma" in space.template else 3)
+        assert kinds.count("SampleCategorical") == 2
+    mutants = [m for m in (prefill_space.mutate(prefill_sampled[i % 8], rng) for i in range(12)) if m is not None]
+    assert mutants and all(len(m.launches) == 1 for m in mutants)
+    assert {m.structural_hash for m in mutants} - {c.structural_hash for c in prefill_sampled}
+    same_space = [c for c in prefill_sampled if c.design_space == prefill_sampled[0].design_space]
+    children = [prefill_space.crossover(same_space[0], other, rng) for other in same_space[1:] * 3]
+    assert any(child is not None for child in children)
+    back = prefill_space.from_trace_json(prefill_sampled[0].trace_json(), prefill_sampled[0].design_space)
+    assert back.structural_hash == prefill_sampled[0].structural_hash
+
+
+@pytest.mark.slow
+def test_prefill_builds_for_sm_90(prefill_space, prefill_sampled, tmp_path):
+    from etune.search_space import Builder
+
+    # One candidate of each form (SIMT, wmma).
+    by_form = {"wmma" in prefill_space.design_spaces[c.design_space].template: c for c in prefill_sampled}
+    results = Builder(prefill_space.gpu, workdir=tmp_path, jobs=2).build(list(by_form.values()))
+    assert len(results) == 2 and all(r.ok for r in results), [r.error for r in results if not r.ok]
+    assert all(len(r.kernels) == 1 and r.kernels[0].registers > 0 for r in results)
+
+
+@pytest.mark.gpu
+def test_prefill_candidates_match_reference_on_gpu(tmp_path):
+    from etune.measurements.tvm_runner import run_and_check
+    from etune.search_space import Builder
+
+    local = ScheduleSpace(PREFILL_SPEC, "local", rule_sets=["fused"])
+    for i, build in enumerate(Builder(local.gpu, workdir=tmp_path).build(local.sample(4, seed=5))):
         assert build.ok, build.error
         ok, error = run_and_check(local.workload, build.library, seed=i)
         assert ok, f"relative error {error}"

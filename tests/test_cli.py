@@ -21,6 +21,7 @@ def test_kernels_lists_the_suite():
                                   ["tune", "softmax:64,64", "--objective", "speed", "--backend", "sim"],
                                   ["tune", "softmax:64,64", "--objective", "latency", "--max-slowdown", "0.1"],
                                   ["tune", "softmax:64,64", "--backend", "tpu"],
+                                  ["tune", "softmax:64,64", "--strategy", "annealing", "--backend", "sim"],
                                   ["report", "--db", "/nonexistent/etune.db"]])
 def test_user_mistakes_exit_nonzero_with_one_line(args):
     proc = subprocess.run([sys.executable, "-m", "etune.tuner.cli", *args], capture_output=True, text=True)

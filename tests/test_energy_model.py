@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from etune.energy_model import metrics
+from etune.energy_model.baselines import ConstantPowerModel
 from etune.energy_model.features import (BUILD_FEATURES, FEATURE_NAMES, blocks_per_sm, candidate_features, occupancy,
                                    to_matrix)
 from etune.energy_model.model import CostModel, ModelError, efficiency_weights
@@ -58,6 +59,9 @@ def test_features_are_finite_and_vary(softmax_candidates, gemm_candidates):
         assert r["workload_flops_log2"] == pytest.approx(math.log2(1 + c.workload.flops))
         assert 0 < r["occupancy"] <= 1 and 0 < r["wave_efficiency"] <= 1
         assert r["est_time_s"] >= r["roofline_s"] > 0
+        # Power features: the share of SM-time holding blocks, and whole 32-byte sectors moved.
+        assert 0 < r["busy_thread_fraction"] <= r["busy_sm_fraction"] <= r["sm_fill"] <= 1
+        assert r["l2_sector_bytes_log2"] >= r["global_bytes_log2"]
     gemm_rows = rows[40:]
     assert any(r["tensor_core_fraction"] > 0.5 for r in gemm_rows)  # tensor-core schedules are sampled
     assert all(r["family_gemm"] == 1 for r in gemm_rows) and all(r["family_softmax"] == 1 for r in rows[:40])
@@ -274,16 +278,43 @@ def sim_measured(softmax_candidates):
     return rows
 
 
-@pytest.mark.parametrize("mode", ["energy", "power"])
-def test_energy_model_accuracy_on_sim(sim_measured, mode):
-    train, test = sim_measured[:64], sim_measured[64:]
-    model = CostModel("energy", mode=mode, seed=0)
+def accuracy(model, train, test):
+    """(MAPE, Spearman) of ``model`` trained on ``train`` on all of ``test`` and on its fastest quarter
+    (where an energy objective with a latency slack chooses), and the predicted std."""
     model.fit([r[0] for r in train], [r[2] for r in train], latency_s=[r[1] for r in train])
     truth = np.array([r[2] for r in test])
     pred, std = model.predict([r[0] for r in test], latency_s=[r[1] for r in test])
-    assert metrics.mape(pred, truth) < 0.25
-    assert metrics.spearman(pred, truth) > 0.6
-    assert (std >= 0).all() and (std > 0).any()
+    fast = np.array([r[1] for r in test]) <= np.quantile([r[1] for r in test], 0.25)
+    return {"all": (metrics.mape(pred, truth), metrics.spearman(pred, truth)),
+            "fastest quarter": (metrics.mape(pred[fast], truth[fast]), metrics.spearman(pred[fast], truth[fast])),
+            "std": std}
+
+
+def beats_constant_power(scores, baseline) -> bool:
+    """The bar an energy model must clear, on all held-out candidates and on the fastest quarter: at
+    most a third of the constant-power baseline's MAPE and a higher Spearman, and absolute limits
+    (MAPE < 10 %, Spearman > 0.9 over all) that the baseline misses on sim (21 % and 0.82)."""
+    mape_all, rho_all = scores["all"]
+    return mape_all < 0.10 and rho_all > 0.9 and all(
+        scores[part][0] <= baseline[part][0] / 3 and scores[part][1] > baseline[part][1]
+        for part in ("all", "fastest quarter"))
+
+
+@pytest.fixture(scope="module")
+def constant_power_scores(sim_measured):
+    return accuracy(ConstantPowerModel(), sim_measured[:64], sim_measured[64:])
+
+
+@pytest.mark.parametrize("mode", ["energy", "power", "constant"])
+def test_energy_model_accuracy_on_sim(sim_measured, constant_power_scores, mode):
+    """The model clears the bar; the constant-power stub in its place (median training power x
+    measured latency, issue 14) does not: with absolute limits alone (25 %, 0.6) it passed."""
+    model = ConstantPowerModel() if mode == "constant" else CostModel("energy", mode=mode, seed=0)
+    scores = accuracy(model, sim_measured[:64], sim_measured[64:])
+    print(mode, {k: v for k, v in scores.items() if k != "std"}, "constant:",
+          {k: v for k, v in constant_power_scores.items() if k != "std"})
+    assert beats_constant_power(scores, constant_power_scores) == (mode != "constant")
+    assert (scores["std"] >= 0).all() and (scores["std"] > 0).any()
 
 
 def test_latency_model_accuracy_on_sim(sim_measured):

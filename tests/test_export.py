@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from etune.kernels import LibraryError, load_library
 from etune.kernels.library import KernelLibrary, read_manifest
 from etune.measurements.records import RecordsDB
-from etune.tuner.export import (ExportError, candidate_points, export_library, export_ms_database, kernel_name,
+from etune.tuner.export import (ExportError, export_library, export_ms_database, kernel_name,
                           load_ms_database, select_best)
 from etune.tuner.export_cmd import export_command, verify_command
 
@@ -213,7 +213,7 @@ def _fake_db(path, rows, objectives=("latency", "energy@0.05", "energy@none", "e
     return path
 
 
-def test_candidate_points_medians_and_filters(tmp_path):
+def test_points_are_medians_and_leave_out_failures_vendor_rows_and_other_backends(tmp_path):
     path = _fake_db(tmp_path / "db", {"gemm:8,8,8": [
         ("a", "sim", [3e-6, 1e-6, 2e-6], [5e-4, 7e-4, 6e-4]),
         ("b", "sim", [4e-6], []),
@@ -223,9 +223,14 @@ def test_candidate_points_medians_and_filters(tmp_path):
         wid = db.workloads()[0].id
         db.add_measurement(workload_id=wid, candidate_id=2, kind="latency", backend="sim", value=None, ok=False)
         db.add_measurement(workload_id=wid, kind="latency", backend="sim", value=1e-9)  # vendor
-        points = candidate_points(db, wid, "sim")
-    assert [(p.key, p.latency_s, p.energy_j, p.energy_measured) for p in points] == [
-        (1, 2e-6, 6e-4, True), (2, 4e-6, None, False)]
+        points = db.points(wid, "sim")
+        # An energy measurement that hit its window cap unconverged marks the point.
+        db.add_measurement(workload_id=wid, candidate_id=2, kind="energy", backend="sim", value=9e-4,
+                           details={"converged": False})
+        again = db.points(wid, "sim")
+    assert [(p.key, p.latency_s, p.energy_j, p.energy_measured, p.energy_converged) for p in points] == [
+        (1, 2e-6, 6e-4, True, True), (2, 4e-6, None, False, True)]
+    assert [(p.key, p.energy_j, p.energy_converged) for p in again] == [(1, 6e-4, True), (2, 9e-4, False)]
 
 
 def test_backend_choice(tmp_path):

@@ -33,6 +33,14 @@ def test_energy_objectives_ignore_unmeasured_energy():
     assert best([], Objective("latency")) is None
 
 
+def test_an_unconverged_energy_wins_only_when_allowed():
+    points = [Point("steady", 100e-6, 50e-3, True), Point("noisy", 101e-6, 30e-3, True, energy_converged=False)]
+    assert best(points, Objective("energy", 0.05)).key == "steady"
+    assert best(points, Objective("energy", 0.05), allow_unconverged=True).key == "noisy"
+    assert best(points[1:], Objective("energy", 0.05)) is None
+    assert best(points[1:], Objective("latency")).key == "noisy"  # its latency is as good as any
+
+
 def test_slack_bound_uses_the_fastest_point_even_without_energy():
     # The fastest point has no energy; "near" is 4 % slower than it, "fast2" 10 % slower.
     points = [Point("fastest", 100e-6), Point("near", 104e-6, 30e-3, True), Point("fast2", 110e-6, 10e-3, True)]

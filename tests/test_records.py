@@ -188,33 +188,6 @@ def test_a_candidate_is_found_by_id(tmp_path):
 
 
 # -- files that are not (usable) etune databases -------------------------------------------------------
-def _files(tmp_path):
-    """name -> path of files a user could point --db at by mistake."""
-    other = tmp_path / "other.db"
-    raw = sqlite3.connect(other)
-    raw.execute("CREATE TABLE users (name TEXT)")
-    raw.execute("INSERT INTO users VALUES ('ada')")
-    raw.commit()
-    raw.close()
-    (tmp_path / "empty.db").write_bytes(b"")
-    (tmp_path / "text.db").write_text("name,value\na,1\n")
-    (tmp_path / "dir.db").mkdir()
-    newer = tmp_path / "newer.db"
-    RecordsDB.open(newer).close()
-    raw = sqlite3.connect(newer)
-    raw.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
-    raw.execute("PRAGMA journal_mode = DELETE")  # so that nothing but a write would make a -wal file
-    raw.close()
-    good = tmp_path / "good.db"
-    with RecordsDB.open(good) as db:
-        wid = db.add_workload("softmax:8,8", "softmax", {})
-        for i in range(200):
-            db.add_candidate(wid, f"h{i}", 0, "trace " * 100)
-    data = good.read_bytes()
-    (tmp_path / "truncated.db").write_bytes(data[: len(data) // 2])
-    return {p.stem: p for p in tmp_path.iterdir()}
-
-
 def _snapshot(path):
     return sorted((p.name, p.read_bytes()) for p in path.parent.iterdir() if p.is_file() and p.name.startswith(path.name))
 
@@ -231,8 +204,8 @@ def _snapshot(path):
     ("newer", False, "written by a newer etune"),
     ("missing", True, "no records database at"),
 ])
-def test_what_is_not_an_etune_database_is_refused_untouched(tmp_path, name, readonly, message):
-    files = _files(tmp_path)
+def test_what_is_not_an_etune_database_is_refused_untouched(tmp_path, unusable_databases, name, readonly, message):
+    files = unusable_databases(tmp_path)
     path = files.get(name, tmp_path / "missing.db")
     before = _snapshot(path) if path.is_file() else None
     with pytest.raises(RecordsDBError, match=message) as info:
@@ -245,8 +218,8 @@ def test_what_is_not_an_etune_database_is_refused_untouched(tmp_path, name, read
         raw.close()
 
 
-def test_a_damaged_database_is_one_line_when_read_or_written(tmp_path):
-    path = _files(tmp_path)["truncated"]
+def test_a_damaged_database_is_one_line_when_read_or_written(tmp_path, unusable_databases):
+    path = unusable_databases(tmp_path)["truncated"]
     for readonly in (True, False):
         with pytest.raises(RecordsDBError, match="malformed; it is damaged") as info:
             with RecordsDB.open(path, readonly=readonly) as db:
@@ -254,8 +227,8 @@ def test_a_damaged_database_is_one_line_when_read_or_written(tmp_path):
         assert "\n" not in str(info.value)
 
 
-def test_writing_takes_a_new_path_or_an_empty_file_and_reading_never_writes(tmp_path):
-    files = _files(tmp_path)
+def test_writing_takes_a_new_path_or_an_empty_file_and_reading_never_writes(tmp_path, unusable_databases):
+    files = unusable_databases(tmp_path)
     with RecordsDB.open(files["empty"]) as db:  # a 0-byte file becomes a records database
         db.add_workload("softmax:8,8", "softmax", {})
     raw = sqlite3.connect(files["empty"])

@@ -49,7 +49,7 @@ def test_a_run_spends_its_budgets_and_records_every_measurement(tmp_path):
 
 
 def test_breeding_spreads_over_launch_shapes_and_alternates_rankings():
-    from etune.tuner.search import interleave_by_shape
+    from etune.tuner.strategy import interleave_by_shape
 
     shapes = ["A"] * 6 + ["B", "C"]
     by_energy = [0, 1, 2, 3, 4, 5, 6, 7]  # family A ranks best
@@ -74,6 +74,42 @@ def test_a_run_repeats_with_its_seed(tmp_path):
     first, again = measured("a.db"), measured("b.db")
     assert len(first[0]) == 16
     assert first == again
+
+
+def test_the_search_strategy_is_a_part_the_loop_takes(tmp_path):
+    """The loop builds, measures and records whatever the strategy proposes, tells it every result
+    (failed ones included) and never measures a schedule twice; random search is one such part."""
+    from etune.measurements.sim import SimBackend
+    from etune.tuner.objectives import Objective
+    from etune.tuner.search import TuneSettings, Tuner
+    from etune.tuner.strategy import RandomSearch
+
+    class Recording(RandomSearch):
+        proposed, observed = [], []
+
+        def propose(self, n):
+            found = super().propose(n)
+            self.proposed += [c.structural_hash for c in found]
+            return found
+
+        def observe(self, trials):
+            super().observe(trials)
+            self.observed += [t.structural_hash for t in trials]
+
+    with RecordsDB.open(tmp_path / "r.db") as db:
+        tuner = Tuner(SMALL, Objective.parse("latency"), SimBackend(seed=2), db,
+                      TuneSettings(trials=10, batch=4, build=False, seed=2))
+        tuner.strategy = strategy = Recording(tuner.space, seed=2)
+        status = tuner.run()
+        recorded = [c.structural_hash for c in db.candidates(tuner.workload_id)]
+    assert status.trials == 10 and status.stopped_by == "trials"
+    assert recorded == strategy.proposed == strategy.observed and len(set(recorded)) == 10
+
+    status = tune(SMALL, "energy@0.05", backend="sim", db=tmp_path / "r.db", trials=8, batch=4, build=False,
+                  strategy="random")
+    assert status.trials == 8 and status.best is not None and status.best.energy_measured
+    with pytest.raises(ValueError, match="unknown search strategy 'annealing'"):
+        tune(SMALL, "latency", backend="sim", db=tmp_path / "r.db", strategy="annealing")
 
 
 def test_an_interrupted_run_resumes_to_the_same_count_without_duplicates(tmp_path):

@@ -54,6 +54,8 @@ RECORD_COLUMNS: dict[str, str] = {
     "latency_s": "float64",  # median of the ok latency measurements (seconds per call)
     "energy_j": "float64",  # median of the ok energy measurements (joules per call), NaN if none
     "energy_measured": "bool",
+    # False when an energy measurement hit its window cap unconverged (RecordsDB.points)
+    "energy_converged": "bool",
     "energy_order": "Int64",  # position of its first energy measurement among the run's energy ones
     "final_check": "boolean",  # the energy measurement was the end-of-run check of a winner
     "predicted_latency_s": "float64",  # latency model's prediction made before measuring
@@ -196,6 +198,7 @@ def records_frame(db_path: str | Path) -> pd.DataFrame:
                     "latency_s": latency,
                     "energy_j": energy,
                     "energy_measured": bool(ene_ok),
+                    "energy_converged": all((m.details or {}).get("converged") is not False for m in ene if m.ok),
                     "energy_order": position[first_ene.id][1] if first_ene else None,
                     "final_check": bool(ed["final_check"]) if first_ene and "final_check" in ed else None,
                     "predicted_latency_s": _num(ld.get("predicted_latency_s")),
@@ -252,11 +255,12 @@ def _frame(data) -> pd.DataFrame:
 def candidates_frame(df) -> pd.DataFrame:
     """One row per (workload, backend, candidate) over all runs: the median of its per-run latency
     and energy (each run measures a candidate once, so this is the median of its measurements, as in
-    ``tuner.report.candidate_points``). Candidates without an ok latency are left out."""
+    ``RecordsDB.points``). Candidates without an ok latency are left out."""
     df = _frame(df)
     df = df[df["latency_ok"].astype(bool)]
     columns = {"workload": "object", "backend": "object", "candidate_id": "Int64", "latency_s": "float64",
-               "energy_j": "float64", "energy_measured": "bool", "avg_power_w": "float64", "runs": "object"}
+               "energy_j": "float64", "energy_measured": "bool", "energy_converged": "bool", "avg_power_w": "float64",
+               "runs": "object"}
     rows = []
     for (workload, backend, cid), g in df.groupby(["workload", "backend", "candidate_id"], sort=True):
         energies = g.loc[g["energy_measured"].astype(bool), "energy_j"].dropna()
@@ -266,6 +270,7 @@ def candidates_frame(df) -> pd.DataFrame:
             "latency_s": float(g["latency_s"].median()),
             "energy_j": float(energies.median()) if len(energies) else math.nan,
             "energy_measured": bool(len(energies)),
+            "energy_converged": bool(g["energy_converged"].astype(bool).all()),
             "avg_power_w": float(powers.median()) if len(powers) else math.nan,
             "runs": ",".join(str(o) for o in g["objective"].dropna().unique()),
         })
@@ -277,7 +282,7 @@ def _points(g: pd.DataFrame) -> list[Point]:
     for r in g.itertuples(index=False):
         if r.latency_ok and not math.isnan(r.latency_s):
             e = None if math.isnan(r.energy_j) else float(r.energy_j)
-            points.append(Point(int(r.candidate_id), float(r.latency_s), e, e is not None))
+            points.append(Point(int(r.candidate_id), float(r.latency_s), e, e is not None, bool(r.energy_converged)))
     return points
 
 

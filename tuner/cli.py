@@ -168,9 +168,13 @@ def tune(
     target: str = typer.Option("h100", help="GPU target preset: h100, h200, a100, or local (NVML)."),
     batch: int = typer.Option(16, min=1, help="Candidates built and measured per generation."),
     seed: int = typer.Option(0),
+    strategy: str = typer.Option("genetic", help="Search strategy: genetic (model-guided, the default) or random."),
     build: bool = typer.Option(True, help="Build candidates with nvcc (--no-build: sim only)."),
     jobs: Optional[int] = typer.Option(None, min=1, help="Parallel builds (default: CPU cores)."),
     workdir: Path = typer.Option(Path(".etune/builds"), help="Build artifacts and cache."),
+    cluster: Optional[str] = typer.Option(
+        None, help="Tune the workloads at once on a Ray cluster (pip install 'etune[ray]'): ray (start or attach "
+                   "a local one), ray://HOST:PORT, or auto. Builds run on its CPUs, measurements on its GPUs."),
 ) -> None:
     """Tune workloads for an objective; every measurement goes to --db as it is taken, and the same
     command resumes a run that was interrupted (Ctrl-C, SIGTERM) or killed."""
@@ -179,15 +183,18 @@ def tune(
     from etune.measurements.backend import BackendError
     from etune.search_space import interrupts
 
-    from .search import TuneConfig, Tuner
+    from .search import TuneSettings, Tuner
+    from .strategy import STRATEGIES
 
     workloads = _workloads(specs)
-    gpu = _gpu(target)
+    _gpu(target)  # a bad target fails here, in one line
     goal = _objective(objective, max_slowdown)
+    if strategy not in STRATEGIES:
+        fail(f"unknown search strategy {strategy!r} (choose {', '.join(STRATEGIES)})")
     deadline = None if time_budget is None else time.monotonic() + time_budget
     summaries = []
     with records_db(db) as records, interrupts.stop_on(signal.SIGINT, signal.SIGTERM):
-        chosen = _announce_backend(backend, target)
+        chosen = _announce_backend(backend, target) if cluster is None else _cluster_backend(cluster, backend, target)
         try:
             if not build and chosen.name == "nvml":
                 fail("--no-build is for the sim backend only: a GPU runs built kernels")
@@ -196,10 +203,16 @@ def tune(
                     chosen.recorded_pool(workload.spec)
                 except BackendError as exc:
                     fail(str(exc))
+            if cluster is not None:
+                summaries = _tune_on_cluster(workloads, goal, chosen, db, TuneSettings(
+                    trials=trials, energy_measurements=energy_measurements, time_budget_s=time_budget, batch=batch,
+                    seed=seed, strategy=strategy, target=target, build=build, jobs=jobs, workdir=workdir))
+                workloads = []  # tuned
             for workload in workloads:
                 left = None if deadline is None else max(0.0, deadline - time.monotonic())
-                config = TuneConfig(trials=trials, energy_measurements=energy_measurements, time_budget_s=left,
-                                    batch=batch, seed=seed, build=build, jobs=jobs, workdir=workdir)
+                settings = TuneSettings(trials=trials, energy_measurements=energy_measurements, time_budget_s=left,
+                                        batch=batch, seed=seed, strategy=strategy, target=target, build=build,
+                                        jobs=jobs, workdir=workdir)
                 with _progress() as progress:
                     task = progress.add_task(f"{workload.spec}: design spaces", total=trials)
 
@@ -207,7 +220,7 @@ def tune(
                         progress.update(task, completed=status.trials, description=escape(_status_line(status)))
 
                     with console.status(f"generating design spaces of {workload.spec}"):
-                        tuner = Tuner(workload.spec, goal, chosen, records, config, gpu=gpu, on_status=show,
+                        tuner = Tuner(workload.spec, goal, chosen, records, settings, on_status=show,
                                       log=lambda m: console.print(escape(m), highlight=False))
                     status = tuner.run()
                 summaries.append(status)
@@ -230,6 +243,45 @@ def tune(
     unmeasured = [f"{s.workload} (stopped by {s.stopped_by})" for s in summaries if s.fastest is None]
     if unmeasured:
         fail(f"no schedule was measured for {', '.join(unmeasured)}", code=1)
+
+
+def _cluster_backend(address: str, backend: str, target: str):
+    """Connect to the Ray cluster and start a measurement actor on each of its GPUs; say where."""
+    from etune.measurements import BackendError
+
+    from .cluster import ClusterBackend, ClusterError, connect
+
+    try:
+        with console.status(f"connecting to the Ray cluster ({address}) and starting measurement actors"):
+            connect(address)
+            chosen = ClusterBackend(backend, gpu=target if target != "local" else "h100",
+                                    log=lambda m: console.print(escape(m), highlight=False))
+    except (ClusterError, BackendError) as exc:
+        fail(str(exc))
+    device = chosen.device()
+    note = ": figures are model outputs, not measurements" if chosen.name == "sim" else ""
+    console.print(f"backend: [bold]{chosen.name}[/] ({escape(device.name)}) on {len(chosen.actors)} measurement actors "
+                  f"of the Ray cluster{note}", highlight=False)
+    return chosen
+
+
+def _tune_on_cluster(workloads, goal, chosen, db: Path, settings) -> list:
+    """Every workload at once (tuner.cluster.tune_workloads), one progress bar each."""
+    from .cluster import tune_workloads
+
+    with _progress() as progress:
+        tasks = {w.spec: progress.add_task(f"{w.spec}: design spaces", total=settings.trials) for w in workloads}
+
+        def show(status):
+            progress.update(tasks[status.workload], completed=status.trials, description=escape(_status_line(status)))
+
+        summaries = tune_workloads([w.spec for w in workloads], goal, chosen, db, settings, on_status=show,
+                                   log=lambda m: console.print(escape(m), highlight=False))
+    for status in summaries:
+        console.print(escape(_status_line(status)) + f"  stopped by {status.stopped_by}", highlight=False)
+    if any(s.stopped_by == "interrupted" for s in summaries):
+        raise KeyboardInterrupt
+    return summaries
 
 
 @app.command("report")
@@ -275,7 +327,8 @@ def report(
             e = point.get("energy_j")
             table.add_row(name, f"{point['latency_s'] * 1e6:.2f}", f"{e * 1e3:.3f}" if e is not None else "-",
                           f"{e / point['latency_s']:.0f}" if e is not None else "-",
-                          "yes" if point.get("energy_measured", e is not None) else "no")
+                          ("yes" if point.get("energy_converged", True) else "yes, unconverged")
+                          if point.get("energy_measured", e is not None) else "no")
 
         for objective, point in entry["best"].items():
             row(f"best {objective}", point)

@@ -43,16 +43,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Sequence
 
+from etune.kernels.library import FORMAT, FORMAT_VERSION, MANIFEST_FILE
 from etune.measurements.backend import model_output
-from etune.measurements.records import Candidate as CandidateRow
-from etune.measurements.records import RecordsDB, RecordsDBError, Run
-from etune.measurements.records import Workload as WorkloadRow
+from etune.measurements.records import CandidateRow, RecordsDB, RecordsDBError, Run, WorkloadRow
 
 from .objectives import Objective, ObjectiveError, Point, best
-from .report import candidate_points  # noqa: F401  (re-exported: tests and callers use it from here)
 
 LIBRARY_FILE = "libetune_kernels.so"
-MANIFEST_FILE = "manifest.json"
 SOURCES_DIR = "kernels"
 MS_WORKLOAD_FILE = "database_workload.json"
 MS_RECORD_FILE = "database_tuning_record.json"
@@ -60,8 +57,6 @@ MS_RECORD_FILE = "database_tuning_record.json"
 MARKER_FILE = "etune-export.json"
 MARKER_FORMAT = "etune-export"
 FORMATS = ("library", "metaschedule", "both")
-FORMAT = "etune-kernel-library"
-FORMAT_VERSION = 1
 
 SIM_NOTE = ("latency and energy come from the simulated GPU (backend 'sim', an analytic model), "
             "not from a measurement on hardware")
@@ -169,7 +164,8 @@ def _pick_backend(db: RecordsDB, workload: WorkloadRow, backend: str | None) -> 
                       "choose one with --backend")
 
 
-def _select(db: RecordsDB, workload: WorkloadRow, objective: Objective, backend: str | None) -> Selection:
+def _select(db: RecordsDB, workload: WorkloadRow, objective: Objective, backend: str | None,
+            allow_unconverged: bool = False) -> Selection:
     chosen_backend = _pick_backend(db, workload, backend)
     runs = db.runs(workload.id)
     tuned = sorted({r.objective for r in runs if r.backend == chosen_backend})
@@ -177,8 +173,12 @@ def _select(db: RecordsDB, workload: WorkloadRow, objective: Objective, backend:
         raise ExportError(f"{workload.spec} has no run tuned for {objective.label} on {chosen_backend} (tuned for: "
                           f"{', '.join(tuned) or 'nothing'}): tune it with --objective {objective.label}, or export "
                           "an objective it was tuned for")
-    points = candidate_points(db, workload.id, chosen_backend)
-    point = best(points, objective)
+    points = db.points(workload.id, chosen_backend)
+    point = best(points, objective, allow_unconverged)
+    if point is None and best(points, objective, allow_unconverged=True) is not None:
+        raise ExportError(f"{workload.spec}: every energy measurement on backend {chosen_backend!r} that could win "
+                          "hit its window cap unconverged (spread above target); measure again on a quieter GPU, "
+                          "or export them anyway with --allow-unconverged")
     if point is None:
         raise ExportError(f"{workload.spec}: no candidate has an ok energy measurement on backend "
                           f"{chosen_backend!r}, which objective {objective.label} needs "
@@ -198,14 +198,15 @@ def _select(db: RecordsDB, workload: WorkloadRow, objective: Objective, backend:
 
 
 def select_best(db_path: str | Path, objective: Objective | str, backend: str | None = None,
-                workloads: Sequence[str] | None = None) -> list[Selection]:
+                workloads: Sequence[str] | None = None, allow_unconverged: bool = False) -> list[Selection]:
     """The best candidate of each workload (all of the database's, or the listed specs) under the
     objective, from one backend's measurements (default: the only backend, or the one real one when
     the simulator measured too). Raises ExportError for an empty database, an unknown workload, or a
     workload without a measured candidate."""
     objective = _objective(objective)
     with _open_db(db_path) as db:
-        selections = [_select(db, w, objective, backend) for w in _wanted_workloads(db, db_path, workloads)]
+        selections = [_select(db, w, objective, backend, allow_unconverged)
+                      for w in _wanted_workloads(db, db_path, workloads)]
     names = [s.name for s in selections]
     if len(set(names)) != len(names):  # two specs that differ only in punctuation
         raise ExportError(f"two workloads map to the same function name: {', '.join(names)}")
@@ -399,6 +400,7 @@ def _kernel_entry(selection: Selection, rebuilt, resources: list) -> dict:
         "latency_s": point.latency_s,
         "energy_j": point.energy_j,
         "energy_measured": point.energy_measured,
+        "energy_converged": point.energy_converged,
         "measurements": {
             "backend": selection.backend,
             "device_name": ", ".join(selection.device_names) or None,
@@ -424,11 +426,12 @@ def _write_json(path: Path, document) -> None:
     os.replace(tmp, path)
 
 
-def _write_library(db_path, objective: Objective, directory: Path, backend, gpu, workloads) -> dict:
+def _write_library(db_path, objective: Objective, directory: Path, backend, gpu, workloads,
+                   allow_unconverged: bool) -> dict:
     """Writes the kernel library into ``directory`` (a new, empty folder); returns the manifest."""
     import tvm
 
-    selections = select_best(db_path, objective, backend, workloads)
+    selections = select_best(db_path, objective, backend, workloads, allow_unconverged)
     rebuilt = [rebuild(s.workload.spec, s.candidate, gpu) for s in selections]
     sources = directory / SOURCES_DIR
     sources.mkdir()
@@ -483,7 +486,7 @@ def _latency_values(db: RecordsDB, workload_id: int, backend: str) -> dict[int, 
 
 
 def _write_ms_database(db_path, objective: Objective | None, directory: Path, out: Path, backend, gpu,
-                       workloads) -> dict:
+                       workloads, allow_unconverged: bool) -> dict:
     """Writes the MetaSchedule database into ``directory`` (to become ``out``) and checks it by
     loading it back and querying each workload's best schedule; returns the summary."""
     from tvm.s_tir import meta_schedule as ms
@@ -493,7 +496,7 @@ def _write_ms_database(db_path, objective: Objective | None, directory: Path, ou
     with _open_db(db_path) as db:
         for workload in _wanted_workloads(db, db_path, workloads):
             if objective is not None:
-                chosen = _select(db, workload, objective, backend)
+                chosen = _select(db, workload, objective, backend, allow_unconverged)
                 run_secs = _latency_values(db, workload.id, chosen.backend)[chosen.candidate.id]
                 plan.append((workload, chosen.backend, [(chosen.candidate, run_secs)],
                              {chosen.candidate.structural_hash}))
@@ -625,9 +628,11 @@ def _staged(out: Path, force: bool) -> Iterator[Path]:
 
 def export(db_path: str | Path, objective: Objective | str | None, out_dir: str | Path, format: str = "library",
            backend: str | None = None, gpu="h100", workloads: Sequence[str] | None = None,
-           force: bool = False) -> tuple[dict | None, dict | None]:
+           force: bool = False, allow_unconverged: bool = False) -> tuple[dict | None, dict | None]:
     """Exports into ``out_dir``: the kernel library (``format`` library), the MetaSchedule database
     (metaschedule) or both; returns (manifest, MetaSchedule summary), None for what was not asked.
+    ``allow_unconverged``: a schedule whose energy measurement did not converge may be the winner
+    (its manifest entry says so).
 
     The export is written into a new folder beside ``out_dir`` that then takes its place, so a
     failed export changes nothing; ``out_dir`` must be new, empty, or an earlier export (replaced
@@ -642,9 +647,10 @@ def export(db_path: str | Path, objective: Objective | str | None, out_dir: str 
     out = Path(out_dir)
     with _staged(out, force) as staging:
         if format in ("library", "both"):
-            manifest = _write_library(db_path, objective, staging, backend, gpu, workloads)
+            manifest = _write_library(db_path, objective, staging, backend, gpu, workloads, allow_unconverged)
         if format in ("metaschedule", "both"):
-            summary = _write_ms_database(db_path, objective, staging, out, backend, gpu, workloads)
+            summary = _write_ms_database(db_path, objective, staging, out, backend, gpu, workloads,
+                                         allow_unconverged)
     return manifest, summary
 
 

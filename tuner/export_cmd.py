@@ -26,6 +26,9 @@ def export_command(
                         "(TVM MetaSchedule JSON database) or both."),
     workloads: Optional[List[str]] = typer.Argument(None, help="Only these workloads (default: all in --db)."),
     force: bool = typer.Option(False, "--force", help="Replace an earlier etune export in --out."),
+    allow_unconverged: bool = typer.Option(
+        False, "--allow-unconverged", help="Let a schedule whose energy measurement did not converge (spread above "
+                                           "target at the window cap) be the winner; the manifest says so."),
 ) -> None:
     """Export the best schedule of every tuned workload under an objective: a kernel library and/or a
     MetaSchedule database."""
@@ -37,7 +40,7 @@ def export_command(
     try:
         with console.status(f"rebuilding the best schedules from {db} and writing {format} into {out}"):
             manifest, ms_summary = export(db, objective, out, format, backend=backend, gpu=target,
-                                          workloads=workloads, force=force)
+                                          workloads=workloads, force=force, allow_unconverged=allow_unconverged)
     except ExportError as exc:
         fail(str(exc))
 

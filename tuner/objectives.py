@@ -12,6 +12,8 @@ import math
 import re
 from typing import Iterable, Sequence
 
+from etune.measurements.records import Point
+
 KINDS = ("latency", "energy", "edp")
 DEFAULT_MAX_SLOWDOWN = 0.05
 # The help text of every --objective option (etune tune, export, report).
@@ -111,20 +113,14 @@ def _slowdown(text: str, where: str) -> float | None:
     return float(text)
 
 
-@dataclasses.dataclass(frozen=True)
-class Point:
-    key: object  # candidate id, structural hash, or "vendor"
-    latency_s: float
-    energy_j: float | None = None
-    energy_measured: bool = False
-
-
-def best(points: Sequence[Point], objective: Objective) -> Point | None:
-    """The best measured point: latency from every point, energy only from energy-measured ones."""
+def best(points: Sequence[Point], objective: Objective, allow_unconverged: bool = False) -> Point | None:
+    """The best measured point: latency from every point, energy only from energy-measured ones
+    whose measurement converged (or from all energy-measured ones with ``allow_unconverged``)."""
     if not points:
         return None
     fastest = min(p.latency_s for p in points)
-    pool = points if objective.kind == "latency" else [p for p in points if p.energy_measured]
+    pool = points if objective.kind == "latency" else [
+        p for p in points if p.energy_measured and (p.energy_converged or allow_unconverged)]
     if not pool:
         return None
     return min(pool, key=lambda p: (objective.score(p.latency_s, p.energy_j, fastest), p.latency_s))

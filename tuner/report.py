@@ -15,28 +15,11 @@ from etune.measurements.records import RecordsDB
 from .objectives import Objective, Point, best, pareto_front
 
 
-def candidate_points(db: RecordsDB, workload_id: int, backend: str, run_id: int | None = None) -> list[Point]:
-    """One Point per candidate of the workload with an ok latency measurement on ``backend`` (in the
-    run ``run_id``, if given): key = candidate id, median latency, median energy of its ok energy
-    measurements (None and ``energy_measured=False`` without any). Vendor references and failed
-    measurements are left out."""
-    latency: dict[int, list[float]] = defaultdict(list)
-    energy: dict[int, list[float]] = defaultdict(list)
-    for m in db.measurements(workload_id, run_id=run_id):
-        if m.ok and m.candidate_id is not None and m.backend == backend and m.value is not None:
-            (latency if m.kind == "latency" else energy)[m.candidate_id].append(m.value)
-    points = []
-    for cid in sorted(latency):
-        e = statistics.median(energy[cid]) if energy.get(cid) else None
-        points.append(Point(cid, statistics.median(latency[cid]), e, e is not None))
-    return points
-
-
 def _point_json(point: Point | None) -> dict | None:
     if point is None:
         return None
     return {"candidate_id": point.key, "latency_s": point.latency_s, "energy_j": point.energy_j,
-            "energy_measured": point.energy_measured}
+            "energy_measured": point.energy_measured, "energy_converged": point.energy_converged}
 
 
 def _vendor(db: RecordsDB, workload_id: int, backend: str) -> dict | None:
@@ -70,11 +53,11 @@ def report(db: RecordsDB, specs: list[str] | None = None, backend: str | None = 
             if label is not None and not any(r.objective == label and r.backend == name for r in runs):
                 continue
             mine = [m for m in measurements if m.backend == name]
-            points = candidate_points(db, workload.id, name)
+            points = db.points(workload.id, name)
             best_by_objective = {}
             for run in runs:
                 if run.backend == name and label in (None, run.objective):
-                    run_points = candidate_points(db, workload.id, name, run_id=run.id)
+                    run_points = db.points(workload.id, name, run_id=run.id)
                     best_by_objective[run.objective] = _point_json(best(run_points, Objective.parse(run.objective)))
             devices = sorted({m.device_name for m in mine if m.device_name})
             entries.append({
@@ -83,8 +66,8 @@ def report(db: RecordsDB, specs: list[str] | None = None, backend: str | None = 
                 "device": devices[0] if len(devices) == 1 else devices,
                 "simulated": model_output(name, devices),
                 "best": best_by_objective,
-                "pareto": [{"candidate_id": p.key, "latency_s": p.latency_s, "energy_j": p.energy_j}
-                           for p in pareto_front(points)],
+                "pareto": [{"candidate_id": p.key, "latency_s": p.latency_s, "energy_j": p.energy_j,
+                            "energy_converged": p.energy_converged} for p in pareto_front(points)],
                 "vendor": _vendor(db, workload.id, name),
                 "counts": {
                     "candidates": len(points),

@@ -1,0 +1,110 @@
+"""Tuning on a Ray cluster (tuner.cluster): one local cluster for the module, with 4 fake GPUs.
+
+Sim actors take a scaled share of each measurement's simulated GPU time as wall time, so parallel
+measurement shows as it would on GPUs."""
+import os
+import time
+from collections import Counter
+
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from benchmarks.cluster_scaling import energy_heavy_run, sample_candidates, start_local_cluster  # noqa: E402
+from etune.measurements.records import RecordsDB  # noqa: E402
+from etune.tuner.cluster import cluster_builder  # noqa: E402
+
+SMALL = "softmax:1024,1024"
+# One generation of 16 candidates, each measured for latency and energy (~3.35 s of simulated GPU
+# time each, of which SCALE is taken as wall time).
+TRIALS = 16
+SCALE = 0.3  # ~1 s per energy measurement: well above the driver's own few seconds per run
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    yield start_local_cluster(gpus=4)
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def sampled():
+    """The run's candidates, sampled once: TVM's sampling is not what the cluster speeds up."""
+    return sample_candidates(TRIALS, SMALL)
+
+
+def _records(db_path):
+    with RecordsDB.open(db_path, readonly=True) as db:
+        return db.measurements()
+
+
+def test_four_actors_measure_an_energy_heavy_run_3x_faster_with_the_same_records(cluster, sampled, tmp_path):
+    one, one_s, _ = energy_heavy_run(tmp_path / "one.db", sampled, 1, SCALE)
+    four, four_s, _ = energy_heavy_run(tmp_path / "four.db", sampled, 4, SCALE)
+    print(f"1 actor: {one_s:.1f} s, 4 actors: {four_s:.1f} s ({one_s / four_s:.2f}x)")
+    assert one_s >= 3 * four_s
+    assert one.trials == four.trials == TRIALS and one.energy_measurements == four.energy_measurements == TRIALS
+    for name, status in (("one.db", one), ("four.db", four)):
+        records = _records(tmp_path / name)
+        per_kind = Counter((m.candidate_id, m.kind) for m in records)
+        assert set(per_kind.values()) == {1}  # nothing measured twice
+        assert sum(m.kind == "latency" for m in records) == TRIALS
+        assert sum(m.kind == "energy" for m in records) == status.energy_measurements
+        assert all(m.ok for m in records)
+    actors_used = {m.details["actor"] for m in _records(tmp_path / "four.db") if m.kind == "energy"}
+    assert len(actors_used) == 4  # each record says which actor (and GPU) measured it
+
+
+def test_an_actor_killed_mid_run_costs_at_most_its_task(cluster, sampled, tmp_path):
+    def kill_one(backend):
+        time.sleep(1.0)  # inside the energy measurements (4 rounds of ~0.5 s)
+        ray.kill(backend.actors[0])
+
+    status, _, left = energy_heavy_run(tmp_path / "k.db", sampled, 4, 0.15, during=kill_one)
+    records = _records(tmp_path / "k.db")
+    assert left == 3 and status.trials == TRIALS and status.stopped_by == "trials"
+    assert set(Counter((m.candidate_id, m.kind) for m in records).values()) == {1}
+    assert sum(m.kind == "energy" for m in records) == status.energy_measurements
+    assert sum(not m.ok for m in records) <= 1  # the task in flight is retried on another actor
+
+
+def test_a_build_through_ray_is_the_local_build(cluster, sampled, tmp_path):
+    from etune.search_space import Builder, gpu_spec
+
+    candidate, gpu = sampled[0], gpu_spec("h100")
+    workload = candidate.workload
+    (local,) = Builder(gpu, workdir=tmp_path / "local", jobs=1).build([candidate])
+    builder = cluster_builder(gpu, workload, workdir=tmp_path / "ray")
+    (remote,) = builder.build([candidate])
+    assert remote.ok, remote.error
+    assert (remote.status, remote.runnable, remote.kernels) == (local.status, local.runnable, local.kernels)
+    assert sorted(os.listdir(remote.artifact_dir)) == sorted(os.listdir(local.artifact_dir))
+    (again,) = builder.build([candidate])
+    assert again.cached and again.kernels == remote.kernels  # the structural-hash cache, as locally
+
+
+def test_the_cli_tunes_several_workloads_at_once_on_the_cluster(cluster, tmp_path):
+    from typer.testing import CliRunner
+
+    from etune.tuner.cli import app
+
+    db = tmp_path / "cli.db"
+    args = ["tune", SMALL, "softmax:512,1024", "--backend", "sim", "--no-build", "--trials", "4", "--batch", "4",
+            "--db", str(db), "--cluster", "ray"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "on 4 measurement actors of the Ray cluster" in " ".join(result.output.split())
+    with RecordsDB.open(db, readonly=True) as records:
+        assert sorted(w.spec for w in records.workloads()) == sorted([SMALL, "softmax:512,1024"])
+        assert all(r.status == "finished" for r in records.runs())
+        assert sum(m.kind == "latency" for m in records.measurements()) == 8
+
+
+def test_without_ray_a_cluster_is_one_line_error(monkeypatch):
+    import sys
+
+    from etune.tuner.cluster import ClusterError, connect
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
+    with pytest.raises(ClusterError, match=r"^--cluster needs Ray, which is not installed: pip install 'etune\[ray\]'$"):
+        connect("ray")
