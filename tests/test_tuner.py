@@ -1,5 +1,4 @@
 """The tuning loop on the sim backend: budgets, records, resume, and the energy/latency trade-off."""
-import json
 import os
 import signal
 import subprocess
@@ -169,19 +168,48 @@ def _safe_counts(db_path):
         return Counter()
 
 
-def test_energy_aware_tuning_saves_10_percent_at_most_5_percent_slower_with_few_energy_measurements(tmp_path):
+def test_energy_aware_tuning_saves_10_percent_at_most_5_percent_slower_and_beats_the_baselines(tmp_path):
     """Issue 5's acceptance on sim's GEMV, the suite workload where sim has such a trade-off: schedules
     that stream the matrix from 32 blocks on 32 SMs come within 5 % of the fastest (all SMs busy) and
-    burn ~100 W less static power. Same trial budget for both objectives; the run is deterministic for
-    its seed, and benchmarks/objective_tradeoff.py shows the target met on seeds 0-4
-    (docs/sim_results.md), so this seed stands for them rather than being picked from a few that pass."""
-    db_path = tmp_path / "t.db"
-    common = dict(backend="sim", db=db_path, trials=96, batch=16, build=False, seed=1)
-    latency = tune("gemm:1,4096,4096", "latency", **common)
-    energy = tune("gemm:1,4096,4096", "energy@0.05", **common)
-    assert latency.trials == energy.trials == 96
+    burn ~100 W less static power. Same trial budget for every run; the run is deterministic for its
+    seed, and benchmarks/objective_tradeoff.py shows the target met on seeds 0-4
+    (docs/sim_results.md), so this seed stands for them rather than being picked from a few that pass.
+
+    Issue 14: at the same number of energy measurements the model must beat (a) constant power x
+    latency in its place (the stub: 5.86 mJ here, 3.9 % saved, so it fails the first assertion too)
+    and (b) the naive way, the energy of the k fastest of a latency-only run within the slack."""
+    from etune.energy_model.baselines import ConstantPowerModel
+    from etune.measurements.sim import SimBackend
+    from etune.tuner.models import Models
+    from etune.tuner.objectives import Objective
+    from etune.tuner.search import TuneSettings, Tuner
+
+    spec, settings = "gemm:1,4096,4096", TuneSettings(trials=96, batch=16, build=False, seed=1)
+
+    def run(name, objective, **parts):
+        with RecordsDB.open(tmp_path / f"{name}.db") as db:
+            tuner = Tuner(spec, Objective.parse(objective), SimBackend(seed=1), db, settings, **parts)
+            return tuner, tuner.run(), db.points(tuner.workload_id, run_id=tuner.run_id)
+
+    latency_tuner, latency, latency_points = run("latency", "latency")
+    _, energy, _ = run("model", "energy@0.05")
+    _, constant, _ = run("constant", "energy@0.05", models=Models(energy=ConstantPowerModel(seed=1), seed=1))
+    assert latency.trials == energy.trials == constant.trials == 96
     assert latency.best.energy_measured and latency.energy_measurements == 1
     assert energy.best.energy_measured
     assert energy.best.energy_j <= 0.90 * latency.best.energy_j
     assert energy.best.latency_s <= 1.05 * latency.best.latency_s
     assert energy.energy_measurements <= 0.2 * energy.trials
+
+    # (a) the same search with constant power in place of the model, and as many energy measurements
+    assert constant.energy_measurements == energy.energy_measurements
+    assert energy.best.energy_j <= 0.95 * constant.best.energy_j
+    # (b) the naive way at the same budget: the k fastest of the latency-only run within its slack
+    bound = Objective.parse("energy@0.05").slack_bound_s(latency.best.latency_s)
+    fastest_k = sorted((p for p in latency_points if p.latency_s <= bound), key=lambda p: p.latency_s)
+    fastest_k = fastest_k[:energy.energy_measurements]
+    with RecordsDB.open(tmp_path / "latency.db", readonly=True) as db:
+        rows = [db.candidate(p.key) for p in fastest_k]
+    candidates = [latency_tuner.space.from_trace_json(r.trace, r.design_space) for r in rows]
+    naive = min(r.value for r in SimBackend(seed=1).measure(candidates, "energy"))
+    assert energy.best.energy_j <= 0.95 * naive

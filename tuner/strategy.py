@@ -32,6 +32,7 @@ class Trial:
     latency_s: float | None = None
     energy_j: float | None = None
     energy_converged: bool = True  # see RecordsDB.points
+    energy_tried: bool = False  # an energy measurement was taken (ok or not): never taken again
     candidate: object | None = None  # search_space.Candidate; None until needed after a resume
 
 
