@@ -51,7 +51,9 @@ def write_dataset(path: Path, candidates: dict, params, idle_w: float, record_id
 
 @pytest.fixture(scope="module")
 def candidates():
-    return {spec: ScheduleSpace(spec, "h200").sample(6, seed=0) for spec in SPECS}
+    # the TE-chain spaces the fit's tolerances were set on (the template rule sets change the draw)
+    return {spec: ScheduleSpace(spec, "h200", rule_sets=["tensorcore", "simt", "splitk"]).sample(6, seed=0)
+            for spec in SPECS}
 
 
 @pytest.fixture(scope="module")
