@@ -23,8 +23,22 @@ SCALE = 0.3  # ~1 s per energy measurement: well above the driver's own few seco
 
 @pytest.fixture(scope="module")
 def cluster():
+    """A local cluster for this module. Ray leaves its marks on the process (PYTHONPATH for its
+    workers, its own SIGINT/SIGTERM handlers at the C level, which children inherit): put them back,
+    so the tests that come after it on this worker see a process like any other."""
+    import os
+    import signal
+
+    pythonpath = os.environ.get("PYTHONPATH")
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
     yield start_local_cluster(gpus=4)
     ray.shutdown()
+    for signum, handler in handlers.items():
+        signal.signal(signum, handler)  # sigaction again, over whatever Ray installed
+    if pythonpath is None:
+        os.environ.pop("PYTHONPATH", None)
+    else:
+        os.environ["PYTHONPATH"] = pythonpath
 
 
 @pytest.fixture(scope="module")
