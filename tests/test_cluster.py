@@ -5,6 +5,7 @@ measurement shows as it would on GPUs."""
 import os
 import time
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -14,6 +15,7 @@ from benchmarks.cluster_scaling import energy_heavy_run, sample_candidates, star
 from etune.measurements.records import RecordsDB  # noqa: E402
 from etune.tuner.cluster import cluster_builder  # noqa: E402
 
+REPO = Path(__file__).resolve().parents[1]
 SMALL = "softmax:1024,1024"
 # One generation of 16 candidates, each measured for latency and energy (~3.35 s of simulated GPU
 # time each, of which SCALE is taken as wall time).
@@ -122,3 +124,52 @@ def test_without_ray_a_cluster_is_one_line_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
     with pytest.raises(ClusterError, match=r"^--cluster needs Ray, which is not installed: pip install 'etune\[ray\]'$"):
         connect("ray")
+
+
+def test_a_sigkilled_cluster_run_resumes_from_the_drivers_database(tmp_path):
+    """The search and the records stay in the driver: SIGKILL it mid-run (its local Ray goes with it),
+    and the same command measures the rest, nothing twice."""
+    import signal
+    import subprocess
+    import sys
+
+    import psutil
+
+    db = tmp_path / "k.db"
+    # The child is the CLI on its own local cluster with two fake GPUs (a GPU-less host has none to give).
+    driver = ("import sys, ray; ray.init(address='local', num_cpus=1, num_gpus=2, include_dashboard=False, "
+              "logging_level='ERROR'); from etune.tuner.cli import app; app(sys.argv[1:], prog_name='etune')")
+    command = [sys.executable, "-c", driver, "tune", "softmax:256,256", "--backend", "sim", "--no-build",
+               "--objective", "latency", "--trials", "24", "--batch", "4", "--db", str(db), "--cluster", "ray"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+
+    def latency_counts():
+        try:
+            with RecordsDB.open(db, readonly=True) as records:
+                return Counter(m.candidate_id for m in records.measurements(kind="latency"))
+        except Exception:  # noqa: BLE001 - not created yet
+            return Counter()
+
+    process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 240
+        while process.poll() is None and sum(latency_counts().values()) < 6 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert process.poll() is None, process.stderr.read().decode()[-2000:]
+        ray_processes = psutil.Process(process.pid).children(recursive=True)
+        process.send_signal(signal.SIGKILL)
+        process.wait(30)
+    finally:
+        process.kill()
+    killed_at = sum(latency_counts().values())
+    assert 6 <= killed_at < 24
+    # The driver's local Ray does not outlive it: its GCS, raylet and workers go at once (Ray's two
+    # agents poll for the raylet and follow a few minutes later).
+    core = [p for p in ray_processes if not p.name().endswith("Agent")]
+    gone, alive = psutil.wait_procs(core, timeout=60)
+    assert core and not alive, [p.name() for p in alive]
+    rerun = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert "ended without finishing (killed?); resuming" in " ".join(rerun.stdout.split())
+    counts = latency_counts()
+    assert len(counts) == 24 and set(counts.values()) == {1}
