@@ -42,6 +42,8 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="out/check_builds")
     parser.add_argument("--workdir", default=None, help="build artifacts (default: OUT/builds)")
+    parser.add_argument("--rule-sets", nargs="+", default=None,
+                        help="sample only these rule sets' design spaces (default: every one that applies)")
     args = parser.parse_args()
 
     workloads = [parse_spec(s) for s in args.workloads] if args.workloads else list(suite().values())
@@ -53,7 +55,8 @@ def main() -> int:
     rows = []
     for workload in workloads:
         started = time.perf_counter()
-        space = ScheduleSpace(workload, gpu, seed=args.seed)
+        kwargs = {"rule_sets": args.rule_sets} if args.rule_sets else {}
+        space = ScheduleSpace(workload, gpu, seed=args.seed, **kwargs)
         candidates = space.sample(args.samples, seed=args.seed)
         sample_s = time.perf_counter() - started
         started = time.perf_counter()
@@ -100,6 +103,7 @@ def main() -> int:
         "target": gpu.name,
         "gpu_present": on_gpu,
         "samples": args.samples,
+        "rule_sets": args.rule_sets,
         "rows": rows,
     }
     (out / "check_builds.json").write_text(json.dumps(report, indent=1))

@@ -73,59 +73,61 @@ def split_kv_decode(batch: int, heads: int, q_len: int, kv_len: int, head_dim: i
             GM = T.sblock_alloc_buffer((B, H, QL, D), "float32", scope="local")
             Den = T.sblock_alloc_buffer((B, H, QL, D), "float32", scope="local")
             Acc = T.sblock_alloc_buffer((B, H, QL, D), "float32", scope="local")
-            for b, h, i, s in T.grid(B, H, QL, NS):
-                for e in range(D):
+            for b, h, s in T.grid(B, H, NS):
+                # One slot of one (batch, head) for all its query rows: each K/V row is loaded once and
+                # used by every query row (the rows are the innermost spatial loop of both products).
+                for i, e in T.grid(QL, D):
                     with T.sblock("q_load"):
                         vb, vh, vi, ve = T.axis.remap("SSSS", [b, h, i, e])
                         T.sblock_attr({"schedule_rule": "etune_split_kv_decode"})
                         Ql[vb, vh, vi, ve] = Q[vb, vh, vi, ve]
-                for k, r, e in T.grid(C // R, R, D):
+                for k, r, i, e in T.grid(C // R, R, QL, D):
                     with T.sblock("qk"):
-                        vb, vh, vi, vs, vk, vr, ve = T.axis.remap("SSSSSSR", [b, h, i, s, k, r, e])
+                        vb, vh, vs, vk, vr, vi, ve = T.axis.remap("SSSSSSR", [b, h, s, k, r, i, e])
                         with T.init():
                             S[vb, vh, vi, vs, vk, vr] = T.float32(0)
                         S[vb, vh, vi, vs, vk, vr] += T.Cast("float32", Ql[vb, vh, vi, ve]) * T.Cast(
                             "float32", K[vb, vh, T.min(vs * C + vk * R + vr, last), ve])
-                for k, r in T.grid(C // R, R):
+                for i, k, r in T.grid(QL, C // R, R):
                     with T.sblock("row_max"):
-                        vb, vh, vi, vs, vk, vr = T.axis.remap("SSSSRR", [b, h, i, s, k, r])
+                        vb, vh, vs, vi, vk, vr = T.axis.remap("SSSSRR", [b, h, s, i, k, r])
                         with T.init():
                             Mx[vb, vh, vi, vs] = T.min_value("float32")
                         Mx[vb, vh, vi, vs] = T.max(Mx[vb, vh, vi, vs], T.if_then_else(
                             visible(vi, vs * C + vk * R + vr), S[vb, vh, vi, vs, vk, vr] * T.float32(scale),
                             T.min_value("float32")))
-                for k, r in T.grid(C // R, R):
+                for i, k, r in T.grid(QL, C // R, R):
                     with T.sblock("prob"):
-                        vb, vh, vi, vs, vk, vr = T.axis.remap("SSSSSS", [b, h, i, s, k, r])
+                        vb, vh, vs, vi, vk, vr = T.axis.remap("SSSSSS", [b, h, s, i, k, r])
                         P[vb, vh, vi, vs, vk, vr] = T.exp2(T.if_then_else(
                             visible(vi, vs * C + vk * R + vr), S[vb, vh, vi, vs, vk, vr] * T.float32(scale),
                             T.min_value("float32")) - Mx[vb, vh, vi, vs])
-                for k, r in T.grid(C // R, R):
+                for i, k, r in T.grid(QL, C // R, R):
                     with T.sblock("row_sum"):
-                        vb, vh, vi, vs, vk, vr = T.axis.remap("SSSSRR", [b, h, i, s, k, r])
+                        vb, vh, vs, vi, vk, vr = T.axis.remap("SSSSRR", [b, h, s, i, k, r])
                         with T.init():
                             Lx[vb, vh, vi, vs] = T.float32(0)
                         Lx[vb, vh, vi, vs] += P[vb, vh, vi, vs, vk, vr]
-                for r, e, k in T.grid(R, D, C // R):
+                for r, e, k, i in T.grid(R, D, C // R, QL):
                     with T.sblock("pv"):
-                        vb, vh, vi, vs, vr, ve, vk = T.axis.remap("SSSSSSR", [b, h, i, s, r, e, k])
+                        vb, vh, vs, vr, ve, vk, vi = T.axis.remap("SSSSSRS", [b, h, s, r, e, k, i])
                         with T.init():
                             Oacc[vb, vh, vi, vs, vr, ve] = T.float32(0)
                         Oacc[vb, vh, vi, vs, vr, ve] += P[vb, vh, vi, vs, vk, vr] * T.Cast(
                             "float32", V[vb, vh, T.min(vs * C + vk * R + vr, last), ve])
-                for r, e in T.grid(R, D):
+                for i, r, e in T.grid(QL, R, D):
                     with T.sblock("pv_store"):
-                        vb, vh, vi, vs, vr, ve = T.axis.remap("SSSSSS", [b, h, i, s, r, e])
+                        vb, vh, vs, vi, vr, ve = T.axis.remap("SSSSSS", [b, h, s, i, r, e])
                         Opart[vb, vh, vi, vs, vr, ve] = Oacc[vb, vh, vi, vs, vr, ve]
-                for e, r in T.grid(D, R):
+                for i, e, r in T.grid(QL, D, R):
                     with T.sblock("pv_sum"):
-                        vb, vh, vi, vs, ve, vr = T.axis.remap("SSSSSR", [b, h, i, s, e, r])
+                        vb, vh, vs, vi, ve, vr = T.axis.remap("SSSSSR", [b, h, s, i, e, r])
                         with T.init():
                             Ox[vb, vh, vi, vs, ve] = T.float32(0)
                         Ox[vb, vh, vi, vs, ve] += Opart[vb, vh, vi, vs, vr, ve]
-                for e in range(D):
+                for i, e in T.grid(QL, D):
                     with T.sblock("store_partial"):
-                        vb, vh, vi, vs, ve = T.axis.remap("SSSSS", [b, h, i, s, e])
+                        vb, vh, vs, vi, ve = T.axis.remap("SSSSS", [b, h, s, i, e])
                         Op[vb, vh, vi, vs, ve] = Ox[vb, vh, vi, vs, ve]
                         if ve == 0:
                             Mp[vb, vh, vi, vs] = Mx[vb, vh, vi, vs]

@@ -33,13 +33,14 @@ def split_kv_decode(sch, block):
     """Schedule the split-KV decode template; ``block`` is its ``q_load`` block."""
     g = sch.get_sblock
     sch.unannotate(block, "schedule_rule")
-    b, h, i, s, e = sch.get_loops(block)
-    # Slots of one (batch, head, query) row: blocks along the KV length x slots per block.
+    b, h, s, i, e = sch.get_loops(block)
+    # Slots of one (batch, head): blocks along the KV length x slots per block; every block works on
+    # all the query rows of its slots.
     s_blocks, _ = sch.split(s, sch.sample_perfect_tile(s, n=2, max_innermost_factor=64))
-    sch.bind(sch.fuse(b, h, i, s_blocks), "blockIdx.x")
+    sch.bind(sch.fuse(b, h, s_blocks), "blockIdx.x")
     vec = sch.sample_categorical(VECTOR_WIDTHS, [0.1, 0.2, 0.3, 0.4])
     qk = g("qk")
-    phases = sch.get_loops(qk)[-2]
+    phases = sch.get_loops(qk)[-3]
     rows_threads = sch.sample_perfect_tile(phases, n=2, max_innermost_factor=64)
 
     def rows(loop):
@@ -56,22 +57,25 @@ def split_kv_decode(sch, block):
 
     cols(sch.get_loops(block)[-1])
     # Scores: a thread's slice of head_dim, reduced across threadIdx.x (warp shuffles); K comes
-    # straight into registers with vector loads (no reuse across the block to stage in shared memory).
-    k, r, e = sch.get_loops(qk)[-3:]
-    r_outer, _ = rows(r)
+    # straight into registers with vector loads (no reuse across the block to stage in shared memory),
+    # once for all the query rows (the rows' loop inside the thread's slice).
+    k, r, i, e = sch.get_loops(qk)[-4:]
+    r_outer, r_inner = rows(r)
     sch.fuse(k, r_outer)
-    e_outer, _ = cols(e, vectorize=False)
+    cols(e, vectorize=False)
+    # K's row is loaded above the query rows' loop (the reduction over threadIdx.x must stay the
+    # innermost loops), each thread its slice, by the same threads as the product.
     k_local = sch.cache_read(qk, 1, "local")
-    sch.compute_at(k_local, e_outer, preserve_unit_loops=True)
-    sch.vectorize(sch.get_loops(k_local)[-1])
+    sch.compute_at(k_local, r_inner, preserve_unit_loops=True)
+    cols(sch.get_loops(k_local)[-1])
     for name in ("row_max", "prob", "row_sum"):
         rows(sch.get_loops(g(name))[-1])
     # P @ V: each thread accumulates its rows in registers, then the row phases are summed via shared.
     pv = g("pv")
-    r, e, k = sch.get_loops(pv)[-3:]
+    r, e, k, i = sch.get_loops(pv)[-4:]
     r_outer, r_inner = rows(r)
     e_outer, e_inner = cols(e, vectorize=False)
-    sch.reorder(r_inner, e_outer, k, r_outer, e_inner)
+    sch.reorder(r_inner, e_outer, k, r_outer, i, e_inner)
     v_local = sch.cache_read(pv, 1, "local")
     sch.compute_at(v_local, r_outer, preserve_unit_loops=True)
     sch.vectorize(sch.get_loops(v_local)[-1])

@@ -98,7 +98,8 @@ def test_samples_are_valid_split_plus_merge(space, sampled):
         assert launch_problem(c.launches, space.gpu) is None
         assert len(c.launches) == 2, [k.name for k in c.launches]
         partial, merge = c.launches
-        assert partial.blocks % rows == 0 and partial.blocks <= rows * slots
+        heads = p["batch"] * p["heads"]  # a partial block works on all the query rows of its slots
+        assert partial.blocks % heads == 0 and partial.blocks <= heads * slots
         assert merge.blocks == rows
         # No global buffer of kv_len per query: the only global intermediates are the slot partials.
         for buffer in c.mod["main"].body.block.alloc_buffers:
@@ -109,6 +110,28 @@ def test_samples_are_valid_split_plus_merge(space, sampled):
         assert partial.traffic.global_load_bytes < 1.1 * kv_bytes
         # The partials are stored once: the one-writer guards (threadIdx.y == 0) are counted as such.
         assert partial.traffic.global_store_bytes <= rows * slots * (p["head_dim"] + 2) * 4
+
+
+def test_small_q_len_reads_k_and_v_once_per_slot():
+    """q_len 4: one partial block works on the 4 query rows of its slots, so K and V are read once
+    per (batch, head) slot, not once per query row, and the 4 rows' results are still right (the
+    template on llvm; the scheduled kernels need a GPU)."""
+    spec = "attention:2,3,4,600,64"
+    space = ScheduleSpace(spec, rule_sets=["fused"])
+    candidates = space.sample(3, seed=0, max_attempts=100)
+    assert len(candidates) == 3, space.last_sample
+    p = space.workload.params
+    slots = decode_slots(p["kv_len"])
+    heads = p["batch"] * p["heads"]
+    kv_once = 2 * heads * slots * DECODE_CHUNK * p["head_dim"] * 2  # the tail slot padded (clamped reads)
+    q_bytes = heads * p["q_len"] * p["head_dim"] * 2
+    for c in candidates:
+        partial, merge = c.launches
+        assert partial.blocks % heads == 0 and partial.blocks <= heads * slots
+        assert merge.blocks == heads * p["q_len"]
+        # The guarded lanes of the head_dim split may add a little; once per query row would be 4x.
+        assert partial.traffic.global_load_bytes < 1.2 * kv_once + slots * q_bytes
+        assert partial.traffic.global_store_bytes <= heads * p["q_len"] * slots * (p["head_dim"] + 2) * 4
 
 
 def test_decisions_mutate_cross_over_and_round_trip(space, sampled):
