@@ -166,6 +166,9 @@ def split_kv_decode(batch: int, heads: int, q_len: int, kv_len: int, head_dim: i
 # shared memory at a time (its sampled key tile). The query tile is the template's own constant: it is
 # the loop every thread block owns across the whole key loop, which no schedule primitive can resize.
 PREFILL_GRANULE = 32
+# With tensor cores and dynamic shared memory, also granules of 64 and 128 keys: the fp32 P V tile
+# goes through shared memory once per granule, so a larger granule moves fewer bytes per key.
+PREFILL_TC_GRANULES = (32, 64, 128)
 PREFILL_Q_TILES = (32, 64, 128)
 
 
@@ -177,16 +180,25 @@ def prefill_shared_bytes(q_tile: int, head_dim: int, tensor_cores: bool, granule
     return q_tile * head_dim * 2 + 2 * granule * head_dim * 2 + scores + q_tile * granule * 2
 
 
-def prefill_q_tiles(q_len: int, head_dim: int, tensor_cores: bool = False) -> list[int]:
-    """Query tiles offered as templates: those whose tiles fit in 48 KiB of shared memory (the row
-    statistics take a little more), and no bigger than the query length rounded up to 32."""
-    fitting = [t for t in PREFILL_Q_TILES if prefill_shared_bytes(t, head_dim, tensor_cores) <= 47 * 1024]
+# Static shared memory per block. A template needing more allocates it dynamically (``shared.dyn``:
+# TVM's CUDA runtime raises the opt-in limit at launch when a kernel's dynamic shared memory is
+# above 48 KiB), up to the target's ``max_shared_memory_per_block``.
+STATIC_SHARED_BYTES = 48 * 1024
+
+
+def prefill_q_tiles(q_len: int, head_dim: int, tensor_cores: bool = False,
+                    max_shared: int = STATIC_SHARED_BYTES, granule: int = PREFILL_GRANULE) -> list[int]:
+    """Query tiles offered as templates: those whose tiles fit in ``max_shared`` bytes of shared
+    memory less 1 KiB (the row statistics take a little more), and no bigger than the query length
+    rounded up to 32."""
+    fitting = [t for t in PREFILL_Q_TILES
+               if prefill_shared_bytes(t, head_dim, tensor_cores, granule) <= max_shared - 1024]
     return [t for t in fitting if t <= max(32, -(-q_len // 32) * 32)] or fitting[:1]
 
 
 def flash_prefill(batch: int, heads: int, q_len: int, kv_len: int, head_dim: int, causal: bool = False,
                   dtype: str = "float16", q_tile: int = 64, granule: int = PREFILL_GRANULE,
-                  tensor_cores: bool = False):
+                  tensor_cores: bool = False, shared_scope: str = "shared"):
     """The FlashAttention-2 style prefill PrimFunc: one thread block per (batch, head, query tile).
 
     Per key granule t: scores S = Q K^T (fp32, masked, scaled), the running row max Mx (granule t's from granule
@@ -205,6 +217,9 @@ def flash_prefill(batch: int, heads: int, q_len: int, kv_len: int, head_dim: int
     (no skip inside: a dead granule's K/V are zeros instead), scores are stored raw and masked where
     read, and P V goes to a per-granule tile in shared memory (the scores' buffer) that a plain block
     adds to the running output (a wmma accumulator cannot be rescaled row by row).
+
+    ``shared_scope``: "shared" (static), or "shared.dyn" for a template beyond 48 KiB (TVM merges the
+    dynamic buffers into one allocation, reusing memory whose live ranges do not overlap).
     """
     import tvm
     from tvm.script import tirx as T
@@ -224,6 +239,14 @@ def flash_prefill(batch: int, heads: int, q_len: int, kv_len: int, head_dim: int
         # Some row of query tile qt sees the granule's first key (always true without causal).
         return t * G <= qt * TQ + TQ - 1 + offset if causal else True
 
+    def live_granules(qt):
+        # Causal: the key loop of query tile qt stops after the last granule its last (real) row
+        # sees, so the granules past the diagonal are not iterated at all (at least one is).
+        if not causal:
+            return NT
+        last_row = T.min(qt * TQ + TQ - 1, QL - 1)
+        return T.min(NT, T.max(1, T.floordiv(last_row + offset, G) + 1))
+
     def skip_inside_products(qt, t):
         return True if tensor_cores else granule_live(qt, t)
 
@@ -239,13 +262,13 @@ def flash_prefill(batch: int, heads: int, q_len: int, kv_len: int, head_dim: int
              V: T.Buffer((B, H, KV, D), dtype), O: T.Buffer((B, H, QL, D), dtype)):
         T.func_attr({"global_symbol": "main", "tirx.noalias": True})
         with T.sblock("root"):
-            Qs = T.sblock_alloc_buffer((B, H, NQ, TQ, D), dtype, scope="shared")
-            Ks = T.sblock_alloc_buffer((B, H, NQ, NT, G, D), dtype, scope="shared")
-            Vs = T.sblock_alloc_buffer((B, H, NQ, NT, G, D), dtype, scope="shared")
+            Qs = T.sblock_alloc_buffer((B, H, NQ, TQ, D), dtype, scope=shared_scope)
+            Ks = T.sblock_alloc_buffer((B, H, NQ, NT, G, D), dtype, scope=shared_scope)
+            Vs = T.sblock_alloc_buffer((B, H, NQ, NT, G, D), dtype, scope=shared_scope)
             # Running row max after granules t (even) and t (odd): granule t reads granule t - 1's.
-            Mx = T.sblock_alloc_buffer((B, H, NQ, 2, TQ), "float32", scope="shared")
-            Alpha = T.sblock_alloc_buffer((B, H, NQ, 2, TQ), "float32", scope="shared")
-            L = T.sblock_alloc_buffer((B, H, NQ, TQ), "float32", scope="shared")
+            Mx = T.sblock_alloc_buffer((B, H, NQ, 2, TQ), "float32", scope=shared_scope)
+            Alpha = T.sblock_alloc_buffer((B, H, NQ, 2, TQ), "float32", scope=shared_scope)
+            L = T.sblock_alloc_buffer((B, H, NQ, TQ), "float32", scope=shared_scope)
             Oacc = T.sblock_alloc_buffer((B, H, NQ, TQ, D), "float32", scope="local")
             for b, h, qt in T.grid(B, H, NQ):
                 for qi, d in T.grid(TQ, D):
@@ -274,24 +297,26 @@ def flash_prefill(batch: int, heads: int, q_len: int, kv_len: int, head_dim: int
                         elif granule_live(vq, vt):
                             Vs[vb, vh, vq, vt, vj, vd] = T.if_then_else(
                                 vt * G + vj < KV, V[vb, vh, T.min(vt * G + vj, KV - 1), vd], T.Cast(dtype, 0))
-                for t in range(NT):
+                for t in range(live_granules(qt)):
                     # One key granule. Its reads and writes are declared so that the tile's scope is a
                     # plain pipeline (loads -> granule -> output) that compute_at can stage K/V in;
                     # the running state it also reads stays inside. Within, every block writes its
                     # buffer alone (the first granule initialises instead of rescaling), so the rule
                     # may bind each.
                     with T.sblock("granule"):
-                        vb, vh, vq, vt = T.axis.remap("SSSS", [b, h, qt, t])
+                        vb, vh, vq = T.axis.remap("SSS", [b, h, qt])
+                        vt = T.axis.spatial(NT, t)
                         T.reads(Qs[vb, vh, vq, 0:TQ, 0:D], Ks[vb, vh, vq, vt, 0:G, 0:D], Vs[vb, vh, vq, vt, 0:G, 0:D])
                         T.writes(Oacc[vb, vh, vq, 0:TQ, 0:D], L[vb, vh, vq, 0:TQ], Mx[vb, vh, vq, 0:2, 0:TQ],
                                  Alpha[vb, vh, vq, 0:2, 0:TQ])
                         # Tensor cores: S also holds the P V tile once the scores are read (one fp32
                         # buffer; TVM's merge of shared buffers otherwise gave the fp32 tile an fp16
                         # pool, which does not build).
-                        S = T.sblock_alloc_buffer((TQ, max(D, G) if tensor_cores else G), "float32", scope="shared")
-                        P = T.sblock_alloc_buffer((TQ, G), dtype, scope="shared")
+                        S = T.sblock_alloc_buffer((TQ, max(D, G) if tensor_cores else G), "float32", scope=shared_scope)
+                        P = T.sblock_alloc_buffer((TQ, G), dtype, scope=shared_scope)
                         Mrow = T.sblock_alloc_buffer((TQ,), "float32", scope="local")
                         Lrow = T.sblock_alloc_buffer((TQ,), "float32", scope="local")
+                        Arow = T.sblock_alloc_buffer((TQ,), "float32", scope="local")
                         # The two products are blocks of their own: a scope with nothing but a product
                         # is one where the rule may cache operands in registers. A unit loop sits
                         # between such a block and the granule block: with none, TVM 0.27's split
@@ -367,6 +392,12 @@ def flash_prefill(batch: int, heads: int, q_len: int, kv_len: int, head_dim: int
                                         with T.sblock("o_store"):
                                             vi, ve = T.axis.remap("SS", [qi, e])
                                             S[vi, ve] = Otacc[vi, ve]
+                            # The row's rescale factor in a register (the rule computes it at the
+                            # row loop of the merge: read once per row, not per column).
+                            for qi in range(TQ):
+                                with T.sblock("alpha_row"):
+                                    vi = T.axis.remap("S", [qi])
+                                    Arow[vi] = Alpha[vb, vh, vq, vt % 2, vi]
                             # Written as a reduction (of one term) so that, like pv in the SIMT form,
                             # its rescale of the running output is an init and the block may be bound.
                             for qi, e, one in T.grid(TQ, D, 1):
@@ -374,8 +405,7 @@ def flash_prefill(batch: int, heads: int, q_len: int, kv_len: int, head_dim: int
                                     vi, ve, vone = T.axis.remap("SSR", [qi, e, one])
                                     with T.init():
                                         Oacc[vb, vh, vq, vi, ve] = T.if_then_else(
-                                            vt == 0, T.float32(0),
-                                            Oacc[vb, vh, vq, vi, ve] * Alpha[vb, vh, vq, vt % 2, vi])
+                                            vt == 0, T.float32(0), Oacc[vb, vh, vq, vi, ve] * Arow[vi])
                                     Oacc[vb, vh, vq, vi, ve] += S[vi + vone, ve]
                         else:
                             for _ in range(1):
@@ -402,8 +432,9 @@ def flash_prefill(batch: int, heads: int, q_len: int, kv_len: int, head_dim: int
     return main
 
 
-def fused_prim_funcs(workload) -> dict:
-    """Fused templates that apply to an attention workload: {template name: PrimFunc}."""
+def fused_prim_funcs(workload, gpu=None) -> dict:
+    """Fused templates that apply to an attention workload: {template name: PrimFunc}. ``gpu`` (a
+    GpuSpec) bounds the shared memory of the tensor-core prefill tiles (default: 48 KiB, static)."""
     if workload.family != "attention":
         return {}
     p = workload.params
@@ -412,9 +443,21 @@ def fused_prim_funcs(workload) -> dict:
     if p["q_len"] <= DECODE_MAX_Q:
         funcs["split_kv_decode"] = split_kv_decode(*shape)
     else:
+        # A target that allows more than 48 KiB per block gets dynamic shared memory in every
+        # prefill template (a static allocation beyond 48 KiB does not build), and wmma templates with
+        # the larger query tiles that fit.
+        max_shared = gpu.max_shared_memory_per_block if gpu is not None else STATIC_SHARED_BYTES
+        scope = "shared.dyn" if max_shared > STATIC_SHARED_BYTES else "shared"
         for q_tile in prefill_q_tiles(p["q_len"], p["head_dim"]):
-            funcs[f"flash_prefill_q{q_tile}"] = flash_prefill(*shape, q_tile=q_tile)
+            funcs[f"flash_prefill_q{q_tile}"] = flash_prefill(*shape, q_tile=q_tile, shared_scope=scope)
         if p["head_dim"] % 16 == 0:  # wmma tiles of 16 over head_dim
-            for q_tile in prefill_q_tiles(p["q_len"], p["head_dim"], tensor_cores=True):
-                funcs[f"flash_prefill_wmma_q{q_tile}"] = flash_prefill(*shape, q_tile=q_tile, tensor_cores=True)
+            for granule in PREFILL_TC_GRANULES:
+                if granule > PREFILL_GRANULE and max_shared <= STATIC_SHARED_BYTES:
+                    continue  # larger granules only with dynamic shared memory
+                if granule > max(PREFILL_GRANULE, -(-p["kv_len"] // 32) * 32):
+                    continue
+                suffix = "" if granule == PREFILL_GRANULE else f"_g{granule}"
+                for q_tile in prefill_q_tiles(p["q_len"], p["head_dim"], True, max_shared, granule):
+                    funcs[f"flash_prefill_wmma_q{q_tile}{suffix}"] = flash_prefill(
+                        *shape, q_tile=q_tile, granule=granule, tensor_cores=True, shared_scope=scope)
     return funcs

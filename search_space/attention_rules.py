@@ -27,6 +27,7 @@ import tvm
 
 VECTOR_WIDTHS = [1, 2, 4, 8]
 UNROLL_STEPS = [0, 16, 64, 512]
+STAGE_GRANULES = [1, 2, 4]  # key granules per shared-memory stage when the key loop is not constant
 
 
 def split_kv_decode(sch, block):
@@ -105,7 +106,13 @@ def _stage_key_granules(sch, block) -> None:
     b, h, qt = sch.get_loops(block)[:3]
     sch.bind(sch.fuse(b, h, qt), "blockIdx.x")
     t = sch.get_loops(g("granule"))[-1]
-    t_stage, _ = sch.split(t, sch.sample_perfect_tile(t, n=2, max_innermost_factor=4))
+    if isinstance(sch.get(t).extent, tvm.tirx.IntImm):
+        t_stage, _ = sch.split(t, sch.sample_perfect_tile(t, n=2, max_innermost_factor=4))
+    else:
+        # Causal: the key loop's length depends on the query tile (no perfect tiles of it); the last
+        # stage of a tile is guarded, and its K/V loads past the diagonal are skipped or zeros.
+        stage = sch.sample_categorical(STAGE_GRANULES, [1 / len(STAGE_GRANULES)] * len(STAGE_GRANULES))
+        t_stage, _ = sch.split(t, [None, stage])
     for name in ("k_load", "v_load"):
         sch.compute_at(g(name), t_stage, preserve_unit_loops=True)
 
@@ -232,7 +239,12 @@ def flash_prefill_tensor_cores(sch, block):
     # Warps over the 16-row strips of the query tile, in both products.
     warps, _ = sch.sample_perfect_tile(qk_tiles[0], n=2, max_innermost_factor=16)
 
+    # Dynamic shared memory (a template beyond 48 KiB) has intrinsics of its own.
+    qk_reads = sch.get(g("qk")).reads
+    dyn = "_dyn" if any(r.source.scope() == "shared.dyn" for r in qk_reads) else ""
+
     def product(name, tiling, store, operands, intrinsics):
+        intrinsics = (intrinsics[0] + dyn, intrinsics[1] + dyn, intrinsics[2])
         i_o, k_o, j_o, inner = tiling
         warp, per_warp = sch.split(i_o, [warps, None])
         sch.bind(warp, "threadIdx.y")
@@ -250,7 +262,7 @@ def flash_prefill_tensor_cores(sch, block):
         # The accumulator tiles to shared memory, each by the warp that holds it.
         r_o, _, r_16 = tiles_16(sch.get_loops(g(store))[-2:])
         sch.bind(sch.split(r_o, [warps, None])[0], "threadIdx.y")
-        sch.tensorize(r_16, "wmma_store_16x16x16_f32_shared")
+        sch.tensorize(r_16, "wmma_store_16x16x16_f32_shared" + dyn)
 
     _cooperative_loads(sch, warps, 32, vec)
     product("qk", qk_tiles, "s_store", ("Qs", "Ks"), _QK_INTRINSICS)
@@ -265,6 +277,11 @@ def flash_prefill_tensor_cores(sch, block):
         lanes, _ = sch.split(e, [32, None])
         sch.reorder(r_t, lanes)
         _bind_threads(sch, r_t, lanes)
+
+    # The rescale factors of a warp's rows into every lane's registers, read once per row (not per
+    # column) by the merge.
+    warp_rows, _ = sch.split(sch.get_loops(g("alpha_row"))[-1], [warps, None])
+    sch.bind(warp_rows, "threadIdx.y")
     unroll = sch.sample_categorical(UNROLL_STEPS, [0.25] * 4)
     sch.annotate(g("root"), "meta_schedule.unroll_explicit", unroll)
     return [sch]

@@ -56,6 +56,7 @@ def run_on_cpu(workload, func):
     ((1, 2, 70, 90, 16, False), 32),  # both lengths past a tile: guarded query rows and keys
     ((1, 1, 50, 83, 24, True), 32),  # causal with kv_len > q_len: skipped granules and a diagonal
     ((1, 1, 64, 64, 64, True), 64),
+    ((1, 2, 100, 100, 16, True), 32),  # causal, square: the key loop stops at the diagonal (1 to 4 granules)
 ])
 def test_prefill_template_matches_the_reference_on_cpu(shape, q_tile, tensor_cores):
     b, h, q, kv, d, causal = shape
@@ -224,10 +225,11 @@ def test_prefill_decisions_mutate_cross_over_and_round_trip(prefill_space, prefi
     rng = random.Random(0)
     for space in prefill_space.design_spaces:
         kinds = [i.kind.name for i in space.trace.insts]
-        # Key tile and the threads (rows x columns, or warps with tensor cores): perfect tiles;
-        # vector width and unroll: categorical.
-        assert kinds.count("SamplePerfectTile") == (2 if "wmma" in space.template else 3)
-        assert kinds.count("SampleCategorical") == 2
+        # The threads (rows x columns, or warps with tensor cores): perfect tiles; vector width and
+        # unroll: categorical; the key tile: a perfect tile of the key loop, or (causal: the loop's
+        # length depends on the query tile) a categorical choice of granules per stage.
+        assert kinds.count("SamplePerfectTile") == (1 if "wmma" in space.template else 2)
+        assert kinds.count("SampleCategorical") == 3
     mutants = [m for m in (prefill_space.mutate(prefill_sampled[i % 8], rng) for i in range(12)) if m is not None]
     assert mutants and all(len(m.launches) == 1 for m in mutants)
     assert {m.structural_hash for m in mutants} - {c.structural_hash for c in prefill_sampled}
@@ -236,6 +238,36 @@ def test_prefill_decisions_mutate_cross_over_and_round_trip(prefill_space, prefi
     assert any(child is not None for child in children)
     back = prefill_space.from_trace_json(prefill_sampled[0].trace_json(), prefill_sampled[0].design_space)
     assert back.structural_hash == prefill_sampled[0].structural_hash
+
+
+def test_causal_prefill_iterates_only_the_granules_a_tile_sees():
+    """Causal: the key loop of a query tile stops at the diagonal, so the lowered kernel has fewer
+    iterations (not an ``if`` around dead granules), and the analysis (hence sim) counts about half
+    the tensor-core work and K/V loads of the non-causal kernel with the same decisions."""
+    spec = "attention:1,2,256,256,64"
+    full = ScheduleSpace(spec, rule_sets=["fused"])
+    causal = ScheduleSpace(spec + ",causal", rule_sets=["fused"])
+    index = next(i for i, d in enumerate(full.design_spaces) if d.template == "flash_prefill_wmma_q32")
+    assert causal.design_spaces[index].template == "flash_prefill_wmma_q32"
+    granules = 256 // PREFILL_GRANULE  # 8 query tiles of 32 rows, 8 granules of 32 keys
+    checked = 0
+    for c in causal.sample(12, seed=2, max_attempts=300):
+        if c.design_space != index:
+            continue
+        trace = c.trace
+        stage = next(trace.get_decision(i) for i in trace.insts if i.kind.name == "SampleCategorical")
+        stage = [1, 2, 4][int(stage)]
+        # Tile qt iterates qt + 1 granules, rounded up to whole stages (the last one guarded).
+        live = sum(-(-(qt + 1) // stage) * stage for qt in range(granules))
+        (kernel,) = c.launches
+        per_granule = 2 * (2 * 32 * PREFILL_GRANULE * 64)  # both products of a 32 x 32 granule, head_dim 64
+        assert kernel.traffic.tensor_core_flops == pytest.approx(2 * live * per_granule)
+        assert kernel.traffic.tensor_core_flops <= 0.76 * 2 * granules * granules * per_granule
+        checked += 1
+    assert checked
+    # The same space without causal: every tile iterates all 8 granules.
+    (c,) = [x for x in full.sample(12, seed=2, max_attempts=300) if x.design_space == index][:1]
+    assert c.launches[0].traffic.tensor_core_flops == pytest.approx(2 * granules * granules * 2 * 2 * 32 * 32 * 64)
 
 
 @pytest.mark.slow
