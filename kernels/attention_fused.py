@@ -218,8 +218,11 @@ def flash_prefill(batch: int, heads: int, q_len: int, kv_len: int, head_dim: int
     read, and P V goes to a per-granule tile in shared memory (the scores' buffer) that a plain block
     adds to the running output (a wmma accumulator cannot be rescaled row by row).
 
-    ``shared_scope``: "shared" (static), or "shared.dyn" for a template beyond 48 KiB (TVM merges the
-    dynamic buffers into one allocation, reusing memory whose live ranges do not overlap).
+    ``shared_scope``: "shared" (static), or "shared.dyn" for a template beyond 48 KiB: Q, K, V and
+    the fp32 scores. The probabilities and row statistics stay static (at most 34.5 KiB): TVM merges
+    the dynamic buffers into one allocation, and when P shared it with the scores, its barrier
+    insertion could not tell the fp16 stores from the fp32 loads apart and put a barrier in every
+    iteration of the probabilities' loop.
     """
     import tvm
     from tvm.script import tirx as T
@@ -266,9 +269,9 @@ def flash_prefill(batch: int, heads: int, q_len: int, kv_len: int, head_dim: int
             Ks = T.sblock_alloc_buffer((B, H, NQ, NT, G, D), dtype, scope=shared_scope)
             Vs = T.sblock_alloc_buffer((B, H, NQ, NT, G, D), dtype, scope=shared_scope)
             # Running row max after granules t (even) and t (odd): granule t reads granule t - 1's.
-            Mx = T.sblock_alloc_buffer((B, H, NQ, 2, TQ), "float32", scope=shared_scope)
-            Alpha = T.sblock_alloc_buffer((B, H, NQ, 2, TQ), "float32", scope=shared_scope)
-            L = T.sblock_alloc_buffer((B, H, NQ, TQ), "float32", scope=shared_scope)
+            Mx = T.sblock_alloc_buffer((B, H, NQ, 2, TQ), "float32", scope="shared")
+            Alpha = T.sblock_alloc_buffer((B, H, NQ, 2, TQ), "float32", scope="shared")
+            L = T.sblock_alloc_buffer((B, H, NQ, TQ), "float32", scope="shared")
             Oacc = T.sblock_alloc_buffer((B, H, NQ, TQ, D), "float32", scope="local")
             for b, h, qt in T.grid(B, H, NQ):
                 for qi, d in T.grid(TQ, D):
@@ -313,10 +316,11 @@ def flash_prefill(batch: int, heads: int, q_len: int, kv_len: int, head_dim: int
                         # buffer; TVM's merge of shared buffers otherwise gave the fp32 tile an fp16
                         # pool, which does not build).
                         S = T.sblock_alloc_buffer((TQ, max(D, G) if tensor_cores else G), "float32", scope=shared_scope)
-                        P = T.sblock_alloc_buffer((TQ, G), dtype, scope=shared_scope)
+                        P = T.sblock_alloc_buffer((TQ, G), dtype, scope="shared")
                         Mrow = T.sblock_alloc_buffer((TQ,), "float32", scope="local")
                         Lrow = T.sblock_alloc_buffer((TQ,), "float32", scope="local")
                         Arow = T.sblock_alloc_buffer((TQ,), "float32", scope="local")
+                        Mr = T.sblock_alloc_buffer((TQ,), "float32", scope="local")
                         # The two products are blocks of their own: a scope with nothing but a product
                         # is one where the rule may cache operands in registers. A unit loop sits
                         # between such a block and the granule block: with none, TVM 0.27's split
@@ -359,11 +363,24 @@ def flash_prefill(batch: int, heads: int, q_len: int, kv_len: int, head_dim: int
                                 # Zero for the first granule: its "previous" output and sum are not read.
                                 Alpha[vb, vh, vq, vt % 2, vi] = T.if_then_else(vt == 0, T.float32(0), T.exp2(
                                     Mx[vb, vh, vq, (vt + 1) % 2, vi] - Mx[vb, vh, vq, vt % 2, vi]))
-                        for qi, j in T.grid(TQ, G):
-                            with T.sblock("prob"):
-                                vi, vj = T.axis.remap("SS", [qi, j])
-                                P[vi, vj] = T.Cast(dtype, T.exp2(stored_score(vq * TQ + vi, vt * G + vj, S[vi, vj])
-                                                                 - Mx[vb, vh, vq, vt % 2, vi]))
+                        if tensor_cores:
+                            # The row max in registers (as alpha_row below): the probabilities' threads
+                            # read it once per row, not once per score.
+                            for qi in range(TQ):
+                                with T.sblock("max_row"):
+                                    vi = T.axis.remap("S", [qi])
+                                    Mr[vi] = Mx[vb, vh, vq, vt % 2, vi]
+                            for qi, j in T.grid(TQ, G):
+                                with T.sblock("prob"):
+                                    vi, vj = T.axis.remap("SS", [qi, j])
+                                    P[vi, vj] = T.Cast(dtype, T.exp2(
+                                        stored_score(vq * TQ + vi, vt * G + vj, S[vi, vj]) - Mr[vi]))
+                        else:
+                            for qi, j in T.grid(TQ, G):
+                                with T.sblock("prob"):
+                                    vi, vj = T.axis.remap("SS", [qi, j])
+                                    P[vi, vj] = T.Cast(dtype, T.exp2(stored_score(vq * TQ + vi, vt * G + vj, S[vi, vj])
+                                                                     - Mx[vb, vh, vq, vt % 2, vi]))
                         for qi, j in T.grid(TQ, G):
                             with T.sblock("tile_sum"):
                                 vi, vj = T.axis.remap("SR", [qi, j])
@@ -456,8 +473,11 @@ def fused_prim_funcs(workload, gpu=None) -> dict:
                     continue  # larger granules only with dynamic shared memory
                 if granule > max(PREFILL_GRANULE, -(-p["kv_len"] // 32) * 32):
                     continue
+                tiles = prefill_q_tiles(p["q_len"], p["head_dim"], True, max_shared, granule)
+                if granule > PREFILL_GRANULE:  # a 32-row tile gains little from them (sim, d128)
+                    tiles = [t for t in tiles if t >= 64]
                 suffix = "" if granule == PREFILL_GRANULE else f"_g{granule}"
-                for q_tile in prefill_q_tiles(p["q_len"], p["head_dim"], True, max_shared, granule):
+                for q_tile in tiles:
                     funcs[f"flash_prefill_wmma_q{q_tile}{suffix}"] = flash_prefill(
                         *shape, q_tile=q_tile, granule=granule, tensor_cores=True, shared_scope=scope)
     return funcs

@@ -112,9 +112,15 @@ def _child_fields(node) -> tuple[str, ...]:
 def _guard_fraction(condition, extents: dict) -> float:
     """The share of iterations a ``x == c`` guard lets through, where ``x`` combines loop and thread
     variables (``threadIdx.y == 0``, ``threadIdx.x * 8 + e == 0``: one writer of a value every thread
-    holds): 1 / the number of distinct (variable) tuples, assuming the combination is injective.
-    Other conditions (bounds guards) count as always taken."""
-    if type(condition).__name__ != "EQ":
+    holds): 1 / the number of distinct (variable) tuples, assuming the combination is injective;
+    and of a ``x < c`` guard on one variable, c / its extent. Other conditions (bounds guards) count
+    as always taken."""
+    kind = type(condition).__name__
+    if kind == "LT" and isinstance(condition.a, tvm.tirx.Var) and _constant(condition.b) is not None:
+        # ``threadIdx.y < c``: the first c of the variable's values (idle warps of a row loop).
+        extent = extents.get(condition.a.__chandle__())
+        return min(1.0, max(0, _constant(condition.b)) / extent) if extent else 1.0
+    if kind != "EQ":
         return 1.0
     found: dict = {}
     walk(condition, lambda n: found.setdefault(n.__chandle__(), 1) if isinstance(n, tvm.tirx.Var) else None)

@@ -239,12 +239,14 @@ def flash_prefill_tensor_cores(sch, block):
     # Warps over the 16-row strips of the query tile, in both products.
     warps, _ = sch.sample_perfect_tile(qk_tiles[0], n=2, max_innermost_factor=16)
 
-    # Dynamic shared memory (a template beyond 48 KiB) has intrinsics of its own.
-    qk_reads = sch.get(g("qk")).reads
-    dyn = "_dyn" if any(r.source.scope() == "shared.dyn" for r in qk_reads) else ""
+    def dyn(block, buffer):
+        """Dynamic shared memory (a template beyond 48 KiB) has intrinsics of its own."""
+        scopes = {region.source.name: region.source.scope() for region in [*sch.get(block).reads, *sch.get(block).writes]}
+        return "_dyn" if scopes[buffer] == "shared.dyn" else ""
 
     def product(name, tiling, store, operands, intrinsics):
-        intrinsics = (intrinsics[0] + dyn, intrinsics[1] + dyn, intrinsics[2])
+        intrinsics = (intrinsics[0] + dyn(g(name), operands[0]), intrinsics[1] + dyn(g(name), operands[1]),
+                      intrinsics[2])
         i_o, k_o, j_o, inner = tiling
         warp, per_warp = sch.split(i_o, [warps, None])
         sch.bind(warp, "threadIdx.y")
@@ -262,14 +264,20 @@ def flash_prefill_tensor_cores(sch, block):
         # The accumulator tiles to shared memory, each by the warp that holds it.
         r_o, _, r_16 = tiles_16(sch.get_loops(g(store))[-2:])
         sch.bind(sch.split(r_o, [warps, None])[0], "threadIdx.y")
-        sch.tensorize(r_16, "wmma_store_16x16x16_f32_shared" + dyn)
+        sch.tensorize(r_16, "wmma_store_16x16x16_f32_shared" + dyn(g(store), "S"))
 
     _cooperative_loads(sch, warps, 32, vec)
     product("qk", qk_tiles, "s_store", ("Qs", "Ks"), _QK_INTRINSICS)
     product("pv", wmma_tiles("pv"), "o_store", ("P", "Vs"), _PV_INTRINSICS)
     _row_statistics(sch, warps, 32)
-    _, r_t, lanes = sch.split(sch.fuse(*sch.get_loops(g("prob"))[-2:]), [None, warps, 32])
+    # Probabilities: a warp's rows (as max_row holds them), 32 consecutive keys of a row per step.
+    qi, j = sch.get_loops(g("prob"))[-2:]
+    r_t, rows = sch.split(qi, [warps, None])
+    _, lanes = sch.split(j, [None, 32])
+    sch.reorder(r_t, lanes, rows)
     _bind_threads(sch, r_t, lanes)
+    warp_rows, _ = sch.split(sch.get_loops(g("max_row"))[-1], [warps, None])
+    sch.bind(warp_rows, "threadIdx.y")
     # The running output as the SIMT schedule owns it: rows over warps, contiguous columns per lane.
     for name in ("o_merge", "O"):
         qi, e = sch.get_loops(g(name))[-3:-1] if name == "o_merge" else sch.get_loops(g(name))[-2:]
