@@ -7,7 +7,9 @@ over, the lowered structure is a partial kernel plus a merge kernel with no glob
 per query (decode) or one kernel with no global intermediate at all (prefill), and candidates build
 for sm_90 with nvcc. sim figures here are model outputs.
 """
+import dataclasses
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,7 +18,7 @@ import tvm
 from etune.kernels import parse_spec
 from etune.kernels.attention_fused import (DECODE_CHUNK, PREFILL_GRANULE, decode_slots, flash_prefill,
                                           fused_prim_funcs, split_kv_decode)
-from etune.search_space import ScheduleSpace, launch_problem
+from etune.search_space import ScheduleSpace, gpu_spec, launch_problem
 
 SPEC = "attention:2,3,1,600,64"  # 3 slots of 256 keys, the last one a guarded tail
 
@@ -63,6 +65,43 @@ def test_prefill_template_matches_the_reference_on_cpu(shape, q_tile, tensor_cor
     workload = parse_spec(f"attention:{b},{h},{q},{kv},{d}" + (",causal" if causal else ""))
     ok, error = run_on_cpu(workload, flash_prefill(*shape, q_tile=q_tile, tensor_cores=tensor_cores))
     assert ok, error
+
+
+@pytest.mark.parametrize("shape, q_tile, granule", [
+    ((1, 1, 150, 300, 32, False), 128, 128),  # a guarded tail of rows and of keys
+    ((1, 2, 100, 200, 16, True), 64, 64),  # causal, kv_len > q_len: the loop stops at the diagonal
+])
+def test_prefill_dynamic_shared_memory_template_matches_the_reference_on_cpu(shape, q_tile, granule):
+    b, h, q, kv, d, causal = shape
+    workload = parse_spec(f"attention:{b},{h},{q},{kv},{d}" + (",causal" if causal else ""))
+    func = flash_prefill(*shape, q_tile=q_tile, granule=granule, tensor_cores=True, shared_scope="shared.dyn")
+    ok, error = run_on_cpu(workload, func)
+    assert ok, error
+
+
+def big_shared_gpu():
+    """The H100 preset with sm_90's dynamic shared memory limit (227 KiB per block)."""
+    return dataclasses.replace(gpu_spec("h100"), max_shared_memory_per_block=227 * 1024)
+
+
+def test_offered_with_dynamic_shared_memory():
+    # 48 KiB (the preset today): static shared memory, 32-key granules, only the tiles that fit.
+    static = fused_prim_funcs(parse_spec("attention:1,2,300,256,128"))
+    assert set(static) == {"flash_prefill_q32", "flash_prefill_q64", "flash_prefill_wmma_q32"}
+    funcs = fused_prim_funcs(parse_spec("attention:1,2,300,256,128"), big_shared_gpu())
+    assert set(funcs) == {"flash_prefill_q32", "flash_prefill_q64", "flash_prefill_wmma_q32", "flash_prefill_wmma_q64",
+                          "flash_prefill_wmma_q128", "flash_prefill_wmma_q64_g64", "flash_prefill_wmma_q128_g64",
+                          "flash_prefill_wmma_q64_g128", "flash_prefill_wmma_q128_g128"}
+
+    def scopes(func):
+        return {b.name: b.scope() for b in func.body.block.alloc_buffers}
+
+    # Q, K, V (and the scores, inside the granule) dynamic; P and the row statistics static.
+    assert scopes(funcs["flash_prefill_wmma_q128_g128"]).items() >= {"Qs": "shared.dyn", "Ks": "shared.dyn",
+                                                                 "Vs": "shared.dyn", "Mx": "shared", "L": "shared"}.items()
+    assert scopes(static["flash_prefill_wmma_q32"])["Qs"] == "shared"
+    # Granules longer than the keys are not offered.
+    assert not any("_g128" in name for name in fused_prim_funcs(parse_spec("attention:1,2,300,64,128"), big_shared_gpu()))
 
 
 def test_offered_by_q_len():
@@ -242,16 +281,14 @@ def test_prefill_decisions_mutate_cross_over_and_round_trip(prefill_space, prefi
 
 def test_causal_prefill_iterates_only_the_granules_a_tile_sees():
     """Causal: the key loop of a query tile stops at the diagonal, so the lowered kernel has fewer
-    iterations (not an ``if`` around dead granules), and the analysis (hence sim) counts about half
-    the tensor-core work and K/V loads of the non-causal kernel with the same decisions."""
-    spec = "attention:1,2,256,256,64"
-    full = ScheduleSpace(spec, rule_sets=["fused"])
-    causal = ScheduleSpace(spec + ",causal", rule_sets=["fused"])
-    index = next(i for i, d in enumerate(full.design_spaces) if d.template == "flash_prefill_wmma_q32")
-    assert causal.design_spaces[index].template == "flash_prefill_wmma_q32"
+    iterations (not an ``if`` around dead granules), and the analysis (hence sim) counts the
+    tensor-core work of the granules each tile iterates: about half of the non-causal kernel's."""
+    causal = ScheduleSpace("attention:1,1,256,256,32,causal", rule_sets=["fused"])
+    index = next(i for i, d in enumerate(causal.design_spaces) if d.template == "flash_prefill_wmma_q32")
     granules = 256 // PREFILL_GRANULE  # 8 query tiles of 32 rows, 8 granules of 32 keys
+    per_granule = 2 * (2 * 32 * PREFILL_GRANULE * 32)  # both products of a 32 x 32 granule, head_dim 32
     checked = 0
-    for c in causal.sample(12, seed=2, max_attempts=300):
+    for c in causal.sample(8, seed=2, max_attempts=200):
         if c.design_space != index:
             continue
         trace = c.trace
@@ -260,14 +297,11 @@ def test_causal_prefill_iterates_only_the_granules_a_tile_sees():
         # Tile qt iterates qt + 1 granules, rounded up to whole stages (the last one guarded).
         live = sum(-(-(qt + 1) // stage) * stage for qt in range(granules))
         (kernel,) = c.launches
-        per_granule = 2 * (2 * 32 * PREFILL_GRANULE * 64)  # both products of a 32 x 32 granule, head_dim 64
-        assert kernel.traffic.tensor_core_flops == pytest.approx(2 * live * per_granule)
-        assert kernel.traffic.tensor_core_flops <= 0.76 * 2 * granules * granules * per_granule
+        assert kernel.traffic.tensor_core_flops == pytest.approx(live * per_granule)
+        # Without causal, every tile iterates all 8 granules.
+        assert kernel.traffic.tensor_core_flops <= 0.76 * granules * granules * per_granule
         checked += 1
     assert checked
-    # The same space without causal: every tile iterates all 8 granules.
-    (c,) = [x for x in full.sample(12, seed=2, max_attempts=300) if x.design_space == index][:1]
-    assert c.launches[0].traffic.tensor_core_flops == pytest.approx(2 * granules * granules * 2 * 2 * 32 * 32 * 64)
 
 
 @pytest.mark.slow
@@ -279,6 +313,31 @@ def test_prefill_builds_for_sm_90(prefill_space, prefill_sampled, tmp_path):
     results = Builder(prefill_space.gpu, workdir=tmp_path, jobs=2).build(list(by_form.values()))
     assert len(results) == 2 and all(r.ok for r in results), [r.error for r in results if not r.ok]
     assert all(len(r.kernels) == 1 and r.kernels[0].registers > 0 for r in results)
+
+
+@pytest.mark.slow
+def test_dynamic_shared_memory_prefill_builds_for_sm_90(tmp_path):
+    """A wmma template beyond 48 KiB: sampled, valid for the raised limit, one kernel that reads K/V
+    once per query tile, and nvcc builds it with the tiles in dynamic shared memory (ptxas reports
+    only the static part: P and the row statistics)."""
+    from etune.search_space import Builder
+
+    gpu = big_shared_gpu()
+    space = ScheduleSpace("attention:1,1,64,256,64", gpu, rule_sets=["fused"])
+    index = next(i for i, d in enumerate(space.design_spaces) if d.template == "flash_prefill_wmma_q64_g128")
+    candidates = [c for c in space.sample(12, seed=3, max_attempts=300) if c.design_space == index]
+    assert candidates, space.last_sample
+    candidate = candidates[0]
+    (kernel,) = candidate.launches
+    assert kernel.shared_bytes > 48 * 1024 and launch_problem(candidate.launches, gpu) is None
+    assert launch_problem(candidate.launches, gpu_spec("h100")) is not None  # not on the 48 KiB preset
+    assert kernel.traffic.global_load_bytes <= 1.05 * (2 * 256 * 64 * 2 + 64 * 64 * 2)  # K, V and Q once
+    (result,) = Builder(gpu, workdir=tmp_path, jobs=1).build([candidate])
+    assert result.ok, result.error
+    source = (Path(result.artifact_dir) / "kernel.cu").read_text()
+    assert "extern __shared__" in source
+    (resources,) = result.kernels
+    assert resources.registers > 0 and resources.shared_bytes <= 48 * 1024 < kernel.shared_bytes
 
 
 @pytest.mark.gpu
