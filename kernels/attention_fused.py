@@ -10,8 +10,10 @@ registers) whatever the schedule picks for the threads over rows (a divisor of `
 
 FlashAttention-2 style prefill (``flash_prefill``), for longer q_len: one kernel, one thread block per
 query tile; K/V streamed through shared memory in granules, online softmax in fp32, the output
-written once. The query tile is a template parameter (one template per tile, each its own design
-space); everything else is the rule's sampling decisions. A SIMT form and a tensor-core (wmma) form.
+written once. The query tile (and, with tensor cores and dynamic shared memory, the granule) is a
+template parameter (one template per tile, each its own design space); everything else is the rule's
+sampling decisions. A SIMT form and a tensor-core (wmma) form. Causal templates iterate only the key
+granules a query tile sees (the loop's length depends on the tile).
 
 Arguments (Q, K, V, O), shapes and dtypes are those of the unfused workload, so references, builds,
 export and measurement work unchanged. Scores use exp2 with log2(e) folded into the scale.
@@ -206,15 +208,16 @@ def flash_prefill(batch: int, heads: int, q_len: int, kv_len: int, head_dim: int
     unfused chain rounds them), the running sum L = L * Alpha + sum(P) and output
     Oacc = Oacc * Alpha + P V (fp32).
     The output is divided by L and written once. Rows past q_len are computed on zeros and not
-    stored; keys past kv_len are loaded as zeros and masked. Causal (bottom-right aligned): in
-    granules no row of the tile can see, the K/V loads and both products are skipped (an ``if``
-    inside those blocks: a block predicate would make the reductions' bindings non-affine and the
-    loads no longer cover what the granule reads, and TVM inserts no barrier inside a condition);
-    the row statistics still run there, on scores that are all masked, and leave the state as is.
-    Granules crossing the diagonal mask per element.
+    stored; keys past kv_len are loaded as zeros and masked. Causal (bottom-right aligned): the key
+    loop of query tile qt has ``live_granules(qt)`` iterations, up to the last granule its last row
+    sees, so granules past the diagonal are not iterated at all. A schedule that stages several
+    granules at a time guards its last stage; in granules loaded there that no row sees, the K/V
+    loads and (SIMT) products are skipped by an ``if`` inside those blocks (a block predicate would
+    make the reductions' bindings non-affine, and TVM inserts no barrier inside a condition), and
+    the row statistics leave the state as is. Granules crossing the diagonal mask per element.
 
     ``tensor_cores``: the form whose two products a rule can tensorize (wmma): the products are plain
-    (no skip inside: a dead granule's K/V are zeros instead), scores are stored raw and masked where
+    (no skip inside: a staged granule past the diagonal has zero K/V), scores are stored raw and masked where
     read, and P V goes to a per-granule tile in shared memory (the scores' buffer) that a plain block
     adds to the running output (a wmma accumulator cannot be rescaled row by row).
 

@@ -15,10 +15,12 @@ split-KV decode
 - the unroll step (sample_categorical, as TVM's own rules annotate it).
 
 flash prefill (the query tile is the template's: see kernels/attention_fused.py)
-- key tile: granules of K/V staged in shared memory per step (sample_perfect_tile of the granule loop);
+- key tile: granules of K/V staged in shared memory per step (sample_perfect_tile of the granule loop;
+  causal, where the loop's length depends on the query tile: sample_categorical of 1/2/4);
 - SIMT: row threads x rows per thread over the query tile (threadIdx.y) and column threads x columns
   per thread over head_dim (threadIdx.x), both sample_perfect_tile; warps per block = their product
-  / 32. Tensor cores: warps over 16-row strips (sample_perfect_tile), 32 lanes;
+  / 32. Tensor cores: warps over 16-row strips (sample_perfect_tile), 32 lanes; the wmma intrinsics
+  of each operand's scope (``shared`` or ``shared.dyn``);
 - vector width of the cooperative Q/K/V loads (sample_categorical 1/2/4/8 fp16) and the unroll step.
 """
 from __future__ import annotations
