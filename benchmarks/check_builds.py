@@ -8,6 +8,7 @@ and where a CUDA GPU is present, how many built candidates matched the numpy ref
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -42,10 +43,16 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="out/check_builds")
     parser.add_argument("--workdir", default=None, help="build artifacts (default: OUT/builds)")
+    parser.add_argument("--max-shared-kib", type=int, default=None,
+                        help="raise the target's per-block shared memory limit (dynamic shared memory)")
+    parser.add_argument("--rule-sets", nargs="+", default=None,
+                        help="sample only these rule sets' design spaces (default: every one that applies)")
     args = parser.parse_args()
 
     workloads = [parse_spec(s) for s in args.workloads] if args.workloads else list(suite().values())
     gpu = gpu_spec(args.target)
+    if args.max_shared_kib:
+        gpu = dataclasses.replace(gpu, max_shared_memory_per_block=args.max_shared_kib * 1024)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     on_gpu = gpu_present()
@@ -53,7 +60,8 @@ def main() -> int:
     rows = []
     for workload in workloads:
         started = time.perf_counter()
-        space = ScheduleSpace(workload, gpu, seed=args.seed)
+        kwargs = {"rule_sets": args.rule_sets} if args.rule_sets else {}
+        space = ScheduleSpace(workload, gpu, seed=args.seed, **kwargs)
         candidates = space.sample(args.samples, seed=args.seed)
         sample_s = time.perf_counter() - started
         started = time.perf_counter()
@@ -71,8 +79,15 @@ def main() -> int:
             "build_wall_seconds": round(wall_s, 2),
             "build_wall_seconds_per_candidate": round(wall_s / max(1, len(results)), 2),
             "failures": sorted({(r.error or r.status)[:160] for r in results if not r.ok}),
+            # Per design space (template name, or rule set): [built, sampled].
+            "by_design_space": {},
             "notes": space.notes,
         }
+        for candidate, result in zip(candidates, results):
+            design = space.design_spaces[candidate.design_space]
+            counts = row["by_design_space"].setdefault(design.template or design.rule_set, [0, 0])
+            counts[0] += bool(result.ok)
+            counts[1] += 1
         if on_gpu:
             from etune.measurements.tvm_runner import run_and_check
 
@@ -100,6 +115,8 @@ def main() -> int:
         "target": gpu.name,
         "gpu_present": on_gpu,
         "samples": args.samples,
+        "rule_sets": args.rule_sets,
+        "max_shared_kib": args.max_shared_kib,
         "rows": rows,
     }
     (out / "check_builds.json").write_text(json.dumps(report, indent=1))

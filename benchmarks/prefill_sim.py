@@ -10,6 +10,7 @@ fused templates compete with the unfused chain), its best point, its fastest, wh
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sqlite3
 import sys
@@ -44,6 +45,7 @@ def survey(spec: str, trials: int, jobs: int, db: Path, build: bool, seed: int =
     return {"spec": spec, "backend": "sim (model output)", "objective": "energy@0.05", "trials": run.trials,
             "energy_measurements": run.energy_measurements, "stopped_by": run.stopped_by, "seconds": seconds,
             "seconds_per_trial": seconds / max(1, run.trials), "build": build,
+            "max_shared_memory_per_block": space.gpu.max_shared_memory_per_block,
             "best": point(best) if best else None, "fastest": point(fastest) if fastest else None,
             "vendor": {"latency_us": vendor.latency_s * 1e6, "energy_mj": vendor.energy_j * 1e3}}
 
@@ -56,7 +58,15 @@ def main(argv=None) -> int:
     parser.add_argument("--no-build", action="store_true")
     parser.add_argument("--db", default="prefill_sim.db")
     parser.add_argument("--out")
+    parser.add_argument("--max-shared-kib", type=int, default=None,
+                        help="run with the h100 preset's per-block shared memory limit raised to this (dynamic "
+                             "shared memory; sm_90 allows 227 KiB), in this process only")
     args = parser.parse_args(argv)
+    if args.max_shared_kib:
+        from etune.search_space import targets
+
+        targets.PRESETS["h100"] = dataclasses.replace(targets.PRESETS["h100"],
+                                                      max_shared_memory_per_block=args.max_shared_kib * 1024)
     results = []
     for spec in args.specs:
         result = survey(spec, args.trials, args.jobs, Path(args.db), not args.no_build)

@@ -12,6 +12,7 @@ model outputs, not measurements.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -20,18 +21,28 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from etune.measurements.sim import SimBackend, vendor_outcome  # noqa: E402
-from etune.search_space import SamplingError, ScheduleSpace  # noqa: E402
+from etune.search_space import SamplingError, ScheduleSpace, gpu_spec  # noqa: E402
 from etune.search_space.rules import RULE_SETS, rule_set_applies  # noqa: E402
 
 
-def survey(spec: str, samples: int, gpu: str = "h100", seed: int = 0, rule_sets=RULE_SETS) -> dict:
+def target(gpu: str, max_shared_kib: int | None = None):
+    """The GpuSpec the design spaces are built for: the preset, or with its per-block shared memory
+    limit raised (dynamic shared memory; sm_90 allows 227 KiB per block)."""
+    spec = gpu_spec(gpu)
+    if max_shared_kib is None:
+        return spec
+    return dataclasses.replace(spec, max_shared_memory_per_block=max_shared_kib * 1024)
+
+
+def survey(spec: str, samples: int, gpu: str = "h100", seed: int = 0, rule_sets=RULE_SETS,
+           max_shared_kib: int | None = None) -> dict:
     sim = SimBackend(gpu)
     rows = {}
     vendor = None
     for rule_set in rule_sets:
         started = time.time()
         try:
-            space = ScheduleSpace(spec, gpu, rule_sets=[rule_set], seed=seed)
+            space = ScheduleSpace(spec, target(gpu, max_shared_kib), rule_sets=[rule_set], seed=seed)
         except SamplingError:  # a template rule set with no template for this workload
             continue
         if not space.design_spaces or not rule_set_applies(rule_set, space.workload):
@@ -42,8 +53,15 @@ def survey(spec: str, samples: int, gpu: str = "h100", seed: int = 0, rule_sets=
             continue
         fastest = min(outcomes, key=lambda oc: oc[0].latency_s)
         frugal = min(outcomes, key=lambda oc: oc[0].energy_j)
+        best_by_template = {}
+        for outcome, candidate in outcomes:
+            template = space.design_spaces[candidate.design_space].template
+            if template and outcome.energy_j * 1e3 < best_by_template.get(template, {}).get("energy_mj", float("inf")):
+                best_by_template[template] = {"latency_us": outcome.latency_s * 1e6, "energy_mj": outcome.energy_j * 1e3}
         rows[rule_set] = {
             "samples": len(outcomes),
+            "least_energy_by_template": best_by_template,
+            "least_energy_template": space.design_spaces[frugal[1].design_space].template,
             "replays": space.last_sample.get("replays"),
             "fastest": {"latency_us": fastest[0].latency_s * 1e6, "energy_mj": fastest[0].energy_j * 1e3},
             "least_energy": {"latency_us": frugal[0].latency_s * 1e6, "energy_mj": frugal[0].energy_j * 1e3,
@@ -53,7 +71,8 @@ def survey(spec: str, samples: int, gpu: str = "h100", seed: int = 0, rule_sets=
     gpu_spec = sim.gpu
     workload = ScheduleSpace(spec, gpu, rule_sets=["simt"]).workload
     bound_us = workload.min_bytes / gpu_spec.memory_bandwidth * 1e6
-    return {"spec": spec, "gpu": gpu, "backend": "sim (model output)", "memory_bound_us": bound_us,
+    return {"spec": spec, "gpu": gpu, "max_shared_kib": max_shared_kib, "backend": "sim (model output)",
+            "memory_bound_us": bound_us,
             "vendor": {"latency_us": vendor.latency_s * 1e6, "energy_mj": vendor.energy_j * 1e3}, "rule_sets": rows}
 
 
@@ -91,11 +110,13 @@ def main(argv=None) -> int:
                         help="also an energy@0.05 run of this many trials on sim over the default space")
     parser.add_argument("--db", default="space_sim.db", help="records database of the --tune runs")
     parser.add_argument("--rule-sets", nargs="+", default=list(RULE_SETS), choices=RULE_SETS)
+    parser.add_argument("--max-shared-kib", type=int, default=None,
+                        help="build the design spaces for the preset with this per-block shared memory limit")
     parser.add_argument("--out")
     args = parser.parse_args(argv)
     results = []
     for spec in args.specs:
-        result = survey(spec, args.samples, args.gpu, rule_sets=args.rule_sets)
+        result = survey(spec, args.samples, args.gpu, rule_sets=args.rule_sets, max_shared_kib=args.max_shared_kib)
         if args.tune:
             result["tuned"] = tuned(spec, args.tune, Path(args.db), args.gpu)
         results.append(result)

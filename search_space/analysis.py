@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import numpy as np
 import tvm
 from tvm.target import Target
 
@@ -111,9 +112,15 @@ def _child_fields(node) -> tuple[str, ...]:
 def _guard_fraction(condition, extents: dict) -> float:
     """The share of iterations a ``x == c`` guard lets through, where ``x`` combines loop and thread
     variables (``threadIdx.y == 0``, ``threadIdx.x * 8 + e == 0``: one writer of a value every thread
-    holds): 1 / the number of distinct (variable) tuples, assuming the combination is injective.
-    Other conditions (bounds guards) count as always taken."""
-    if type(condition).__name__ != "EQ":
+    holds): 1 / the number of distinct (variable) tuples, assuming the combination is injective;
+    and of a ``x < c`` guard on one variable, c / its extent. Other conditions (bounds guards) count
+    as always taken."""
+    kind = type(condition).__name__
+    if kind == "LT" and isinstance(condition.a, tvm.tirx.Var) and _constant(condition.b) is not None:
+        # ``threadIdx.y < c``: the first c of the variable's values (idle warps of a row loop).
+        extent = extents.get(condition.a.__chandle__())
+        return min(1.0, max(0, _constant(condition.b)) / extent) if extent else 1.0
+    if kind != "EQ":
         return 1.0
     found: dict = {}
     walk(condition, lambda n: found.setdefault(n.__chandle__(), 1) if isinstance(n, tvm.tirx.Var) else None)
@@ -141,8 +148,10 @@ def _nodes(root):
         yield node, trips
         kind = type(node).__name__
         if kind == "For":
-            extent = _constant(node.extent) or 1
-            extents[node.loop_var.__chandle__()] = extent
+            extent = _constant(node.extent)
+            if extent is None:  # a loop whose length depends on the block (causal attention): its mean
+                extent = _mean_extent(node.extent, extents)
+            extents[node.loop_var.__chandle__()] = max(1, math.ceil(extent))
             stack.append((node.body, trips * extent))
             continue
         if kind == "IfThenElse" and node.else_case is None:
@@ -156,6 +165,51 @@ def _nodes(root):
             child = getattr(node, field)
             if child is not None:
                 stack.append((child, trips))
+
+
+# Integer arithmetic of loop extents, elementwise over numpy arrays (TIR's floor division and modulo).
+_EXTENT_OPS = {"Add": lambda a, b: a + b, "Sub": lambda a, b: a - b, "Mul": lambda a, b: a * b,
+               "FloorDiv": lambda a, b: a // b, "FloorMod": lambda a, b: a % b,
+               "Min": lambda a, b: np.minimum(a, b), "Max": lambda a, b: np.maximum(a, b),
+               # lowering turns power-of-two division and modulo into shifts and masks
+               "BitwiseAnd": lambda a, b: a & b, "BitwiseOr": lambda a, b: a | b,
+               "RShift": lambda a, b: a >> b, "LShift": lambda a, b: a << b}
+_MAX_EXTENT_POINTS = 1 << 20
+
+
+def _mean_extent(expr, extents: dict) -> float:
+    """The mean of a loop extent that depends on enclosing loop and thread variables, over all their
+    values (each taken uniformly from 0 to its extent - 1); 1 where it cannot be evaluated (an
+    unknown variable or operation: the count then takes one trip, as it did for every such loop)."""
+    free: dict = {}
+    stack = [expr]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, tvm.tirx.Var):
+            free[node.__chandle__()] = node
+        stack.extend(getattr(node, f) for f in ("a", "b", "value") if hasattr(node, f))
+    if not free or any(h not in extents for h in free) or math.prod(extents[h] for h in free) > _MAX_EXTENT_POINTS:
+        return 1.0
+    handles = list(free)
+    grids = np.meshgrid(*[np.arange(extents[h], dtype=np.int64) for h in handles], indexing="ij")
+    values = dict(zip(handles, grids))
+
+    def evaluate(node):
+        kind = type(node).__name__
+        if kind == "IntImm":
+            return np.int64(node.value)
+        if isinstance(node, tvm.tirx.Var):
+            return values[node.__chandle__()]
+        if kind == "Cast":
+            return evaluate(node.value)
+        if kind in _EXTENT_OPS:
+            return _EXTENT_OPS[kind](evaluate(node.a), evaluate(node.b))
+        raise ValueError(kind)
+
+    try:
+        return float(np.mean(np.maximum(evaluate(expr), 0)))
+    except (ValueError, ZeroDivisionError):
+        return 1.0
 
 
 def walk(node, visit) -> None:

@@ -15,10 +15,12 @@ split-KV decode
 - the unroll step (sample_categorical, as TVM's own rules annotate it).
 
 flash prefill (the query tile is the template's: see kernels/attention_fused.py)
-- key tile: granules of K/V staged in shared memory per step (sample_perfect_tile of the granule loop);
+- key tile: granules of K/V staged in shared memory per step (sample_perfect_tile of the granule loop;
+  causal, where the loop's length depends on the query tile: sample_categorical of 1/2/4);
 - SIMT: row threads x rows per thread over the query tile (threadIdx.y) and column threads x columns
   per thread over head_dim (threadIdx.x), both sample_perfect_tile; warps per block = their product
-  / 32. Tensor cores: warps over 16-row strips (sample_perfect_tile), 32 lanes;
+  / 32. Tensor cores: warps over 16-row strips (sample_perfect_tile), 32 lanes; the wmma intrinsics
+  of each operand's scope (``shared`` or ``shared.dyn``);
 - vector width of the cooperative Q/K/V loads (sample_categorical 1/2/4/8 fp16) and the unroll step.
 """
 from __future__ import annotations
@@ -27,19 +29,21 @@ import tvm
 
 VECTOR_WIDTHS = [1, 2, 4, 8]
 UNROLL_STEPS = [0, 16, 64, 512]
+STAGE_GRANULES = [1, 2, 4]  # key granules per shared-memory stage when the key loop is not constant
 
 
 def split_kv_decode(sch, block):
     """Schedule the split-KV decode template; ``block`` is its ``q_load`` block."""
     g = sch.get_sblock
     sch.unannotate(block, "schedule_rule")
-    b, h, i, s, e = sch.get_loops(block)
-    # Slots of one (batch, head, query) row: blocks along the KV length x slots per block.
+    b, h, s, i, e = sch.get_loops(block)
+    # Slots of one (batch, head): blocks along the KV length x slots per block; every block works on
+    # all the query rows of its slots.
     s_blocks, _ = sch.split(s, sch.sample_perfect_tile(s, n=2, max_innermost_factor=64))
-    sch.bind(sch.fuse(b, h, i, s_blocks), "blockIdx.x")
+    sch.bind(sch.fuse(b, h, s_blocks), "blockIdx.x")
     vec = sch.sample_categorical(VECTOR_WIDTHS, [0.1, 0.2, 0.3, 0.4])
     qk = g("qk")
-    phases = sch.get_loops(qk)[-2]
+    phases = sch.get_loops(qk)[-3]
     rows_threads = sch.sample_perfect_tile(phases, n=2, max_innermost_factor=64)
 
     def rows(loop):
@@ -56,22 +60,25 @@ def split_kv_decode(sch, block):
 
     cols(sch.get_loops(block)[-1])
     # Scores: a thread's slice of head_dim, reduced across threadIdx.x (warp shuffles); K comes
-    # straight into registers with vector loads (no reuse across the block to stage in shared memory).
-    k, r, e = sch.get_loops(qk)[-3:]
-    r_outer, _ = rows(r)
+    # straight into registers with vector loads (no reuse across the block to stage in shared memory),
+    # once for all the query rows (the rows' loop inside the thread's slice).
+    k, r, i, e = sch.get_loops(qk)[-4:]
+    r_outer, r_inner = rows(r)
     sch.fuse(k, r_outer)
-    e_outer, _ = cols(e, vectorize=False)
+    cols(e, vectorize=False)
+    # K's row is loaded above the query rows' loop (the reduction over threadIdx.x must stay the
+    # innermost loops), each thread its slice, by the same threads as the product.
     k_local = sch.cache_read(qk, 1, "local")
-    sch.compute_at(k_local, e_outer, preserve_unit_loops=True)
-    sch.vectorize(sch.get_loops(k_local)[-1])
+    sch.compute_at(k_local, r_inner, preserve_unit_loops=True)
+    cols(sch.get_loops(k_local)[-1])
     for name in ("row_max", "prob", "row_sum"):
         rows(sch.get_loops(g(name))[-1])
     # P @ V: each thread accumulates its rows in registers, then the row phases are summed via shared.
     pv = g("pv")
-    r, e, k = sch.get_loops(pv)[-3:]
+    r, e, k, i = sch.get_loops(pv)[-4:]
     r_outer, r_inner = rows(r)
     e_outer, e_inner = cols(e, vectorize=False)
-    sch.reorder(r_inner, e_outer, k, r_outer, e_inner)
+    sch.reorder(r_inner, e_outer, k, r_outer, i, e_inner)
     v_local = sch.cache_read(pv, 1, "local")
     sch.compute_at(v_local, r_outer, preserve_unit_loops=True)
     sch.vectorize(sch.get_loops(v_local)[-1])
@@ -101,7 +108,13 @@ def _stage_key_granules(sch, block) -> None:
     b, h, qt = sch.get_loops(block)[:3]
     sch.bind(sch.fuse(b, h, qt), "blockIdx.x")
     t = sch.get_loops(g("granule"))[-1]
-    t_stage, _ = sch.split(t, sch.sample_perfect_tile(t, n=2, max_innermost_factor=4))
+    if isinstance(sch.get(t).extent, tvm.tirx.IntImm):
+        t_stage, _ = sch.split(t, sch.sample_perfect_tile(t, n=2, max_innermost_factor=4))
+    else:
+        # Causal: the key loop's length depends on the query tile (no perfect tiles of it); the last
+        # stage of a tile is guarded, and its K/V loads past the diagonal are skipped or zeros.
+        stage = sch.sample_categorical(STAGE_GRANULES, [1 / len(STAGE_GRANULES)] * len(STAGE_GRANULES))
+        t_stage, _ = sch.split(t, [None, stage])
     for name in ("k_load", "v_load"):
         sch.compute_at(g(name), t_stage, preserve_unit_loops=True)
 
@@ -228,7 +241,14 @@ def flash_prefill_tensor_cores(sch, block):
     # Warps over the 16-row strips of the query tile, in both products.
     warps, _ = sch.sample_perfect_tile(qk_tiles[0], n=2, max_innermost_factor=16)
 
+    def dyn(block, buffer):
+        """Dynamic shared memory (a template beyond 48 KiB) has intrinsics of its own."""
+        scopes = {region.source.name: region.source.scope() for region in [*sch.get(block).reads, *sch.get(block).writes]}
+        return "_dyn" if scopes[buffer] == "shared.dyn" else ""
+
     def product(name, tiling, store, operands, intrinsics):
+        intrinsics = (intrinsics[0] + dyn(g(name), operands[0]), intrinsics[1] + dyn(g(name), operands[1]),
+                      intrinsics[2])
         i_o, k_o, j_o, inner = tiling
         warp, per_warp = sch.split(i_o, [warps, None])
         sch.bind(warp, "threadIdx.y")
@@ -246,14 +266,20 @@ def flash_prefill_tensor_cores(sch, block):
         # The accumulator tiles to shared memory, each by the warp that holds it.
         r_o, _, r_16 = tiles_16(sch.get_loops(g(store))[-2:])
         sch.bind(sch.split(r_o, [warps, None])[0], "threadIdx.y")
-        sch.tensorize(r_16, "wmma_store_16x16x16_f32_shared")
+        sch.tensorize(r_16, "wmma_store_16x16x16_f32_shared" + dyn(g(store), "S"))
 
     _cooperative_loads(sch, warps, 32, vec)
     product("qk", qk_tiles, "s_store", ("Qs", "Ks"), _QK_INTRINSICS)
     product("pv", wmma_tiles("pv"), "o_store", ("P", "Vs"), _PV_INTRINSICS)
     _row_statistics(sch, warps, 32)
-    _, r_t, lanes = sch.split(sch.fuse(*sch.get_loops(g("prob"))[-2:]), [None, warps, 32])
+    # Probabilities: a warp's rows (as max_row holds them), 32 consecutive keys of a row per step.
+    qi, j = sch.get_loops(g("prob"))[-2:]
+    r_t, rows = sch.split(qi, [warps, None])
+    _, lanes = sch.split(j, [None, 32])
+    sch.reorder(r_t, lanes, rows)
     _bind_threads(sch, r_t, lanes)
+    warp_rows, _ = sch.split(sch.get_loops(g("max_row"))[-1], [warps, None])
+    sch.bind(warp_rows, "threadIdx.y")
     # The running output as the SIMT schedule owns it: rows over warps, contiguous columns per lane.
     for name in ("o_merge", "O"):
         qi, e = sch.get_loops(g(name))[-3:-1] if name == "o_merge" else sch.get_loops(g(name))[-2:]
@@ -261,6 +287,11 @@ def flash_prefill_tensor_cores(sch, block):
         lanes, _ = sch.split(e, [32, None])
         sch.reorder(r_t, lanes)
         _bind_threads(sch, r_t, lanes)
+
+    # The rescale factors of a warp's rows into every lane's registers, read once per row (not per
+    # column) by the merge.
+    warp_rows, _ = sch.split(sch.get_loops(g("alpha_row"))[-1], [warps, None])
+    sch.bind(warp_rows, "threadIdx.y")
     unroll = sch.sample_categorical(UNROLL_STEPS, [0.25] * 4)
     sch.annotate(g("root"), "meta_schedule.unroll_explicit", unroll)
     return [sch]

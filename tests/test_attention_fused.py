@@ -7,7 +7,9 @@ over, the lowered structure is a partial kernel plus a merge kernel with no glob
 per query (decode) or one kernel with no global intermediate at all (prefill), and candidates build
 for sm_90 with nvcc. sim figures here are model outputs.
 """
+import dataclasses
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,7 +18,7 @@ import tvm
 from etune.kernels import parse_spec
 from etune.kernels.attention_fused import (DECODE_CHUNK, PREFILL_GRANULE, decode_slots, flash_prefill,
                                           fused_prim_funcs, split_kv_decode)
-from etune.search_space import ScheduleSpace, launch_problem
+from etune.search_space import ScheduleSpace, gpu_spec, launch_problem
 
 SPEC = "attention:2,3,1,600,64"  # 3 slots of 256 keys, the last one a guarded tail
 
@@ -56,12 +58,50 @@ def run_on_cpu(workload, func):
     ((1, 2, 70, 90, 16, False), 32),  # both lengths past a tile: guarded query rows and keys
     ((1, 1, 50, 83, 24, True), 32),  # causal with kv_len > q_len: skipped granules and a diagonal
     ((1, 1, 64, 64, 64, True), 64),
+    ((1, 2, 100, 100, 16, True), 32),  # causal, square: the key loop stops at the diagonal (1 to 4 granules)
 ])
 def test_prefill_template_matches_the_reference_on_cpu(shape, q_tile, tensor_cores):
     b, h, q, kv, d, causal = shape
     workload = parse_spec(f"attention:{b},{h},{q},{kv},{d}" + (",causal" if causal else ""))
     ok, error = run_on_cpu(workload, flash_prefill(*shape, q_tile=q_tile, tensor_cores=tensor_cores))
     assert ok, error
+
+
+@pytest.mark.parametrize("shape, q_tile, granule", [
+    ((1, 1, 150, 300, 32, False), 128, 128),  # a guarded tail of rows and of keys
+    ((1, 2, 100, 200, 16, True), 64, 64),  # causal, kv_len > q_len: the loop stops at the diagonal
+])
+def test_prefill_dynamic_shared_memory_template_matches_the_reference_on_cpu(shape, q_tile, granule):
+    b, h, q, kv, d, causal = shape
+    workload = parse_spec(f"attention:{b},{h},{q},{kv},{d}" + (",causal" if causal else ""))
+    func = flash_prefill(*shape, q_tile=q_tile, granule=granule, tensor_cores=True, shared_scope="shared.dyn")
+    ok, error = run_on_cpu(workload, func)
+    assert ok, error
+
+
+def big_shared_gpu():
+    """The H100 preset with sm_90's dynamic shared memory limit (227 KiB per block)."""
+    return dataclasses.replace(gpu_spec("h100"), max_shared_memory_per_block=227 * 1024)
+
+
+def test_offered_with_dynamic_shared_memory():
+    # 48 KiB (the preset today): static shared memory, 32-key granules, only the tiles that fit.
+    static = fused_prim_funcs(parse_spec("attention:1,2,300,256,128"))
+    assert set(static) == {"flash_prefill_q32", "flash_prefill_q64", "flash_prefill_wmma_q32"}
+    funcs = fused_prim_funcs(parse_spec("attention:1,2,300,256,128"), big_shared_gpu())
+    assert set(funcs) == {"flash_prefill_q32", "flash_prefill_q64", "flash_prefill_wmma_q32", "flash_prefill_wmma_q64",
+                          "flash_prefill_wmma_q128", "flash_prefill_wmma_q64_g64", "flash_prefill_wmma_q128_g64",
+                          "flash_prefill_wmma_q64_g128", "flash_prefill_wmma_q128_g128"}
+
+    def scopes(func):
+        return {b.name: b.scope() for b in func.body.block.alloc_buffers}
+
+    # Q, K, V (and the scores, inside the granule) dynamic; P and the row statistics static.
+    assert scopes(funcs["flash_prefill_wmma_q128_g128"]).items() >= {"Qs": "shared.dyn", "Ks": "shared.dyn",
+                                                                 "Vs": "shared.dyn", "Mx": "shared", "L": "shared"}.items()
+    assert scopes(static["flash_prefill_wmma_q32"])["Qs"] == "shared"
+    # Granules longer than the keys are not offered.
+    assert not any("_g128" in name for name in fused_prim_funcs(parse_spec("attention:1,2,300,64,128"), big_shared_gpu()))
 
 
 def test_offered_by_q_len():
@@ -98,7 +138,8 @@ def test_samples_are_valid_split_plus_merge(space, sampled):
         assert launch_problem(c.launches, space.gpu) is None
         assert len(c.launches) == 2, [k.name for k in c.launches]
         partial, merge = c.launches
-        assert partial.blocks % rows == 0 and partial.blocks <= rows * slots
+        heads = p["batch"] * p["heads"]  # a partial block works on all the query rows of its slots
+        assert partial.blocks % heads == 0 and partial.blocks <= heads * slots
         assert merge.blocks == rows
         # No global buffer of kv_len per query: the only global intermediates are the slot partials.
         for buffer in c.mod["main"].body.block.alloc_buffers:
@@ -109,6 +150,28 @@ def test_samples_are_valid_split_plus_merge(space, sampled):
         assert partial.traffic.global_load_bytes < 1.1 * kv_bytes
         # The partials are stored once: the one-writer guards (threadIdx.y == 0) are counted as such.
         assert partial.traffic.global_store_bytes <= rows * slots * (p["head_dim"] + 2) * 4
+
+
+def test_small_q_len_reads_k_and_v_once_per_slot():
+    """q_len 4: one partial block works on the 4 query rows of its slots, so K and V are read once
+    per (batch, head) slot, not once per query row, and the 4 rows' results are still right (the
+    template on llvm; the scheduled kernels need a GPU)."""
+    spec = "attention:2,3,4,600,64"
+    space = ScheduleSpace(spec, rule_sets=["fused"])
+    candidates = space.sample(3, seed=0, max_attempts=100)
+    assert len(candidates) == 3, space.last_sample
+    p = space.workload.params
+    slots = decode_slots(p["kv_len"])
+    heads = p["batch"] * p["heads"]
+    kv_once = 2 * heads * slots * DECODE_CHUNK * p["head_dim"] * 2  # the tail slot padded (clamped reads)
+    q_bytes = heads * p["q_len"] * p["head_dim"] * 2
+    for c in candidates:
+        partial, merge = c.launches
+        assert partial.blocks % heads == 0 and partial.blocks <= heads * slots
+        assert merge.blocks == heads * p["q_len"]
+        # The guarded lanes of the head_dim split may add a little; once per query row would be 4x.
+        assert partial.traffic.global_load_bytes < 1.2 * kv_once + slots * q_bytes
+        assert partial.traffic.global_store_bytes <= heads * p["q_len"] * slots * (p["head_dim"] + 2) * 4
 
 
 def test_decisions_mutate_cross_over_and_round_trip(space, sampled):
@@ -201,10 +264,11 @@ def test_prefill_decisions_mutate_cross_over_and_round_trip(prefill_space, prefi
     rng = random.Random(0)
     for space in prefill_space.design_spaces:
         kinds = [i.kind.name for i in space.trace.insts]
-        # Key tile and the threads (rows x columns, or warps with tensor cores): perfect tiles;
-        # vector width and unroll: categorical.
-        assert kinds.count("SamplePerfectTile") == (2 if "wmma" in space.template else 3)
-        assert kinds.count("SampleCategorical") == 2
+        # The threads (rows x columns, or warps with tensor cores): perfect tiles; vector width and
+        # unroll: categorical; the key tile: a perfect tile of the key loop, or (causal: the loop's
+        # length depends on the query tile) a categorical choice of granules per stage.
+        assert kinds.count("SamplePerfectTile") == (1 if "wmma" in space.template else 2)
+        assert kinds.count("SampleCategorical") == 3
     mutants = [m for m in (prefill_space.mutate(prefill_sampled[i % 8], rng) for i in range(12)) if m is not None]
     assert mutants and all(len(m.launches) == 1 for m in mutants)
     assert {m.structural_hash for m in mutants} - {c.structural_hash for c in prefill_sampled}
@@ -213,6 +277,31 @@ def test_prefill_decisions_mutate_cross_over_and_round_trip(prefill_space, prefi
     assert any(child is not None for child in children)
     back = prefill_space.from_trace_json(prefill_sampled[0].trace_json(), prefill_sampled[0].design_space)
     assert back.structural_hash == prefill_sampled[0].structural_hash
+
+
+def test_causal_prefill_iterates_only_the_granules_a_tile_sees():
+    """Causal: the key loop of a query tile stops at the diagonal, so the lowered kernel has fewer
+    iterations (not an ``if`` around dead granules), and the analysis (hence sim) counts the
+    tensor-core work of the granules each tile iterates: about half of the non-causal kernel's."""
+    causal = ScheduleSpace("attention:1,1,256,256,32,causal", rule_sets=["fused"])
+    index = next(i for i, d in enumerate(causal.design_spaces) if d.template == "flash_prefill_wmma_q32")
+    granules = 256 // PREFILL_GRANULE  # 8 query tiles of 32 rows, 8 granules of 32 keys
+    per_granule = 2 * (2 * 32 * PREFILL_GRANULE * 32)  # both products of a 32 x 32 granule, head_dim 32
+    checked = 0
+    for c in causal.sample(8, seed=2, max_attempts=200):
+        if c.design_space != index:
+            continue
+        trace = c.trace
+        stage = next(trace.get_decision(i) for i in trace.insts if i.kind.name == "SampleCategorical")
+        stage = [1, 2, 4][int(stage)]
+        # Tile qt iterates qt + 1 granules, rounded up to whole stages (the last one guarded).
+        live = sum(-(-(qt + 1) // stage) * stage for qt in range(granules))
+        (kernel,) = c.launches
+        assert kernel.traffic.tensor_core_flops == pytest.approx(live * per_granule)
+        # Without causal, every tile iterates all 8 granules.
+        assert kernel.traffic.tensor_core_flops <= 0.76 * granules * granules * per_granule
+        checked += 1
+    assert checked
 
 
 @pytest.mark.slow
@@ -224,6 +313,31 @@ def test_prefill_builds_for_sm_90(prefill_space, prefill_sampled, tmp_path):
     results = Builder(prefill_space.gpu, workdir=tmp_path, jobs=2).build(list(by_form.values()))
     assert len(results) == 2 and all(r.ok for r in results), [r.error for r in results if not r.ok]
     assert all(len(r.kernels) == 1 and r.kernels[0].registers > 0 for r in results)
+
+
+@pytest.mark.slow
+def test_dynamic_shared_memory_prefill_builds_for_sm_90(tmp_path):
+    """A wmma template beyond 48 KiB: sampled, valid for the raised limit, one kernel that reads K/V
+    once per query tile, and nvcc builds it with the tiles in dynamic shared memory (ptxas reports
+    only the static part: P and the row statistics)."""
+    from etune.search_space import Builder
+
+    gpu = big_shared_gpu()
+    space = ScheduleSpace("attention:1,1,64,256,64", gpu, rule_sets=["fused"])
+    index = next(i for i, d in enumerate(space.design_spaces) if d.template == "flash_prefill_wmma_q64_g128")
+    candidates = [c for c in space.sample(12, seed=3, max_attempts=300) if c.design_space == index]
+    assert candidates, space.last_sample
+    candidate = candidates[0]
+    (kernel,) = candidate.launches
+    assert kernel.shared_bytes > 48 * 1024 and launch_problem(candidate.launches, gpu) is None
+    assert launch_problem(candidate.launches, gpu_spec("h100")) is not None  # not on the 48 KiB preset
+    assert kernel.traffic.global_load_bytes <= 1.05 * (2 * 256 * 64 * 2 + 64 * 64 * 2)  # K, V and Q once
+    (result,) = Builder(gpu, workdir=tmp_path, jobs=1).build([candidate])
+    assert result.ok, result.error
+    source = (Path(result.artifact_dir) / "kernel.cu").read_text()
+    assert "extern __shared__" in source
+    (resources,) = result.kernels
+    assert resources.registers > 0 and resources.shared_bytes <= 48 * 1024 < kernel.shared_bytes
 
 
 @pytest.mark.gpu
