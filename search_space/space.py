@@ -40,11 +40,11 @@ from etune.kernels.softmax_fused import softmax_prim_funcs
 
 from . import interrupts
 from .analysis import KernelLaunch, kernel_launches, launch_problem
-from .rules import RULE_SETS, postprocs, rule_set_applies, schedule_rules
+from .rules import DYNAMIC_SHARED_RULE_SETS, RULE_SETS, pipeline_variants, postprocs, rule_set_applies, schedule_rules
 from .targets import GpuSpec, gpu_spec
 
 # Postprocessors and mutators per rule set, as TVM's defaults pair them.
-_DEFAULT_KIND = {"tensorcore": "cuda-tensorcore", "simt": "cuda", "fused": "cuda", "splitk": "cuda",
+_DEFAULT_KIND = {"tensorcore": "cuda-tensorcore", "mma": "cuda-tensorcore", "simt": "cuda", "fused": "cuda", "splitk": "cuda",
                  "rowsoftmax": "cuda"}
 # Rule sets over etune's TIR templates instead of the workload's TE chain: {rule set: the templates
 # that apply to a workload, {name: PrimFunc}}.
@@ -170,7 +170,7 @@ class DesignSpace:
     # The module the trace applies to: the workload's TE chain, or a fused template computing the same
     # outputs from the same arguments (kernels/attention_fused.py).
     mod: object = dataclasses.field(default=None, repr=False)
-    template: str | None = None  # the fused template's name
+    template: str | None = None  # the fused template's name, or the variant of a generated space ("stages=3")
 
     @functools.cached_property
     def groups(self) -> DecisionGroups:
@@ -349,15 +349,17 @@ class ScheduleSpace:
                     self.notes.append(f"{rule_set} {template}: no design space ({exc})")
                     continue
                 for space in spaces:
-                    trace = Trace(space.trace.simplified(remove_postproc=True).insts, {})
-                    key = f"{template}:{trace}"  # fused templates may share a trace
-                    if key in seen:  # softmax has no tensor-core site: both rule sets give the same space
-                        continue
-                    seen.add(key)
-                    self.design_spaces.append(
-                        DesignSpace(len(self.design_spaces), rule_set, trace, list(context.space_generator.postprocs),
-                                    _in_stable_order(context.space_generator.mutator_probs), mod, template)
-                    )
+                    generated = Trace(space.trace.simplified(remove_postproc=True).insts, {})
+                    for variant, trace in pipeline_variants(rule_set, generated):
+                        key = f"{template}:{trace}"  # fused templates may share a trace
+                        if key in seen:  # softmax has no tensor-core site: both rule sets give the same space
+                            continue
+                        seen.add(key)
+                        self.design_spaces.append(
+                            DesignSpace(len(self.design_spaces), rule_set, trace, list(context.space_generator.postprocs),
+                                        _in_stable_order(context.space_generator.mutator_probs), mod,
+                                        template if variant is None else variant)
+                        )
         self.last_sample: dict = {}
         if not self.design_spaces:
             raise SamplingError(f"{self.workload.spec}: MetaSchedule generated no design space")
@@ -373,8 +375,11 @@ class ScheduleSpace:
                 sch_rules=schedule_rules(rule_set, cross_thread_reduction), postprocs=postprocs(rule_set, kind),
                 mutator_probs=kind,
             )
+            # VerifyGPUCode checks the target's shared-memory limit: the opt-in one for spaces that
+            # allocate shared.dyn, 48 KiB for the others (launch_problem checks both kinds after lowering).
+            target = self.gpu.tvm_target(dynamic_shared=rule_set in DYNAMIC_SHARED_RULE_SETS)
             context = ms.TuneContext(
-                mod=mod, target=self.target, space_generator=generator, task_name=self.workload.spec,
+                mod=mod, target=target, space_generator=generator, task_name=self.workload.spec,
                 rand_state=seed, num_threads=1,
             )
             try:
