@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from etune.kernels import parse_spec, suite  # noqa: E402
 from etune.search_space import Builder, ScheduleSpace, gpu_spec  # noqa: E402
+from etune.search_space.rules import RULE_SETS  # noqa: E402
 
 
 def gpu_present() -> bool:
@@ -40,6 +41,8 @@ def main() -> int:
     parser.add_argument("--target", default="h100")
     parser.add_argument("--jobs", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rule-sets", nargs="+", default=None, choices=RULE_SETS,
+                        help="sample these rule sets' design spaces only (default: all that apply)")
     parser.add_argument("--out", default="out/check_builds")
     parser.add_argument("--workdir", default=None, help="build artifacts (default: OUT/builds)")
     args = parser.parse_args()
@@ -53,7 +56,7 @@ def main() -> int:
     rows = []
     for workload in workloads:
         started = time.perf_counter()
-        space = ScheduleSpace(workload, gpu, seed=args.seed)
+        space = ScheduleSpace(workload, gpu, seed=args.seed, **({"rule_sets": args.rule_sets} if args.rule_sets else {}))
         candidates = space.sample(args.samples, seed=args.seed)
         sample_s = time.perf_counter() - started
         started = time.perf_counter()
@@ -71,6 +74,12 @@ def main() -> int:
             "build_wall_seconds": round(wall_s, 2),
             "build_wall_seconds_per_candidate": round(wall_s / max(1, len(results)), 2),
             "failures": sorted({(r.error or r.status)[:160] for r in results if not r.ok}),
+            "spilling": sum(any(k.spill_store_bytes > 0 for k in r.kernels) for r in ok),
+            # candidates with more than 48 KiB of dynamic shared memory (the opt-in range), and of them built
+            "dynamic_shared_above_48k": sum(max(k.dynamic_shared_bytes for k in c.launches) > 48 * 1024
+                                            for c in candidates),
+            "dynamic_shared_above_48k_built": sum(max(k.dynamic_shared_bytes for k in c.launches) > 48 * 1024
+                                                  for c, r in zip(candidates, results) if r.ok),
             "notes": space.notes,
         }
         if on_gpu:
@@ -100,6 +109,7 @@ def main() -> int:
         "target": gpu.name,
         "gpu_present": on_gpu,
         "samples": args.samples,
+        "rule_sets": args.rule_sets or "all that apply",
         "rows": rows,
     }
     (out / "check_builds.json").write_text(json.dumps(report, indent=1))
