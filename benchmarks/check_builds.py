@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from etune.kernels import parse_spec, suite  # noqa: E402
 from etune.search_space import Builder, ScheduleSpace, gpu_spec  # noqa: E402
+from etune.search_space.rules import RULE_SETS  # noqa: E402
 
 
 def gpu_present() -> bool:
@@ -41,12 +42,12 @@ def main() -> int:
     parser.add_argument("--target", default="h100")
     parser.add_argument("--jobs", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rule-sets", nargs="+", default=None, choices=RULE_SETS,
+                        help="sample these rule sets' design spaces only (default: all that apply)")
     parser.add_argument("--out", default="out/check_builds")
     parser.add_argument("--workdir", default=None, help="build artifacts (default: OUT/builds)")
     parser.add_argument("--max-shared-kib", type=int, default=None,
                         help="raise the target's per-block shared memory limit (dynamic shared memory)")
-    parser.add_argument("--rule-sets", nargs="+", default=None,
-                        help="sample only these rule sets' design spaces (default: every one that applies)")
     args = parser.parse_args()
 
     workloads = [parse_spec(s) for s in args.workloads] if args.workloads else list(suite().values())
@@ -60,8 +61,7 @@ def main() -> int:
     rows = []
     for workload in workloads:
         started = time.perf_counter()
-        kwargs = {"rule_sets": args.rule_sets} if args.rule_sets else {}
-        space = ScheduleSpace(workload, gpu, seed=args.seed, **kwargs)
+        space = ScheduleSpace(workload, gpu, seed=args.seed, **({"rule_sets": args.rule_sets} if args.rule_sets else {}))
         candidates = space.sample(args.samples, seed=args.seed)
         sample_s = time.perf_counter() - started
         started = time.perf_counter()
@@ -81,6 +81,12 @@ def main() -> int:
             "failures": sorted({(r.error or r.status)[:160] for r in results if not r.ok}),
             # Per design space (template name, or rule set): [built, sampled].
             "by_design_space": {},
+            "spilling": sum(any(k.spill_store_bytes > 0 for k in r.kernels) for r in ok),
+            # candidates with more than 48 KiB of dynamic shared memory (the opt-in range), and of them built
+            "dynamic_shared_above_48k": sum(max(k.dynamic_shared_bytes for k in c.launches) > 48 * 1024
+                                            for c in candidates),
+            "dynamic_shared_above_48k_built": sum(max(k.dynamic_shared_bytes for k in c.launches) > 48 * 1024
+                                                  for c, r in zip(candidates, results) if r.ok),
             "notes": space.notes,
         }
         for candidate, result in zip(candidates, results):
@@ -115,7 +121,7 @@ def main() -> int:
         "target": gpu.name,
         "gpu_present": on_gpu,
         "samples": args.samples,
-        "rule_sets": args.rule_sets,
+        "rule_sets": args.rule_sets or "all that apply",
         "max_shared_kib": args.max_shared_kib,
         "rows": rows,
     }

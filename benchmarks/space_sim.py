@@ -82,7 +82,7 @@ def tuned(spec: str, trials: int, db: Path, gpu: str = "h100", seed: int = 0) ->
     from etune.tuner.search import tune
 
     started = time.time()
-    status = tune(spec, "energy@0.05", backend="sim", db=db, gpu=gpu, trials=trials, build=False, seed=seed)
+    status = tune(spec, "energy@0.05", backend="sim", db=db, target=gpu, trials=trials, build=False, seed=seed)
     space = ScheduleSpace(spec, gpu, seed=seed)
 
     def point(p) -> dict:
@@ -117,6 +117,8 @@ def main(argv=None) -> int:
     results = []
     for spec in args.specs:
         result = survey(spec, args.samples, args.gpu, rule_sets=args.rule_sets, max_shared_kib=args.max_shared_kib)
+        if args.out:  # the survey stays if the tuning run fails
+            Path(args.out).write_text(json.dumps(results + [result], indent=1))
         if args.tune:
             result["tuned"] = tuned(spec, args.tune, Path(args.db), args.gpu)
         results.append(result)

@@ -278,10 +278,12 @@ def _kernel(k, occupancy, dram_bytes: float, gpu, params: SimParams) -> KernelOu
     sector_waste = max(1.0, params.sector_bytes / (lanes * bytes_per_access)) if bytes_per_access > 0 else 1.0
     l2_bytes = requested * sector_waste
     shared_bytes = t.shared_load_bytes + t.shared_store_bytes
-    # Thread instructions: arithmetic, one mma per thread per 2*16^3/32 tensor flops, ~4-byte shared
+    # Thread instructions: arithmetic, HMMA instructions (two per 16x16x16 wmma mma_sync, one per PTX
+    # m16n8k8 mma; traffic counted without them is taken as one per 2*16^3/32 flops), ~4-byte shared
     # accesses, global accesses, and one address/loop instruction per memory access.
     memory_accesses = accesses + shared_bytes / 4.0
-    thread_instructions = t.arithmetic_ops + t.tensor_core_flops / 256.0 + 2.0 * memory_accesses
+    tensor_instructions = t.tensor_core_instructions or t.tensor_core_flops / 256.0
+    thread_instructions = t.arithmetic_ops + tensor_instructions + 2.0 * memory_accesses
     warp_instructions = thread_instructions / lanes
 
     # -- SM side: one block's demands at full per-SM rates; idle lanes of partial warps still
@@ -321,7 +323,10 @@ def _kernel(k, occupancy, dram_bytes: float, gpu, params: SimParams) -> KernelOu
     if bytes_per_access > 0:
         miss = min(1.0, dram_bytes / l2_bytes)
         latency = miss * params.dram_latency_s + (1.0 - miss) * params.l2_latency_s
-        in_flight = k.threads_per_block * bytes_per_access * params.loads_in_flight_per_thread
+        # cp.async copies go to shared memory without holding registers, so a software pipeline
+        # keeps what its stages have issued on the way (analysis: async_copy_bytes_in_flight).
+        per_thread = max(bytes_per_access * params.loads_in_flight_per_thread, k.async_copy_bytes_in_flight)
+        in_flight = k.threads_per_block * per_thread
         t_latency = rounds * (requested / blocks) * latency / in_flight
     else:
         t_latency = 0.0

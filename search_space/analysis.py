@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 
 import numpy as np
 import tvm
 from tvm.target import Target
 
-from .targets import GpuSpec
+from .targets import PASS_CONFIG, GpuSpec
 
 
 # Registers every thread needs besides its local arrays (indices, addresses, loop counters).
@@ -47,6 +48,15 @@ class KernelLaunch:
     # Dynamic totals over the whole grid (every loop trip of every thread, both sides of every
     # branch): what the kernel asks of each memory level, before caches.
     traffic: "Traffic" = dataclasses.field(default_factory=lambda: Traffic())
+    # Of ``shared_bytes``, the dynamic (``shared.dyn``) part; the rest is static.
+    dynamic_shared_bytes: int = 0
+    # Bytes per thread that cp.async keeps on the way: the copies of one commit group times the groups
+    # a software pipeline lets be in flight (``async_wait_inflight_count`` + 1); 0 without cp.async.
+    async_copy_bytes_in_flight: float = 0.0
+
+    @property
+    def static_shared_bytes(self) -> int:
+        return self.shared_bytes - self.dynamic_shared_bytes
 
     @property
     def blocks(self) -> int:
@@ -74,6 +84,9 @@ class Traffic:
     shared_store_bytes: float = 0.0
     arithmetic_ops: float = 0.0  # scalar floating-point operations outside tensor cores
     tensor_core_flops: float = 0.0
+    # Tensor-core (HMMA) instructions, per thread: two per 16x16x16 wmma ``mma_sync`` (nvcc splits it
+    # into two m16n8k16 ones), one per PTX ``mma`` (m16n8k8: a quarter of a wmma one's flops).
+    tensor_core_instructions: float = 0.0
 
 
 _AXES = {"x": 0, "y": 1, "z": 2}
@@ -85,12 +98,13 @@ def lower_device_functions(mod, target: Target) -> list:
 
     mod = tvm.tirx.transform.BindTarget(target.with_host(target.host or Target({"kind": "llvm"})))(mod)
     pipeline, _, finalize_device = tvm.tirx.get_default_tir_pipeline(target)
-    lowered = pipeline(mod)
-    _, device_mods = split_host_device_mods(lowered)
-    functions = []
-    for device_mod in device_mods.values():
-        for gvar, func in finalize_device()(device_mod).functions.items():
-            functions.append((gvar.name_hint, func))
+    with tvm.transform.PassContext(config=PASS_CONFIG):  # the passes builds run (cp.async)
+        lowered = pipeline(mod)
+        _, device_mods = split_host_device_mods(lowered)
+        functions = []
+        for device_mod in device_mods.values():
+            for gvar, func in finalize_device()(device_mod).functions.items():
+                functions.append((gvar.name_hint, func))
     return functions
 
 
@@ -147,6 +161,8 @@ def _nodes(root):
             continue
         yield node, trips
         kind = type(node).__name__
+        if kind == "Call" and getattr(node.op, "name", "") in _ADDRESS_CALLS:
+            continue  # ``address_of(buf[i])`` names an address; no access happens there
         if kind == "For":
             extent = _constant(node.extent)
             if extent is None:  # a loop whose length depends on the block (causal attention): its mean
@@ -212,6 +228,10 @@ def _mean_extent(expr, extents: dict) -> float:
         return 1.0
 
 
+# Calls whose buffer arguments are addresses (ldmatrix's source operand), not loads.
+_ADDRESS_CALLS = ("tirx.address_of", "tir.address_of")
+
+
 def walk(node, visit) -> None:
     """Call ``visit`` on every statement and expression under ``node`` (pre-order)."""
     for current, _ in _nodes(node):
@@ -240,6 +260,25 @@ _MATH_CALLS = ("exp", "log", "sqrt", "rsqrt", "tanh", "pow", "fma")
 # One wmma mma_sync is a 16x16x16 multiply-accumulate done by a warp: 2*16^3 flops over 32 threads,
 # and the lowered code counts it once per thread.
 _WMMA_FLOPS_PER_THREAD = 2 * 16**3 / 32
+_WARP = 32
+_PTX_MMA_SHAPE = re.compile(r"m(\d+)n(\d+)k(\d+)")
+
+
+def _string(expr) -> str:
+    return str(expr.value) if hasattr(expr, "value") else str(expr)
+
+
+def _ptx_op(op: str) -> str | None:
+    """'mma', 'ldmatrix' or 'cp_async' for TVM's PTX intrinsics (``ptx_legacy.mma``,
+    ``ptx_mma``, ``s_tir.cp_async_raw``, ...), else None."""
+    tail = op.rpartition(".")[2].removeprefix("ptx_")
+    if tail == "mma" and "ptx" in op:
+        return "mma"
+    if tail == "ldmatrix":
+        return "ldmatrix"
+    if tail.startswith("cp_async") and "bulk" not in tail and "barrier" not in tail:
+        return "cp_async"
+    return None
 
 
 def analyse_kernel(name: str, func) -> KernelLaunch:
@@ -247,12 +286,22 @@ def analyse_kernel(name: str, func) -> KernelLaunch:
     grid = [1, 1, 1]
     block = [1, 1, 1]
     shared = local = 0
+    dynamic_shared = 0
     tensor_cores = False
     lanes = gather_lanes = 1
     totals = dict.fromkeys(Traffic.__dataclass_fields__, 0.0)
+    # cp.async: bytes one thread copies in each commit group's scope; groups allowed in flight.
+    groups: list[float] = []
+    inflight = 0
     for node, trips in _nodes(func.body):
         kind = type(node).__name__
-        if kind == "AttrStmt" and node.attr_key == "thread_extent":
+        if kind == "AttrStmt" and node.attr_key == "async_commit_queue_scope":
+            groups.append(sum(inner_trips * _cp_async_bytes(inner) for inner, inner_trips in _nodes(node.body)
+                              if type(inner).__name__ == "Call"
+                              and _ptx_op(getattr(inner.op, "name", "")) == "cp_async"))
+        elif kind == "AttrStmt" and node.attr_key == "async_wait_inflight_count":
+            inflight = max(inflight, _constant(node.value) or 0)
+        elif kind == "AttrStmt" and node.attr_key == "thread_extent":
             scope, _, axis = node.node.thread_tag.partition(".")
             extent = _constant(node.value) or 1
             if scope == "blockIdx":
@@ -265,8 +314,13 @@ def analyse_kernel(name: str, func) -> KernelLaunch:
             scope = buffer.scope()
             if scope.startswith("shared"):
                 shared += nbytes
+                if scope == "shared.dyn":
+                    dynamic_shared += nbytes
             elif scope == "local":
                 local += nbytes
+            elif scope.startswith("wmma."):
+                # wmma fragments are declared per warp and live in its threads' registers
+                local += nbytes // _WARP
         elif kind in ("BufferStore", "TensorLoad", "BufferLoad"):  # 0.27 calls a load TensorLoad
             store = kind == "BufferStore"
             dtype = _dtype(node.value if store else node)
@@ -289,14 +343,50 @@ def analyse_kernel(name: str, func) -> KernelLaunch:
                 totals["arithmetic_ops"] += trips * dtype.lanes
         elif kind == "Call" and hasattr(node.op, "name"):
             op = node.op.name
-            if "mma" in op or "matrix_sync" in op:
+            ptx = _ptx_op(op)
+            if "mma" in op or "matrix_sync" in op or ptx == "ldmatrix":
                 tensor_cores = True
             if "mma_sync" in op:
                 totals["tensor_core_flops"] += trips * _WMMA_FLOPS_PER_THREAD
+                # a 16x16x16 wmma mma_sync is two HMMA.16816 instructions on sm_80 and later
+                totals["tensor_core_instructions"] += trips * 2
+            elif op.endswith("tvm_load_matrix_sync") or op.endswith("tvm_store_matrix_sync"):
+                # (fragment, m, n, k, index, address_of(shared[...]), stride, layout): a warp moves
+                # one fragment between shared memory and its registers
+                m, n, k = (_constant(a) or 16 for a in node.args[1:4])
+                fragment = str(node.args[0])
+                elements = m * k if "matrix_a" in fragment else k * n if "matrix_b" in fragment else m * n
+                source = node.args[5].args[0] if type(node.args[5]).__name__ == "Call" and node.args[5].args else None
+                dtype = tvm.DataType(source.buffer.dtype) if hasattr(source, "buffer") else tvm.DataType("float16")
+                if not hasattr(source, "buffer") or source.buffer.scope().startswith("shared"):
+                    direction = "store" if op.endswith("store_matrix_sync") else "load"
+                    totals[f"shared_{direction}_bytes"] += trips * elements * dtype.bits / 8 / _WARP
+            elif ptx == "mma":
+                # ptx mma(shape, layouts, dtypes, ...): 2*m*n*k flops by a warp, counted once per
+                # thread; one HMMA instruction (m16n8k8 or m16n8k16)
+                m, n, k = (int(v) for v in _PTX_MMA_SHAPE.fullmatch(_string(node.args[0])).groups())
+                totals["tensor_core_flops"] += trips * 2 * m * n * k / _WARP
+                totals["tensor_core_instructions"] += trips
+            elif ptx == "ldmatrix":
+                # ldmatrix(trans, num, ".b16", ...): num 8x8 matrices of 16-bit elements from shared
+                # memory into a warp's registers: num x 128 B per warp, num x 4 B per thread
+                count = _constant(node.args[1]) or 1
+                totals["shared_load_bytes"] += trips * count * 8 * 8 * 2 / _WARP
+            elif ptx == "cp_async":
+                nbytes = _cp_async_bytes(node)
+                totals["global_load_bytes"] += trips * nbytes
+                totals["global_load_instructions"] += trips
+                totals["shared_store_bytes"] += trips * nbytes
             elif op.rpartition(".")[2] in _MATH_CALLS:
                 totals["arithmetic_ops"] += trips * _lanes(node)
+    in_flight = max(groups) * (inflight + 1) if groups else 0.0
     return KernelLaunch(name, tuple(grid), tuple(block), shared, local, tensor_cores, lanes, gather_lanes,
-                        Traffic(**totals))
+                        Traffic(**totals), dynamic_shared, in_flight)
+
+
+def _cp_async_bytes(call) -> int:
+    """Bytes one thread copies with a cp.async call: its last argument (4, 8 or 16)."""
+    return _constant(call.args[-1]) or 16
 
 
 def kernel_launches(mod, target: Target) -> list[KernelLaunch]:
@@ -318,6 +408,10 @@ def launch_problem(launches: list[KernelLaunch], gpu: GpuSpec) -> str | None:
             return f"{k.name}: {k.threads_per_block} threads per block > {gpu.max_threads_per_block}"
         if k.shared_bytes > gpu.max_shared_memory_per_block:
             return f"{k.name}: {k.shared_bytes} B shared memory > {gpu.max_shared_memory_per_block}"
+        if k.static_shared_bytes > gpu.max_static_shared_memory_per_block:
+            # ptxas rejects static shared memory beyond 48 KiB; only shared.dyn may use the opt-in limit
+            return (f"{k.name}: {k.static_shared_bytes} B static shared memory > "
+                    f"{gpu.max_static_shared_memory_per_block}")
         if k.local_bytes_per_thread > MAX_LOCAL_BYTES_PER_THREAD:
             return f"{k.name}: {k.local_bytes_per_thread} B local memory per thread > {MAX_LOCAL_BYTES_PER_THREAD}"
         if k.max_gather_lanes > 4:

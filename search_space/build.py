@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
-from .targets import GpuSpec, gpu_spec
+from .targets import PASS_CONFIG, GpuSpec, gpu_spec
 
 NVCC_FLAGS = ("-O3", "--use_fast_math", "-Xptxas", "-v")
 
@@ -120,6 +120,30 @@ def nvcc_compile(source: str, arch: str, workdir: Path) -> tuple[bytes, list[Ker
 
 
 # -- the worker ----------------------------------------------------------------------------------
+_MATRIX_C_LAYOUT = "tirx.index_map_m16n8k8.matrixC"
+
+
+def register_mma_layouts() -> None:
+    """The accumulator layout of the ``mma`` rule set's m16n8k8 fragments, which TVM's
+    TransformMmaBufferLayout pass looks up by name when lowering.
+
+    TVM registers it in ``tvm.s_tir.tensor_intrin.cuda``, whose import takes ~17 s (rules.py), so a
+    process that lowers scheduled modules without having imported it (build workers, exports)
+    registers the same map here: element (i, j) of a 16x8 tile at [i/8/2, j/8, i/8 % 2, j % 8 % 2].
+    """
+    import tvm_ffi
+
+    if tvm_ffi.get_global_func(_MATRIX_C_LAYOUT, allow_missing=True) is not None:
+        return
+    from tvm.runtime import convert
+
+    def matrix_c(indices):
+        i, j = indices[0], indices[1]
+        return convert([(i // 8) // 2, j // 8, (i // 8) % 2, (j % 8) % 2])
+
+    tvm_ffi.register_global_func(_MATRIX_C_LAYOUT, matrix_c)
+
+
 def _build_in_worker(module_json: str, gpu: dict, artifact_dir: str) -> dict:
     """Runs in a worker process: lower, generate CUDA, compile, export. Returns a dict.
 
@@ -140,9 +164,10 @@ def _build_in_worker(module_json: str, gpu: dict, artifact_dir: str) -> dict:
         return compiled[-1][0]
 
     tvm_ffi.register_global_func("tvm_callback_cuda_compile", compile_callback, override=True)
+    register_mma_layouts()
     try:
         target = target_gpu.tvm_target()
-        with target:
+        with target, tvm.transform.PassContext(config=PASS_CONFIG):  # as analysed (cp.async)
             executable = tvm.compile(tvm.ir.load_json(module_json), target=target)
         device_modules = [m for m in executable.mod.imports if m.kind == "cuda"]
         if not device_modules:

@@ -1,12 +1,24 @@
 """MetaSchedule schedule rules for CUDA, spelled out so etune can fix what TVM 0.27's defaults break.
 
-Five rule sets, each a family of design spaces for the workloads it applies to:
+Six rule sets, each a family of design spaces for the workloads it applies to:
 - ``tensorcore``: TVM's DefaultCUDATensorCore, except that the wmma accumulator is staged through
   *static* shared memory. With the default ("shared.dyn" for loads and the store), the pass that merges
   dynamic shared allocations types the merged pool with the first buffer's element type (fp16), and the
   fp32 accumulator store then fails to build ("tvm_access_ptr element type must match the source
   buffer"): 13 of 16 sampled fp32-accumulate GEMM candidates at 1024^3 failed that way, 0 of 16 with the
   static store.
+- ``mma``: GEMM only (M >= 16): TVM's MultiLevelTilingTensorCore with its mma.sync path (ldmatrix into
+  registers, ``mma.sync.m16n8k8``, the accumulator in registers stored straight to global memory, so
+  the shared.dyn pitfall above cannot arise) and software pipelining: A and B tiles copied with
+  cp.async into ``shared.dyn`` buffers (up to the opt-in limit, 227 KiB on sm_90), S - 1 tiles ahead
+  of the tensor cores, S = 2, 3 or 4 (``PIPELINE_STAGES``), and fragments one k-step ahead. TVM's
+  rule fixes S = 3 with constant annotations (no trace instruction turns a sampled integer into the
+  stage array), so each S is a design space of its own (``pipeline_variants``); sampling takes the
+  design spaces in turn, so S is drawn like any other choice, but mutation keeps it. TVM's
+  ``get_mma_intrin_group`` (m16n8k16 ldmatrix/mma intrinsics with ``warp``-scope fragments) does not
+  fit this rule: the rule takes its mma path only for compute intrinsics named ``mma_sync*`` and
+  handles the others as wmma, and with that group it gives no tensorized design space at all (tried
+  on gemm 512^3: three SIMT sketches). So the m16n8k8 group TVM registers for the rule is used.
 - ``simt``: TVM's DefaultCUDA (no tensor cores). Kept as a separate space because its energy profile
   differs from the tensor-core one, which is exactly what an energy search wants to see.
 - ``fused``: attention only. Not a rule set over the workload's TE chain but over etune's fused TIR
@@ -29,7 +41,13 @@ from tvm.s_tir.meta_schedule import schedule_rule as sr
 
 from . import splitk
 
-RULE_SETS = ("tensorcore", "simt", "fused", "splitk", "rowsoftmax")
+RULE_SETS = ("tensorcore", "mma", "simt", "fused", "splitk", "rowsoftmax")
+# Rule sets whose design spaces allocate shared.dyn, and so may use the opt-in shared-memory limit;
+# the others allocate static shared memory only, and VerifyGPUCode checks them against 48 KiB.
+# (``fused``: the flash prefill templates hold their tiles in shared.dyn where the target allows more.)
+DYNAMIC_SHARED_RULE_SETS = ("tensorcore", "mma", "fused")
+# Software-pipeline depths of the ``mma`` rule set: tiles in shared memory at once.
+PIPELINE_STAGES = (2, 3, 4)
 
 
 def rule_set_applies(rule_set: str, workload) -> bool:
@@ -38,6 +56,10 @@ def rule_set_applies(rule_set: str, workload) -> bool:
         return splitk.applies(workload)
     if rule_set == "rowsoftmax":
         return workload.family == "softmax"
+    if rule_set == "mma":
+        # One m16 tile of rows at least; TVM's mma path tiles exactly three loops (i, j, k).
+        params = workload.params
+        return workload.family == "gemm" and params.get("dtype") == "float16" and int(params.get("M", 0)) >= 16
     return True
 
 
@@ -132,16 +154,74 @@ def _wmma_tiling():
     )
 
 
+def _mma_tiling():
+    tensor_intrinsics()  # registers the m16n8k8 intrinsics
+    groups = [
+        {"init": f"mma_init_m16n8k8_{acc}", "load_a": "mma_load_m16n8k8_f16_A_shared_dyn",
+         "load_b": "mma_load_m16n8k8_f16_B_shared_dyn", "compute": f"mma_sync_m16n8k8_f16f16{acc}",
+         "store": f"mma_store_m16n8k8_{acc}_global"}
+        for acc in ("f32", "f16")
+    ]
+    return sr.MultiLevelTilingTensorCore(
+        intrin_groups=groups,
+        structure="SSSRRSRS",
+        tile_binds=["blockIdx.y", "blockIdx.x", "threadIdx.y"],
+        max_innermost_factor=4,
+        vector_load_lens=[1, 2, 3, 4, 8, 16],
+        reuse_read=sr.ReuseType(req="must", levels=[4], scope="shared.dyn"),
+        # The mma path writes the accumulator from registers (m16n8k8.matrixC) to global memory.
+        reuse_write=sr.ReuseType(req="no", levels=[], scope=""),
+        use_software_pipeline=True,
+    )
+
+
+def pipeline_variants(rule_set: str, trace) -> list:
+    """[(label, trace)]: the design spaces one generated trace stands for.
+
+    For ``mma``, one per pipeline depth S in PIPELINE_STAGES. TVM's rule annotates the outer k loop
+    (the one with ``software_pipeline_async_stages``) with stages [0, 0, 1, 2, 2] over its five
+    statements after the inner pipeline is expanded: the A and B cp.async copies, then the inner
+    pipeline's prologue (fragment loads of the next tile), body and epilogue. Stages
+    [0, 0, S - 2, S - 1, S - 1] keep that order and put the copies S - 1 iterations ahead, with S
+    shared buffers of each tile. Other rule sets: the trace as it is.
+    """
+    from tvm.s_tir.schedule import Instruction, Trace
+
+    if rule_set != "mma":
+        return [(None, trace)]
+    insts = list(trace.insts)
+    loops = [inst.inputs[0] for inst in insts
+             if inst.kind.name == "Annotate" and str(inst.attrs[0]) == "software_pipeline_async_stages"]
+    if len(loops) != 1:  # not the pipeline this function knows: leave it alone
+        return [(None, trace)]
+    variants = []
+    for stages in PIPELINE_STAGES:
+        edited = []
+        for inst in insts:
+            if (inst.kind.name == "Annotate" and str(inst.attrs[0]) == "software_pipeline_stage"
+                    and inst.inputs[0].same_as(loops[0])):
+                if [int(v) for v in inst.inputs[1]] != [0, 0, 1, 2, 2]:
+                    return [(None, trace)]
+                inst = Instruction(inst.kind, [inst.inputs[0], [0, 0, stages - 2, stages - 1, stages - 1]],
+                                   inst.attrs, inst.outputs)
+            edited.append(inst)
+        variants.append((f"stages={stages}", Trace(edited, {})))
+    return variants
+
+
 def postprocs(rule_set: str, kind: str):
     """The postprocessors of a rule set: TVM's defaults for ``kind``, except that ``fused`` drops
-    RewriteUnboundBlock. The fused rules bind every block themselves, and that postprocessor aborts
-    ("blockIdx is bound but threadIdx is not") on the prefill template's granule block, whose threads
-    are bound inside it."""
+    RewriteUnboundBlock and DisallowDynamicLoop. The fused rules bind every block themselves, and
+    RewriteUnboundBlock aborts ("blockIdx is bound but threadIdx is not") on the prefill template's
+    granule block, whose threads are bound inside it. The causal prefill's key loop has a length that
+    depends on the query tile (it stops at the diagonal): etune's analysis counts such a loop at its
+    mean length; MetaSchedule's own features (energy_model's optional ``per_store``) do not expect one."""
     from tvm.s_tir.meta_schedule.postproc import Postproc
 
     if rule_set != "fused":
         return kind
-    return [p for p in Postproc.create(kind) if type(p).__name__ != "RewriteUnboundBlock"]
+    dropped = ("RewriteUnboundBlock", "DisallowDynamicLoop")
+    return [p for p in Postproc.create(kind) if type(p).__name__ not in dropped]
 
 
 def schedule_rules(rule_set: str, cross_thread_reduction: bool = True) -> list:
@@ -151,6 +231,8 @@ def schedule_rules(rule_set: str, cross_thread_reduction: bool = True) -> list:
     generic = _generic_rules(cross_thread_reduction)
     if rule_set == "tensorcore":
         return [sr.ApplyCustomRule(), _wmma_tiling(), _simt_tiling(), *generic]
+    if rule_set == "mma":
+        return [sr.ApplyCustomRule(), _mma_tiling(), _simt_tiling(), *generic]
     if rule_set == "simt":
         return [sr.ApplyCustomRule(), _simt_tiling(), *generic]
     if rule_set == "fused":

@@ -40,25 +40,14 @@ from etune.kernels.softmax_fused import softmax_prim_funcs
 
 from . import interrupts
 from .analysis import KernelLaunch, kernel_launches, launch_problem
-from .rules import RULE_SETS, postprocs, rule_set_applies, schedule_rules
+from .rules import DYNAMIC_SHARED_RULE_SETS, RULE_SETS, pipeline_variants, postprocs, rule_set_applies, schedule_rules
 from .targets import GpuSpec, gpu_spec
 
 # Postprocessors and mutators per rule set, as TVM's defaults pair them.
-_DEFAULT_KIND = {"tensorcore": "cuda-tensorcore", "simt": "cuda", "fused": "cuda", "splitk": "cuda",
+_DEFAULT_KIND = {"tensorcore": "cuda-tensorcore", "mma": "cuda-tensorcore", "simt": "cuda", "fused": "cuda", "splitk": "cuda",
                  "rowsoftmax": "cuda"}
 # Rule sets over etune's TIR templates instead of the workload's TE chain: {rule set: the templates
 # that apply to a workload, {name: PrimFunc}}.
-def _postprocs(rule_set: str, kind: str):
-    """rules.postprocs, and for ``fused`` without DisallowDynamicLoop: the causal prefill template's
-    key loop has a length that depends on the query tile (it stops at the diagonal). etune's
-    analysis counts such a loop at its mean length; MetaSchedule's own features (energy_model's
-    optional ``per_store``) do not expect one. (Belongs in rules.postprocs, left there for a merge.)"""
-    chosen = postprocs(rule_set, kind)
-    if rule_set != "fused":
-        return chosen
-    return [p for p in chosen if type(p).__name__ != "DisallowDynamicLoop"]
-
-
 # Template families: (workload, GpuSpec) -> {template name: PrimFunc}.
 _TEMPLATES = {"fused": fused_prim_funcs, "rowsoftmax": lambda workload, gpu: softmax_prim_funcs(workload)}
 
@@ -182,7 +171,7 @@ class DesignSpace:
     # The module the trace applies to: the workload's TE chain, or a fused template computing the same
     # outputs from the same arguments (kernels/attention_fused.py).
     mod: object = dataclasses.field(default=None, repr=False)
-    template: str | None = None  # the fused template's name
+    template: str | None = None  # the fused template's name, or the variant of a generated space ("stages=3")
 
     @functools.cached_property
     def groups(self) -> DecisionGroups:
@@ -361,15 +350,17 @@ class ScheduleSpace:
                     self.notes.append(f"{rule_set} {template}: no design space ({exc})")
                     continue
                 for space in spaces:
-                    trace = Trace(space.trace.simplified(remove_postproc=True).insts, {})
-                    key = f"{template}:{trace}"  # fused templates may share a trace
-                    if key in seen:  # softmax has no tensor-core site: both rule sets give the same space
-                        continue
-                    seen.add(key)
-                    self.design_spaces.append(
-                        DesignSpace(len(self.design_spaces), rule_set, trace, list(context.space_generator.postprocs),
-                                    _in_stable_order(context.space_generator.mutator_probs), mod, template)
-                    )
+                    generated = Trace(space.trace.simplified(remove_postproc=True).insts, {})
+                    for variant, trace in pipeline_variants(rule_set, generated):
+                        key = f"{template}:{trace}"  # fused templates may share a trace
+                        if key in seen:  # softmax has no tensor-core site: both rule sets give the same space
+                            continue
+                        seen.add(key)
+                        self.design_spaces.append(
+                            DesignSpace(len(self.design_spaces), rule_set, trace, list(context.space_generator.postprocs),
+                                        _in_stable_order(context.space_generator.mutator_probs), mod,
+                                        template if variant is None else variant)
+                        )
         self.last_sample: dict = {}
         if not self.design_spaces:
             raise SamplingError(f"{self.workload.spec}: MetaSchedule generated no design space")
@@ -382,11 +373,14 @@ class ScheduleSpace:
         for cross_thread_reduction in (True, False):
             interrupts.check()  # the errors caught below may be a Ctrl-C that TVM wrapped
             generator = ms.space_generator.PostOrderApply(
-                sch_rules=schedule_rules(rule_set, cross_thread_reduction), postprocs=_postprocs(rule_set, kind),
+                sch_rules=schedule_rules(rule_set, cross_thread_reduction), postprocs=postprocs(rule_set, kind),
                 mutator_probs=kind,
             )
+            # VerifyGPUCode checks the target's shared-memory limit: the opt-in one for spaces that
+            # allocate shared.dyn, 48 KiB for the others (launch_problem checks both kinds after lowering).
+            target = self.gpu.tvm_target(dynamic_shared=rule_set in DYNAMIC_SHARED_RULE_SETS)
             context = ms.TuneContext(
-                mod=mod, target=self.target, space_generator=generator, task_name=self.workload.spec,
+                mod=mod, target=target, space_generator=generator, task_name=self.workload.spec,
                 rand_state=seed, num_threads=1,
             )
             try:

@@ -14,9 +14,13 @@ class GpuSpec:
     arch: str  # sm_90
     sm_count: int
     max_threads_per_block: int = 1024
-    # Static shared memory per block: TVM emits static (or <= 48 KiB dynamic) allocations without
-    # raising the opt-in limit, so larger tiles would fail at launch.
-    max_shared_memory_per_block: int = 48 * 1024
+    # Shared memory per block: static ``shared`` allocations are limited to 48 KiB (ptxas rejects
+    # more); dynamic ``shared.dyn`` may go up to the opt-in limit (227 KiB on sm_90, 163 KiB on sm_80),
+    # which TVM's CUDA runtime raises for every launch with dynamic shared memory
+    # (cuFuncSetAttribute(CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES)). The opt-in limit bounds
+    # static and dynamic together.
+    max_shared_memory_per_block: int = 227 * 1024
+    max_static_shared_memory_per_block: int = 48 * 1024
     shared_memory_per_sm: int = 228 * 1024
     registers_per_block: int = 65536
     registers_per_sm: int = 65536
@@ -37,8 +41,13 @@ class GpuSpec:
         digits = self.arch.removeprefix("sm_").rstrip("a")
         return int(digits[:-1]), int(digits[-1])
 
-    def tvm_target(self):
+    def tvm_target(self, dynamic_shared: bool = True):
+        """TVM's target. Its ``max_shared_memory_per_block`` is what VerifyGPUCode checks (static and
+        dynamic shared memory together): the opt-in limit, or with ``dynamic_shared=False`` (spaces
+        that only allocate static shared memory) the static one."""
         from tvm.target import Target
+
+        shared = self.max_shared_memory_per_block if dynamic_shared else self.max_static_shared_memory_per_block
 
         return Target(
             {
@@ -46,7 +55,7 @@ class GpuSpec:
                 "arch": self.arch,
                 "max_threads_per_block": self.max_threads_per_block,
                 "max_num_threads": self.max_threads_per_block,
-                "max_shared_memory_per_block": self.max_shared_memory_per_block,
+                "max_shared_memory_per_block": shared,
                 "thread_warp_size": self.warp_size,
                 "registers_per_block": self.registers_per_block,
                 "l2_cache_size_bytes": self.l2_bytes,
@@ -57,6 +66,12 @@ class GpuSpec:
     def roofline_seconds(self, flops: float, nbytes: float, tensor_cores: bool = True) -> float:
         peak = self.peak_fp16_tensor_flops if tensor_cores else self.peak_fp32_flops
         return max(flops / peak, nbytes / self.memory_bandwidth)
+
+
+# Passes of TVM's TIR pipeline that etune turns on wherever it lowers or builds (analysis, builds,
+# exports), so that what sim analyses is what nvcc compiles: cp.async for software pipelines with
+# async stages (the ``mma`` rule set). Kernels without such pipelines are unaffected.
+PASS_CONFIG = {"tirx.use_async_copy": True}
 
 
 PRESETS: dict[str, GpuSpec] = {
@@ -70,6 +85,7 @@ PRESETS: dict[str, GpuSpec] = {
         arch="sm_80",
         sm_count=108,
         shared_memory_per_sm=164 * 1024,
+        max_shared_memory_per_block=163 * 1024,
         l2_bytes=40 * 1024 * 1024,
         peak_fp16_tensor_flops=312e12,
         peak_fp32_flops=19.5e12,

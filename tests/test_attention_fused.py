@@ -80,12 +80,19 @@ def test_prefill_dynamic_shared_memory_template_matches_the_reference_on_cpu(sha
 
 
 def big_shared_gpu():
-    """The H100 preset with sm_90's dynamic shared memory limit (227 KiB per block)."""
-    return dataclasses.replace(gpu_spec("h100"), max_shared_memory_per_block=227 * 1024)
+    """The H100 preset: sm_90's dynamic shared memory limit (227 KiB per block)."""
+    gpu = gpu_spec("h100")
+    assert gpu.max_shared_memory_per_block == 227 * 1024
+    return gpu
+
+
+def static_shared_gpu():
+    """The H100 preset capped at 48 KiB per block (static shared memory only, as without the opt-in)."""
+    return dataclasses.replace(gpu_spec("h100"), max_shared_memory_per_block=48 * 1024)
 
 
 def test_offered_with_dynamic_shared_memory():
-    # 48 KiB (the preset today): static shared memory, 32-key granules, only the tiles that fit.
+    # 48 KiB (no target given, or no opt-in): static shared memory, 32-key granules, only the tiles that fit.
     static = fused_prim_funcs(parse_spec("attention:1,2,300,256,128"))
     assert set(static) == {"flash_prefill_q32", "flash_prefill_q64", "flash_prefill_wmma_q32"}
     funcs = fused_prim_funcs(parse_spec("attention:1,2,300,256,128"), big_shared_gpu())
@@ -222,7 +229,7 @@ PREFILL_SPEC = "attention:1,2,100,150,64,causal"  # 5 granules, the last a guard
 
 @pytest.fixture(scope="module")
 def prefill_space():
-    return ScheduleSpace(PREFILL_SPEC, rule_sets=["fused"])
+    return ScheduleSpace(PREFILL_SPEC, static_shared_gpu(), rule_sets=["fused"])
 
 
 @pytest.fixture(scope="module")
@@ -283,7 +290,7 @@ def test_causal_prefill_iterates_only_the_granules_a_tile_sees():
     """Causal: the key loop of a query tile stops at the diagonal, so the lowered kernel has fewer
     iterations (not an ``if`` around dead granules), and the analysis (hence sim) counts the
     tensor-core work of the granules each tile iterates: about half of the non-causal kernel's."""
-    causal = ScheduleSpace("attention:1,1,256,256,32,causal", rule_sets=["fused"])
+    causal = ScheduleSpace("attention:1,1,256,256,32,causal", static_shared_gpu(), rule_sets=["fused"])
     index = next(i for i, d in enumerate(causal.design_spaces) if d.template == "flash_prefill_wmma_q32")
     granules = 256 // PREFILL_GRANULE  # 8 query tiles of 32 rows, 8 granules of 32 keys
     per_granule = 2 * (2 * 32 * PREFILL_GRANULE * 32)  # both products of a 32 x 32 granule, head_dim 32
@@ -330,7 +337,7 @@ def test_dynamic_shared_memory_prefill_builds_for_sm_90(tmp_path):
     candidate = candidates[0]
     (kernel,) = candidate.launches
     assert kernel.shared_bytes > 48 * 1024 and launch_problem(candidate.launches, gpu) is None
-    assert launch_problem(candidate.launches, gpu_spec("h100")) is not None  # not on the 48 KiB preset
+    assert launch_problem(candidate.launches, static_shared_gpu()) is not None  # not without the opt-in
     assert kernel.traffic.global_load_bytes <= 1.05 * (2 * 256 * 64 * 2 + 64 * 64 * 2)  # K, V and Q once
     (result,) = Builder(gpu, workdir=tmp_path, jobs=1).build([candidate])
     assert result.ok, result.error

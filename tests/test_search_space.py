@@ -29,9 +29,9 @@ def test_sampling_gives_distinct_valid_candidates(gemm_space):
     assert len({c.structural_hash for c in candidates}) == 6
     for c in candidates:
         assert c.launches and launch_problem(c.launches, gemm_space.gpu) is None
-    # Both rule sets contribute: tensor-core and SIMT candidates.
+    # Every rule set contributes: wmma, pipelined mma.sync and SIMT candidates.
     assert {gemm_space.design_spaces[c.design_space].rule_set for c in gemm_space.sample(12, seed=2)} == {
-        "tensorcore", "simt"}
+        "tensorcore", "mma", "simt"}
 
 
 def test_exclude_and_seed(gemm_space):
