@@ -132,6 +132,20 @@ def tensor_intrinsics():
         inspect.stack = original
 
 
+def _tensor_core_tiling(groups: list, reuse_write, software_pipeline: bool):
+    """MultiLevelTilingTensorCore with the tiling etune uses for both tensor-core paths."""
+    return sr.MultiLevelTilingTensorCore(
+        intrin_groups=groups,
+        structure="SSSRRSRS",
+        tile_binds=["blockIdx.y", "blockIdx.x", "threadIdx.y"],
+        max_innermost_factor=4,
+        vector_load_lens=[1, 2, 3, 4, 8, 16],
+        reuse_read=sr.ReuseType(req="must", levels=[4], scope="shared.dyn"),
+        reuse_write=reuse_write,
+        use_software_pipeline=software_pipeline,
+    )
+
+
 def _wmma_tiling():
     get_wmma_intrin_group = tensor_intrinsics().get_wmma_intrin_group
 
@@ -142,16 +156,7 @@ def _wmma_tiling():
         for out in ("float32", "float16")
         for trans_b in (False, True)
     ]
-    return sr.MultiLevelTilingTensorCore(
-        intrin_groups=groups,
-        structure="SSSRRSRS",
-        tile_binds=["blockIdx.y", "blockIdx.x", "threadIdx.y"],
-        max_innermost_factor=4,
-        vector_load_lens=[1, 2, 3, 4, 8, 16],
-        reuse_read=sr.ReuseType(req="must", levels=[4], scope="shared.dyn"),
-        reuse_write=sr.ReuseType(req="must", levels=[2], scope="shared"),
-        use_software_pipeline=False,
-    )
+    return _tensor_core_tiling(groups, sr.ReuseType(req="must", levels=[2], scope="shared"), software_pipeline=False)
 
 
 def _mma_tiling():
@@ -162,17 +167,8 @@ def _mma_tiling():
          "store": f"mma_store_m16n8k8_{acc}_global"}
         for acc in ("f32", "f16")
     ]
-    return sr.MultiLevelTilingTensorCore(
-        intrin_groups=groups,
-        structure="SSSRRSRS",
-        tile_binds=["blockIdx.y", "blockIdx.x", "threadIdx.y"],
-        max_innermost_factor=4,
-        vector_load_lens=[1, 2, 3, 4, 8, 16],
-        reuse_read=sr.ReuseType(req="must", levels=[4], scope="shared.dyn"),
-        # The mma path writes the accumulator from registers (m16n8k8.matrixC) to global memory.
-        reuse_write=sr.ReuseType(req="no", levels=[], scope=""),
-        use_software_pipeline=True,
-    )
+    # The mma path writes the accumulator from registers (m16n8k8.matrixC) to global memory.
+    return _tensor_core_tiling(groups, sr.ReuseType(req="no", levels=[], scope=""), software_pipeline=True)
 
 
 def pipeline_variants(rule_set: str, trace) -> list:
