@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import tvm
 
+from .choices import uniform_choice
+
 VECTOR_WIDTHS = [1, 2, 4, 8]
 UNROLL_STEPS = [0, 16, 64, 512]
 STAGE_GRANULES = [1, 2, 4]  # key granules per shared-memory stage when the key loop is not constant
@@ -95,7 +97,7 @@ def split_kv_decode(sch, block):
     sch.bind(sch.fuse(b, h, i), "blockIdx.x")
     for name in ("merge_max", "merge_sum", "merge_out", "O"):
         sch.bind(sch.get_loops(g(name))[1], "threadIdx.x")
-    unroll = sch.sample_categorical(UNROLL_STEPS, [0.25] * 4)
+    unroll = uniform_choice(sch, UNROLL_STEPS)
     sch.annotate(g("root"), "meta_schedule.unroll_explicit", unroll)
     return [sch]
 
@@ -113,7 +115,7 @@ def _stage_key_granules(sch, block) -> None:
     else:
         # Causal: the key loop's length depends on the query tile (no perfect tiles of it); the last
         # stage of a tile is guarded, and its K/V loads past the diagonal are skipped or zeros.
-        stage = sch.sample_categorical(STAGE_GRANULES, [1 / len(STAGE_GRANULES)] * len(STAGE_GRANULES))
+        stage = uniform_choice(sch, STAGE_GRANULES)
         t_stage, _ = sch.split(t, [None, stage])
     for name in ("k_load", "v_load"):
         sch.compute_at(g(name), t_stage, preserve_unit_loops=True)
@@ -196,7 +198,7 @@ def flash_prefill(sch, block):
     sch.reorder(j, r_i, c_i)
     cache_operands(pv, ("P", "Vs"), j)
     tile_output(*sch.get_loops(g("O"))[-2:])
-    unroll = sch.sample_categorical(UNROLL_STEPS, [0.25] * 4)
+    unroll = uniform_choice(sch, UNROLL_STEPS)
     sch.annotate(g("root"), "meta_schedule.unroll_explicit", unroll)
     return [sch]
 
@@ -292,7 +294,7 @@ def flash_prefill_tensor_cores(sch, block):
     # column) by the merge.
     warp_rows, _ = sch.split(sch.get_loops(g("alpha_row"))[-1], [warps, None])
     sch.bind(warp_rows, "threadIdx.y")
-    unroll = sch.sample_categorical(UNROLL_STEPS, [0.25] * 4)
+    unroll = uniform_choice(sch, UNROLL_STEPS)
     sch.annotate(g("root"), "meta_schedule.unroll_explicit", unroll)
     return [sch]
 

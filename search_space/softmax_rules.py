@@ -24,7 +24,7 @@ import tvm
 
 from etune.kernels.softmax_fused import has_edges, line_width, next_pow2, split_parts, window_lines
 
-from .splitk import _categorical
+from .choices import uniform_choice
 
 VECTOR_WIDTHS = (1, 2, 4, 8)
 LINE_THREADS = (1, 2, 4, 8, 16, 32)
@@ -44,8 +44,8 @@ class _Lines:
 
     def __init__(self, sch, lines: int):
         self.sch = sch
-        self.vector = _categorical(sch, VECTOR_WIDTHS)
-        self.line_threads = _categorical(sch, _fitting(LINE_THREADS, next_pow2(lines)))
+        self.vector = uniform_choice(sch, VECTOR_WIDTHS)
+        self.line_threads = uniform_choice(sch, _fitting(LINE_THREADS, next_pow2(lines)))
 
     def bind(self, block, vectorize: bool = False) -> None:
         sch = self.sch
@@ -76,7 +76,7 @@ def _input_shape(sch) -> tuple[int, int]:
 
 
 def _unroll(sch) -> None:
-    unroll = _categorical(sch, UNROLL_STEPS)
+    unroll = uniform_choice(sch, UNROLL_STEPS)
     sch.annotate(sch.get_sblock("root"), "meta_schedule.unroll_explicit", unroll)
 
 
@@ -87,7 +87,7 @@ def row_in_registers(sch, block):
     rows, cols = _input_shape(sch)
     lines = window_lines(cols, line_width(cols))
     row = sch.get_loops(block)[0]
-    rows_per_block = _categorical(sch, _fitting(ROWS_PER_BLOCK, next_pow2(rows)))
+    rows_per_block = uniform_choice(sch, _fitting(ROWS_PER_BLOCK, next_pow2(rows)))
     outer, inner = sch.split(row, [None, rows_per_block], preserve_unit_iters=True)
     sch.bind(outer, "blockIdx.x")
     sch.bind(inner, "threadIdx.y")

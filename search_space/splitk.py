@@ -21,6 +21,8 @@ from tvm.s_tir import Schedule
 from tvm.s_tir.meta_schedule.schedule_rule import PyScheduleRule
 from tvm.s_tir.schedule import SBlockRV
 
+from .choices import uniform_choice
+
 # Offered up to this M. Each weight feeds M fp32 FMAs on the SIMT pipes: on sim, split-K beats the
 # tensor-core spaces at M = 4 (gemm:4,11008,4096: 40 us vs 60 us) and loses from M = 8 on
 # (71 vs 66 us, 33 vs 24 mJ); there a tensor-core split-K is what is missing.
@@ -39,11 +41,6 @@ def _divisors_up_to(n: int, limit: int) -> list[int]:
     return [d for d in (1, 2, 4, 8) if d <= limit and n % d == 0]
 
 
-def _categorical(sch: Schedule, values):
-    values = list(values)
-    return sch.sample_categorical(candidates=values, probs=[1.0 / len(values)] * len(values))
-
-
 def _gemm_blocks(sch: Schedule, block: SBlockRV):
     """(reduction block, its elementwise consumer or None) if ``block`` is etune's GEMM reduction."""
     stmt = sch.get(block)
@@ -58,13 +55,13 @@ def schedule_split_k(sch: Schedule, block: SBlockRV, epilogue: SBlockRV | None, 
     """Split-K GEMV/skinny-GEMM schedule of ``block`` (C_acc[i, j] += A[i, k] * B[k, j])."""
     M, N, K = shape
     i, j, k = sch.get_loops(block)
-    v = _categorical(sch, _divisors_up_to(N, 8))
-    cg = _categorical(sch, COLUMN_GROUPS)
-    kl = _categorical(sch, K_LANES)
-    ku = _categorical(sch, _divisors_up_to(K, 8))
+    v = uniform_choice(sch, _divisors_up_to(N, 8))
+    cg = uniform_choice(sch, COLUMN_GROUPS)
+    kl = uniform_choice(sch, K_LANES)
+    ku = uniform_choice(sch, _divisors_up_to(K, 8))
     jb, jt, jv = sch.split(j, [None, cg, v], preserve_unit_iters=True)
     if across_blocks:
-        kb = _categorical(sch, K_BLOCKS)
+        kb = uniform_choice(sch, K_BLOCKS)
         kbl, ko, kt, ki = sch.split(k, [kb, None, kl, ku], preserve_unit_iters=True)
         sch.reorder(kbl, jb, jt, kt, ko, ki, i, jv)
         # Partial sums per K block go to a global C_rf[kb, M, N]; a second kernel adds them up.
@@ -95,7 +92,7 @@ def schedule_split_k(sch: Schedule, block: SBlockRV, epilogue: SBlockRV | None, 
         red_kb, mj0, mj1, mi, mj2 = sch.get_loops(block)
         sch.reorder(mi, mj0, mj1, mj2, red_kb)
         fused = sch.fuse(mi, mj0, mj1, mj2)
-        threads = _categorical(sch, MERGE_THREADS)
+        threads = uniform_choice(sch, MERGE_THREADS)
         mb, mt = sch.split(fused, [None, threads], preserve_unit_iters=True)
         sch.bind(mb, "blockIdx.x")
         sch.bind(mt, "threadIdx.x")
