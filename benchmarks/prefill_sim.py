@@ -10,7 +10,6 @@ fused templates compete with the unfused chain), its best point, its fastest, wh
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sqlite3
 import sys
@@ -59,14 +58,13 @@ def main(argv=None) -> int:
     parser.add_argument("--db", default="prefill_sim.db")
     parser.add_argument("--out")
     parser.add_argument("--max-shared-kib", type=int, default=None,
-                        help="run with the h100 preset's per-block shared memory limit raised to this (dynamic "
-                             "shared memory; sm_90 allows 227 KiB), in this process only")
+                        help="the h100 preset's per-block shared memory limit in KiB, in this process only "
+                             "(default: the preset's, 227; 48: static shared memory only)")
     args = parser.parse_args(argv)
-    if args.max_shared_kib:
+    if args.max_shared_kib:  # the tuner takes a preset's name: change the preset itself
         from etune.search_space import targets
 
-        targets.PRESETS["h100"] = dataclasses.replace(targets.PRESETS["h100"],
-                                                      max_shared_memory_per_block=args.max_shared_kib * 1024)
+        targets.PRESETS["h100"] = targets.PRESETS["h100"].with_shared_limit(args.max_shared_kib)
     results = []
     for spec in args.specs:
         result = survey(spec, args.trials, args.jobs, Path(args.db), not args.no_build)

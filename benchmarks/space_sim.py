@@ -12,7 +12,6 @@ model outputs, not measurements.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import time
@@ -26,12 +25,9 @@ from etune.search_space.rules import RULE_SETS, rule_set_applies  # noqa: E402
 
 
 def target(gpu: str, max_shared_kib: int | None = None):
-    """The GpuSpec the design spaces are built for: the preset, or with its per-block shared memory
-    limit raised (dynamic shared memory; sm_90 allows 227 KiB per block)."""
-    spec = gpu_spec(gpu)
-    if max_shared_kib is None:
-        return spec
-    return dataclasses.replace(spec, max_shared_memory_per_block=max_shared_kib * 1024)
+    """The GpuSpec the design spaces are built for: the preset, or with another per-block shared
+    memory limit."""
+    return gpu_spec(gpu).with_shared_limit(max_shared_kib)
 
 
 def survey(spec: str, samples: int, gpu: str = "h100", seed: int = 0, rule_sets=RULE_SETS,

@@ -63,6 +63,11 @@ class GpuSpec:
             Target({"kind": "llvm"}),
         )
 
+    def with_shared_limit(self, kib: int | None) -> "GpuSpec":
+        """This GPU with its per-block shared memory limit set to ``kib`` KiB (None: as it is); 48 gives
+        the limit of static shared memory alone, as without the opt-in."""
+        return self if kib is None else dataclasses.replace(self, max_shared_memory_per_block=kib * 1024)
+
     def roofline_seconds(self, flops: float, nbytes: float, tensor_cores: bool = True) -> float:
         peak = self.peak_fp16_tensor_flops if tensor_cores else self.peak_fp32_flops
         return max(flops / peak, nbytes / self.memory_bandwidth)

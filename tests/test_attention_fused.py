@@ -7,7 +7,6 @@ over, the lowered structure is a partial kernel plus a merge kernel with no glob
 per query (decode) or one kernel with no global intermediate at all (prefill), and candidates build
 for sm_90 with nvcc. sim figures here are model outputs.
 """
-import dataclasses
 import random
 from pathlib import Path
 
@@ -88,7 +87,7 @@ def big_shared_gpu():
 
 def static_shared_gpu():
     """The H100 preset capped at 48 KiB per block (static shared memory only, as without the opt-in)."""
-    return dataclasses.replace(gpu_spec("h100"), max_shared_memory_per_block=48 * 1024)
+    return gpu_spec("h100").with_shared_limit(48)
 
 
 def test_offered_with_dynamic_shared_memory():
