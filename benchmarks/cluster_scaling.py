@@ -67,7 +67,9 @@ def start_local_cluster(gpus: int, cpus: int = 2):
     if ray.is_initialized():
         ray.shutdown()
 
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if str(ROOT) not in paths:  # once: this runs again for each cluster
+        os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), *paths])
     # address="local": a new cluster even when another runs on this host (ray.init would join that one)
     ray.init(address="local", num_cpus=cpus, num_gpus=gpus, include_dashboard=False, logging_level="ERROR")
     return connect("ray")

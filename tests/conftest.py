@@ -93,3 +93,23 @@ def _unusable_databases(root: Path) -> dict:
 def unusable_databases():
     """``unusable_databases(folder)`` writes the files into the folder and returns them by name."""
     return _unusable_databases
+
+
+def _latency_counts(db) -> dict:
+    """Latency measurements per candidate in a records database (empty until it has any: a run being
+    started by another process may not have made it yet)."""
+    from collections import Counter
+
+    from etune.measurements.records import RecordsDB
+
+    try:
+        with RecordsDB.open(db, readonly=True) as records:
+            return Counter(m.candidate_id for m in records.measurements(kind="latency"))
+    except Exception:  # noqa: BLE001 - not created yet
+        return Counter()
+
+
+@pytest.fixture(scope="session")
+def latency_counts():
+    """``latency_counts(db)``: latency measurements per candidate, as a Counter."""
+    return _latency_counts

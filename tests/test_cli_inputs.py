@@ -156,25 +156,14 @@ def _tune(db: Path) -> list[str]:
             "--objective", "latency", "--trials", "500", "--batch", "4", "--db", str(db)]
 
 
-def _latency_counts(db: Path) -> dict:
-    """Latency measurements per candidate of the run (empty until the run has any)."""
-    from collections import Counter
-
-    try:
-        with RecordsDB.open(db, readonly=True) as records:
-            return Counter(m.candidate_id for m in records.measurements(kind="latency"))
-    except Exception:  # not created yet
-        return Counter()
-
-
-def _started(db: Path, at_least: int):
+def _started(db: Path, at_least: int, latency_counts):
     """A tune process, once it has recorded ``at_least`` latency measurements."""
     import time
 
     process = subprocess.Popen(_tune(db), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env={**ENV, "PYTHONUNBUFFERED": "1"}, cwd=db.parent)
     deadline = time.monotonic() + 240
-    while sum(_latency_counts(db).values()) < at_least:
+    while sum(latency_counts(db).values()) < at_least:
         assert process.poll() is None and time.monotonic() < deadline, process.communicate()
         time.sleep(0.2)
     return process
@@ -191,11 +180,11 @@ def _stopped(process, signum) -> tuple[str, str]:
     return out, lines[0]
 
 
-def test_ctrl_c_and_sigterm_stop_the_run_and_the_same_command_resumes_it(tmp_path):
+def test_ctrl_c_and_sigterm_stop_the_run_and_the_same_command_resumes_it(tmp_path, latency_counts):
     import signal
 
     db = tmp_path / "s.db"
-    first = _started(db, 4)
+    first = _started(db, 4, latency_counts)
     try:
         # A second etune on the same run is refused: it would measure every candidate again.
         line = one_line_error(runner.invoke(app, _tune(db)[3:]), 1)
@@ -204,17 +193,17 @@ def test_ctrl_c_and_sigterm_stop_the_run_and_the_same_command_resumes_it(tmp_pat
     finally:
         first.kill()
     assert line == f"interrupted (Ctrl-C): what was measured is kept in {db}; the same command resumes the run"
-    kept = _latency_counts(db)
+    kept = latency_counts(db)
     with RecordsDB.open(db, readonly=True) as records:
         assert [r.status for r in records.runs()] == ["interrupted"]
-    third = _started(db, sum(kept.values()) + 1)
+    third = _started(db, sum(kept.values()) + 1, latency_counts)
     try:
         out, line = _stopped(third, signal.SIGTERM)
     finally:
         third.kill()
     assert line.startswith("terminated (SIGTERM): what was measured is kept in")
     assert f"the previous invocation of run 1 was interrupted; resuming with {len(kept)} candidates" in out
-    counts = _latency_counts(db)
+    counts = latency_counts(db)
     assert set(counts.values()) == {1} and len(counts) > len(kept)  # nothing lost, nothing measured twice
 
 

@@ -126,7 +126,7 @@ def test_without_ray_a_cluster_is_one_line_error(monkeypatch):
         connect("ray")
 
 
-def test_a_sigkilled_cluster_run_resumes_from_the_drivers_database(tmp_path):
+def test_a_sigkilled_cluster_run_resumes_from_the_drivers_database(tmp_path, latency_counts):
     """The search and the records stay in the driver: SIGKILL it mid-run (its local Ray goes with it),
     and the same command measures the rest, nothing twice."""
     import signal
@@ -143,17 +143,10 @@ def test_a_sigkilled_cluster_run_resumes_from_the_drivers_database(tmp_path):
                "--objective", "latency", "--trials", "24", "--batch", "4", "--db", str(db), "--cluster", "ray"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
 
-    def latency_counts():
-        try:
-            with RecordsDB.open(db, readonly=True) as records:
-                return Counter(m.candidate_id for m in records.measurements(kind="latency"))
-        except Exception:  # noqa: BLE001 - not created yet
-            return Counter()
-
     process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 240
-        while process.poll() is None and sum(latency_counts().values()) < 6 and time.monotonic() < deadline:
+        while process.poll() is None and sum(latency_counts(db).values()) < 6 and time.monotonic() < deadline:
             time.sleep(0.2)
         assert process.poll() is None, process.stderr.read().decode()[-2000:]
         ray_processes = psutil.Process(process.pid).children(recursive=True)
@@ -161,7 +154,7 @@ def test_a_sigkilled_cluster_run_resumes_from_the_drivers_database(tmp_path):
         process.wait(30)
     finally:
         process.kill()
-    killed_at = sum(latency_counts().values())
+    killed_at = sum(latency_counts(db).values())
     assert 6 <= killed_at < 24
     # The driver's local Ray does not outlive it: its GCS, raylet and workers go at once (Ray's two
     # agents poll for the raylet and follow a few minutes later).
@@ -171,5 +164,5 @@ def test_a_sigkilled_cluster_run_resumes_from_the_drivers_database(tmp_path):
     rerun = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert "ended without finishing (killed?); resuming" in " ".join(rerun.stdout.split())
-    counts = latency_counts()
+    counts = latency_counts(db)
     assert len(counts) == 24 and set(counts.values()) == {1}
