@@ -57,9 +57,12 @@ def rule_set_applies(rule_set: str, workload) -> bool:
     if rule_set == "rowsoftmax":
         return workload.family == "softmax"
     if rule_set == "mma":
-        # One m16 tile of rows at least; TVM's mma path tiles exactly three loops (i, j, k).
+        # TVM 0.27's mma path tiles exactly three loops (i, j, k) and generates no design space unless
+        # M and N are multiples of 32 (M = 16, 48 or 100, N = 16 or 48 fail in its tiling: "the factor
+        # at position 0 is -1"); K may be any multiple of 16 it pads to.
         params = workload.params
-        return workload.family == "gemm" and params.get("dtype") == "float16" and int(params.get("M", 0)) >= 16
+        return (workload.family == "gemm" and params.get("dtype") == "float16"
+                and int(params.get("M", 0)) % 32 == 0 and int(params.get("N", 0)) % 32 == 0)
     return True
 
 

@@ -345,9 +345,8 @@ class ScheduleSpace:
                 try:
                     generator, context, spaces = self._generate(rule_set, seed, mod)
                 except SamplingError as exc:
-                    if template is None:
-                        raise
-                    self.notes.append(f"{rule_set} {template}: no design space ({exc})")
+                    # another rule set may still give spaces; with none at all, the error below says why
+                    self.notes.append(f"{rule_set}{f' {template}' if template else ''}: no design space ({exc})")
                     continue
                 for space in spaces:
                     generated = Trace(space.trace.simplified(remove_postproc=True).insts, {})
@@ -363,7 +362,9 @@ class ScheduleSpace:
                         )
         self.last_sample: dict = {}
         if not self.design_spaces:
-            raise SamplingError(f"{self.workload.spec}: MetaSchedule generated no design space")
+            reasons = "; ".join(self.notes)
+            raise SamplingError(f"{self.workload.spec}: MetaSchedule generated no design space"
+                                + (f" ({reasons})" if reasons else ""))
 
     def _generate(self, rule_set: str, seed: int, mod=None):
         """Design spaces of one rule set; without CrossThreadReduction where TVM 0.27 trips on it."""
