@@ -98,8 +98,6 @@ class SimParams:
     # Registers: a base for indices, addresses and loop counters, plus one per 4 B of local arrays.
     register_base: int = 32
     max_registers_per_thread: int = 255
-    # Each spilled byte is written once and read back a few times (4-byte accesses through L1/L2).
-    spill_accesses_per_byte: float = 4.0
     # Shared memory the driver reserves per resident block on sm_80 and later.
     shared_reserved_per_block: int = 1024
     # Soft maximum of overlapping limits: ~max, and two equal limits cost 19 % more than one.
@@ -265,11 +263,13 @@ def _kernel(k, occupancy, dram_bytes: float, gpu, params: SimParams) -> KernelOu
     # Threads a warp instruction works for: a block of 4 threads still issues whole warps.
     lanes = k.threads_per_block / warps
     warp_waste = gpu.warp_size / lanes
-    threads = blocks * k.threads_per_block
     registers, spill, per_sm = occupancy
 
-    # Global accesses (thread level) and bytes; spills are 4-byte accesses that stop in L1/L2.
-    spill_bytes = spill * threads * params.spill_accesses_per_byte
+    # Global accesses (thread level) and bytes. Spills: the spilled share of the local arrays, of
+    # every access the lowered code makes to them (an accumulator spilled is read and written in
+    # every k step), as 4-byte accesses that stop in L1/L2.
+    spilled_share = min(1.0, spill / k.local_bytes_per_thread) if k.local_bytes_per_thread > 0 else 0.0
+    spill_bytes = spilled_share * t.local_access_bytes
     accesses = t.global_load_instructions + t.global_store_instructions + spill_bytes / 4.0
     requested = _global_bytes(k) + spill_bytes
     bytes_per_access = requested / accesses if accesses > 0 else 0.0

@@ -87,6 +87,10 @@ class Traffic:
     # Tensor-core (HMMA) instructions, per thread: two per 16x16x16 wmma ``mma_sync`` (nvcc splits it
     # into two m16n8k16 ones), one per PTX ``mma`` (m16n8k8: a quarter of a wmma one's flops).
     tensor_core_instructions: float = 0.0
+    # Bytes of per-thread local arrays and tensor-core fragments that threads read and write,
+    # operands of mma/ldmatrix/wmma calls included: what spilled registers turn into local-memory
+    # traffic, in proportion to the share of them that spills.
+    local_access_bytes: float = 0.0
 
 
 _AXES = {"x": 0, "y": 1, "z": 2}
@@ -262,6 +266,13 @@ _MATH_CALLS = ("exp", "log", "sqrt", "rsqrt", "tanh", "pow", "fma")
 _WMMA_FLOPS_PER_THREAD = 2 * 16**3 / 32
 _WARP = 32
 _PTX_MMA_SHAPE = re.compile(r"m(\d+)n(\d+)k(\d+)")
+# PTX type names; the lowered mma calls spell TVM's ("float16", "float32")
+_PTX_TYPE_BITS = {"fp16": 16, "bf16": 16, "fp32": 32, "tf32": 32, "int8": 8, "uint8": 8, "int32": 32, "fp64": 64}
+
+
+def _type_bits(expr) -> int:
+    name = _string(expr)
+    return _PTX_TYPE_BITS.get(name) or tvm.DataType(name).bits
 
 
 def _string(expr) -> str:
@@ -337,6 +348,8 @@ def analyse_kernel(name: str, func) -> KernelLaunch:
                 totals[f"global_{direction}_instructions"] += trips
             elif scope.startswith("shared"):
                 totals[f"shared_{direction}_bytes"] += trips * nbytes
+            elif scope == "local":
+                totals["local_access_bytes"] += trips * nbytes
         elif kind in _ARITHMETIC:
             dtype = _dtype(node)
             if dtype is not None and dtype.type_code == tvm.DataTypeCode.FLOAT:
@@ -350,6 +363,8 @@ def analyse_kernel(name: str, func) -> KernelLaunch:
                 totals["tensor_core_flops"] += trips * _WMMA_FLOPS_PER_THREAD
                 # a 16x16x16 wmma mma_sync is two HMMA.16816 instructions on sm_80 and later
                 totals["tensor_core_instructions"] += trips * 2
+                # fragments a, b and c read, d written (fp16 16x16 operands, fp32 accumulator)
+                totals["local_access_bytes"] += trips * (2 * 16 * 16 * 2 + 2 * 16 * 16 * 4) / _WARP
             elif op.endswith("tvm_load_matrix_sync") or op.endswith("tvm_store_matrix_sync"):
                 # (fragment, m, n, k, index, address_of(shared[...]), stride, layout): a warp moves
                 # one fragment between shared memory and its registers
@@ -361,17 +376,23 @@ def analyse_kernel(name: str, func) -> KernelLaunch:
                 if not hasattr(source, "buffer") or source.buffer.scope().startswith("shared"):
                     direction = "store" if op.endswith("store_matrix_sync") else "load"
                     totals[f"shared_{direction}_bytes"] += trips * elements * dtype.bits / 8 / _WARP
+                totals["local_access_bytes"] += trips * elements * dtype.bits / 8 / _WARP
             elif ptx == "mma":
                 # ptx mma(shape, layouts, dtypes, ...): 2*m*n*k flops by a warp, counted once per
                 # thread; one HMMA instruction (m16n8k8 or m16n8k16)
                 m, n, k = (int(v) for v in _PTX_MMA_SHAPE.fullmatch(_string(node.args[0])).groups())
                 totals["tensor_core_flops"] += trips * 2 * m * n * k / _WARP
                 totals["tensor_core_instructions"] += trips
+                # per thread: its share of A and B read, of the accumulator read and written
+                a_bits, b_bits, c_bits = (_type_bits(t) for t in node.args[3:6])
+                totals["local_access_bytes"] += trips * (m * k * a_bits + k * n * b_bits
+                                                         + 2 * m * n * c_bits) / 8 / _WARP
             elif ptx == "ldmatrix":
                 # ldmatrix(trans, num, ".b16", ...): num 8x8 matrices of 16-bit elements from shared
                 # memory into a warp's registers: num x 128 B per warp, num x 4 B per thread
                 count = _constant(node.args[1]) or 1
                 totals["shared_load_bytes"] += trips * count * 8 * 8 * 2 / _WARP
+                totals["local_access_bytes"] += trips * count * 8 * 8 * 2 / _WARP  # into registers
             elif ptx == "cp_async":
                 nbytes = _cp_async_bytes(node)
                 totals["global_load_bytes"] += trips * nbytes

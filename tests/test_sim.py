@@ -125,6 +125,23 @@ def test_registers_follow_launch_bounds():
     assert estimate_registers(512, 1024, H100) == (64, 384)
 
 
+def test_spills_cost_in_proportion_to_the_uses_of_what_spilled():
+    """A spilled accumulator costs local-memory traffic every time the code touches it: the same
+    spill with 10x the local accesses costs far more; without a spill, local accesses are free."""
+    base = tensor_core_gemm(scale=0.1)
+
+    def gemm_like(local, local_access_bytes):
+        return dataclasses.replace(base, block=(512, 1, 1), local_bytes_per_thread=local,
+                                   traffic=dataclasses.replace(base.traffic, local_access_bytes=local_access_bytes))
+
+    fits, spills = 256, 1216  # 512 threads leave 128 registers: 1216 B of local arrays spill ~50 %
+    assert estimate_registers(fits, 512, H100)[1] == 0 and estimate_registers(spills, 512, H100)[1] > 0
+    accesses = 512 * 1024 * 4000.0  # threads x ~4 KB each
+    assert simulate([gemm_like(fits, 10 * accesses)]).latency_s == simulate([gemm_like(fits, 0)]).latency_s
+    few, many = simulate([gemm_like(spills, accesses)]), simulate([gemm_like(spills, 10 * accesses)])
+    assert many.latency_s > 1.5 * few.latency_s and many.energy_j > 1.3 * few.energy_j
+
+
 def test_vendor_kernels_match_the_table_roughly():
     table = {"gemm:4096,4096,4096": (213e-6, "torch.matmul"), "softmax:4096,4096": (56e-6, "torch.softmax"),
              "attention:8,32,1,4096,128": (180e-6, "sdpa")}
