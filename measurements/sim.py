@@ -10,7 +10,8 @@ The model, per kernel of a module (kernels run one after another, each after a l
 
 * occupancy: blocks per SM limited by threads (2048/SM), registers (estimated from the per-thread
   local arrays, never from ptxas, so the result does not depend on a build), shared memory and the
-  32-block limit. Blocks are dealt to SMs round-robin and run in rounds of that many (wave
+  32-block limit. What does not fit spills: that share of every access to the local arrays and
+  tensor-core fragments becomes 4-byte L1/L2 traffic. Blocks are dealt to SMs round-robin and run in rounds of that many (wave
   quantisation): 133 blocks of one-per-SM cost two rounds on the busiest SM.
 * SM time of a block: tensor-core flops, SIMT operations, shared bytes, issued warp instructions and
   L1<->L2 bytes against per-SM rates, combined by a soft maximum (they overlap, not perfectly), and

@@ -165,7 +165,18 @@ def test_built_candidates_match_reference_on_gpu(spec, build_dir):
         assert ok, f"relative error {err}"
 
 
-def test_ctrl_c_inside_a_tvm_callback_stops_sampling(gemm_space, monkeypatch):
+@pytest.fixture
+def python_sigint():
+    """Python's own SIGINT handler, as in a fresh process: an earlier test on the same xdist worker can
+    leave another one (in one full-suite run the signal was ignored and TVM's call returned normally)."""
+    import signal
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_inside_a_tvm_callback_stops_sampling(gemm_space, monkeypatch, python_sigint):
     """TVM hands a KeyboardInterrupt raised in a callback back as a RuntimeError, which sampling
     takes for an invalid candidate; the note the signal handler leaves stops it all the same."""
     import os
