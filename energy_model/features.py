@@ -90,6 +90,7 @@ FEATURE_NAMES: tuple[str, ...] = (
     "occupancy", "occupancy_with_registers", "shared_bytes_per_block", "local_bytes_per_thread",
     "vector_lanes", "registers_per_thread",
     "est_registers_per_thread",      # static estimate: 32 + local bytes / 4 within launch bounds
+    "est_spill_access_bytes_log2",   # local-array accesses that the estimate spills (sim's spill traffic)
     "occupancy_est",                 # occupancy with those registers
     "resident_warps_per_sm",         # warps an SM actually holds (small grids hold fewer)
     "lane_utilisation", "min_lane_utilisation",  # threads per block / (warps x 32)
@@ -192,7 +193,9 @@ def _kernel_numbers(launch, resources, gpu) -> dict:
     # ptxas' own figures are the separate *registers* features.
     from etune.search_space.analysis import estimate_registers  # sim's estimate too
 
-    est_registers = float(estimate_registers(launch.local_bytes_per_thread, threads, gpu)[0])
+    est_registers, est_spill = (float(v) for v in estimate_registers(launch.local_bytes_per_thread, threads, gpu))
+    # Every access to the spilled share of the local arrays goes to local memory (sim charges the same).
+    spilled_share = min(1.0, est_spill / launch.local_bytes_per_thread) if launch.local_bytes_per_thread else 0.0
     warps = max(1, math.ceil(threads / gpu.warp_size))
     per_sm_est = max(1, blocks_per_sm(threads, launch.shared_bytes, gpu, est_registers))
     resident_blocks = min(per_sm_est, math.ceil(blocks / gpu.sm_count))
@@ -203,7 +206,10 @@ def _kernel_numbers(launch, resources, gpu) -> dict:
     load_i = t.global_load_instructions + t.global_store_instructions
     bytes_per_access = (t.global_load_bytes + t.global_store_bytes) / load_i if load_i > 0 else 0.0
     memory_instructions = load_i + (t.shared_load_bytes + t.shared_store_bytes) / 4.0
-    issued = t.arithmetic_ops + t.tensor_core_flops / _MMA_FLOPS_PER_THREAD + memory_instructions
+    # HMMA instructions as counted from the lowered code (two per wmma 16x16x16, one per PTX mma);
+    # traffic without that count (older records) takes one per 2*16^3/32 flops
+    tensor_instructions = t.tensor_core_instructions or t.tensor_core_flops / _MMA_FLOPS_PER_THREAD
+    issued = t.arithmetic_ops + tensor_instructions + memory_instructions
     lanes = threads / warps
     # L2 moves 32-byte sectors: a warp access narrower than one (few lanes, small elements) moves a whole one.
     sector_waste = max(1.0, _SECTOR_BYTES / (lanes * bytes_per_access)) if bytes_per_access > 0 else 1.0
@@ -244,7 +250,7 @@ def _kernel_numbers(launch, resources, gpu) -> dict:
         "occupancy_reg": occupancy(threads, launch.shared_bytes, gpu, registers) if resources is not None else math.nan,
         "shared": launch.shared_bytes, "local": launch.local_bytes_per_thread, "lanes": launch.max_vector_lanes,
         "registers": registers, "flops": flops, "global_bytes": global_bytes,
-        "est_registers": est_registers,
+        "est_registers": est_registers, "est_spill_access": spilled_share * t.local_access_bytes,
         "occupancy_est": occupancy(threads, launch.shared_bytes, gpu, est_registers),
         "resident_warps": resident_warps,
         "in_flight": resident_threads * bytes_per_access,
@@ -358,6 +364,7 @@ def launch_features(launches, workload, gpu, build=None, trace=None) -> dict[str
         "vector_lanes": _weighted([k["lanes"] for k in kernels], weights),
         "registers_per_thread": _weighted([k["registers"] for k in kernels], weights),
         "est_registers_per_thread": _weighted([k["est_registers"] for k in kernels], weights),
+        "est_spill_access_bytes_log2": _log2(sum(k["est_spill_access"] for k in kernels)),
         "occupancy_est": _weighted([k["occupancy_est"] for k in kernels], weights),
         "resident_warps_per_sm": _weighted([k["resident_warps"] for k in kernels], weights),
         "lane_utilisation": _weighted([k["lanes_used"] for k in kernels], weights),

@@ -6,8 +6,8 @@ import pytest
 
 from etune.energy_model import metrics
 from etune.energy_model.baselines import ConstantPowerModel
-from etune.energy_model.features import (BUILD_FEATURES, FEATURE_NAMES, blocks_per_sm, candidate_features, occupancy,
-                                   to_matrix)
+from etune.energy_model.features import (BUILD_FEATURES, FEATURE_NAMES, blocks_per_sm, candidate_features, launch_features,
+                                   occupancy, to_matrix)
 from etune.energy_model.model import CostModel, ModelError, efficiency_weights
 from etune.energy_model.policy import UpdatePolicy
 from etune.search_space import BuildResult, KernelResources, ScheduleSpace, gpu_spec
@@ -94,6 +94,27 @@ def test_registers_and_spills_from_build(softmax_candidates):
     assert f["stack_bytes_per_thread"] == 16
     failed = BuildResult(c.structural_hash, "error", 1.0, error="nvcc: boom", kernels=kernels)
     assert math.isnan(candidate_features(c, H100, build=failed)["registers_per_thread"])
+
+
+def test_spill_and_tensor_instruction_features_without_a_build():
+    """Without ptxas' figures, the static estimate: a 1024-thread block whose 512 B of local arrays
+    cannot fit (64 registers each) spills in proportion to its local accesses; HMMA instructions are
+    the lowered code's count, not flops / 256."""
+    from etune.kernels import as_workload
+    from etune.search_space.analysis import KernelLaunch, Traffic
+
+    workload = as_workload("gemm:1024,1024,1024")
+
+    def kernel(local, **traffic):
+        return KernelLaunch("k", (132, 1, 1), (1024, 1, 1), 0, local, True, 1, traffic=Traffic(**traffic))
+
+    work = dict(tensor_core_flops=132 * 1024 * 6400.0, local_access_bytes=132 * 1024 * 4096.0,
+                global_load_bytes=1e6, global_load_instructions=1e5)
+    fits, spills = (launch_features([kernel(local, **work)], workload, H100) for local in (64, 512))
+    assert fits["est_spill_access_bytes_log2"] == 0 and spills["est_spill_access_bytes_log2"] > 20
+    # m16n8k8: 100 HMMA per thread for those flops, where flops / (2 * 16^3 / 32) would say 25
+    m16n8k8 = launch_features([kernel(64, tensor_core_instructions=132 * 1024 * 100.0, **work)], workload, H100)
+    assert m16n8k8["issued_instructions_log2"] > fits["issued_instructions_log2"]
 
 
 def test_occupancy_calculator():
