@@ -1,0 +1,103 @@
+"""The tensor-core split-K family for skinny fp16 GEMM (kernels/gemm_splitk.py, rule set ``splitk_tc``).
+
+On CPU: the templates compute the GEMM (built for TVM's llvm target, unscheduled), the rule set is
+offered for 5 <= M <= 31 only, every split gets a wmma design space, and a sample lowers to a
+tensor-core partial kernel writing S x M x N fp32 partials plus a merge kernel; candidates build for
+sm_90 with nvcc (slow).
+"""
+import re
+
+import numpy as np
+import pytest
+import tvm
+
+from etune.kernels import parse_spec
+from etune.kernels.gemm_splitk import split_k_gemm, split_k_prim_funcs, splits_for
+from etune.search_space import Builder, ScheduleSpace, launch_problem
+from etune.search_space.rules import PIPELINE_STAGES, rule_set_applies
+
+SPEC = "gemm:16,96,256"
+
+
+def run_on_cpu(spec, func):
+    workload = parse_spec(spec)
+    p = workload.params
+    executable = tvm.compile(tvm.IRModule({"main": func}), target="llvm")
+    inputs = workload.random_inputs(1)
+    dev = tvm.cpu()
+    args = [tvm.runtime.tensor(x, dev) for x in inputs] + [tvm.runtime.tensor(np.zeros((p["M"], p["N"]), "float16"), dev)]
+    executable["main"](*args)
+    return workload.check([args[-1].numpy()], workload.reference(inputs))
+
+
+@pytest.mark.parametrize("spec, splits", [(SPEC, 4), (SPEC, 16), ("gemm:8,40,96", 3), ("gemm:5,24,64", 4)])
+def test_template_matches_the_reference_on_cpu(spec, splits):
+    p = parse_spec(spec).params
+    ok, error = run_on_cpu(spec, split_k_gemm(p["M"], p["N"], p["K"], splits))
+    assert ok, error
+
+
+def test_a_split_that_does_not_divide_k_is_refused():
+    with pytest.raises(ValueError):
+        split_k_gemm(16, 96, 250, 4)
+
+
+def test_offered_for_skinny_fp16_gemm_only():
+    applies = {spec: rule_set_applies("splitk_tc", parse_spec(spec)) for spec in [
+        "gemm:16,11008,4096", "gemm:8,11008,4096", "gemm:5,96,256", "gemm:31,96,256",  # yes
+        "gemm:4,11008,4096", "gemm:32,11008,4096",  # SIMT split-K below, mma from 32 rows
+        "gemm:16,96,1000", "gemm:16,96,48",  # no split of K into chunks of two or more wmma k-steps
+        "gemm:16,96,256,accumulate=float16", "softmax:64,256"]}
+    assert [s for s, yes in applies.items() if yes] == [
+        "gemm:16,11008,4096", "gemm:8,11008,4096", "gemm:5,96,256", "gemm:31,96,256"]
+    assert splits_for(256) == [4, 8]  # 16 would leave one wmma k-step per chunk, 32 half of one
+    assert split_k_prim_funcs(parse_spec("gemm:64,96,256")) == {}
+
+
+@pytest.fixture(scope="module")
+def space():
+    return ScheduleSpace(SPEC, rule_sets=["splitk_tc"])
+
+
+def test_every_split_has_a_tensor_core_design_space(space):
+    assert not space.notes
+    # Per split, each generated wmma space at every cp.async pipeline depth.
+    labels = {d.template for d in space.design_spaces}
+    assert labels == {f"splitk_tc_s{s} stages={n}" for s in (4, 8) for n in PIPELINE_STAGES}
+    for d in space.design_spaces:
+        trace = str(d.trace)
+        assert "wmma_sync_16x16x16_f16f16f32" in trace and "software_pipeline_async_stages" in trace
+        assert "manifest_shared_memory_local_stage" not in trace
+
+
+def test_samples_are_a_tensor_core_partial_kernel_and_a_merge(space):
+    M, N = 16, 96
+    candidates = space.sample(6, seed=0)
+    assert len(candidates) == 6
+    splits_seen = set()
+    for c in candidates:
+        assert launch_problem(c.launches, space.gpu) is None
+        splits = int(re.match(r"splitk_tc_s(\d+) ", space.design_spaces[c.design_space].template).group(1))
+        splits_seen.add(splits)
+        partial_buffers = [b for b in c.mod["main"].body.block.alloc_buffers if b.name == "P"]
+        assert [(tuple(int(x) for x in b.shape), b.dtype) for b in partial_buffers] == [((splits, M, N), "float32")]
+        partial, merge = c.launches
+        assert partial.uses_tensor_cores and not merge.uses_tensor_cores
+        assert partial.async_copy_bytes_in_flight > 0  # the tiles stream with cp.async
+        assert partial.traffic.global_store_bytes == splits * M * N * 4  # fp32 partials, written once
+        # One merge thread per output element (the guard of the last block's spare threads counts as taken):
+        # it reads the element's S fp32 partials and writes one fp16.
+        threads = merge.blocks * merge.threads_per_block
+        assert M * N <= threads < M * N + merge.threads_per_block
+        assert merge.traffic.global_load_bytes == splits * 4 * threads
+        assert merge.traffic.global_store_bytes == 2 * threads
+    assert len(splits_seen) >= 2
+
+
+@pytest.mark.slow
+def test_samples_build_to_cuda(build_dir):
+    space = ScheduleSpace("gemm:8,11008,4096", rule_sets=["splitk_tc"])
+    candidates = space.sample(4, seed=3)
+    results = Builder(space.gpu, workdir=build_dir, jobs=1).build(candidates)
+    assert all(r.ok for r in results), [r.error for r in results if not r.ok]
+    assert all(k.registers > 0 and k.spill_store_bytes == 0 for r in results for k in r.kernels)
