@@ -30,7 +30,7 @@ Seven rule sets, each a family of design spaces for the workloads it applies to:
 - ``rowsoftmax``: softmax only, over etune's row-softmax templates (kernels/softmax_fused.py) like
   ``fused``: the row in registers with 16-byte vectors, a warp or a block per row, and rows split
   across blocks (``search_space.softmax_rules``).
-- ``splitk_tc``: skinny fp16 GEMM (5 <= M <= 31) only, over etune's tensor-core split-K templates
+- ``splitk_tc``: skinny fp16 GEMM (2 <= M <= 31) only, over etune's tensor-core split-K templates
   (kernels/gemm_splitk.py: K cut into S chunks, a batched matmul over the chunks writing S x M x N fp32
   partials, then a merge kernel), one per S. The ``tensorcore`` rules tile them (the chunk loop is a
   spatial loop: blocks over S x N tiles); ``mma`` cannot, its tiling takes no batch loop ("The MMA

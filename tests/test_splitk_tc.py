@@ -1,7 +1,7 @@
 """The tensor-core split-K family for skinny fp16 GEMM (kernels/gemm_splitk.py, rule set ``splitk_tc``).
 
 On CPU: the templates compute the GEMM (built for TVM's llvm target, unscheduled), the rule set is
-offered for 5 <= M <= 31 only, every split gets a wmma design space, and a sample lowers to a
+offered for 2 <= M <= 31 only, every split gets a wmma design space, and a sample lowers to a
 tensor-core partial kernel writing S x M x N fp32 partials plus a merge kernel; candidates build for
 sm_90 with nvcc (slow).
 """
@@ -44,12 +44,12 @@ def test_a_split_that_does_not_divide_k_is_refused():
 
 def test_offered_for_skinny_fp16_gemm_only():
     applies = {spec: rule_set_applies("splitk_tc", parse_spec(spec)) for spec in [
-        "gemm:16,11008,4096", "gemm:8,11008,4096", "gemm:5,96,256", "gemm:31,96,256",  # yes
-        "gemm:4,11008,4096", "gemm:32,11008,4096",  # SIMT split-K below, mma from 32 rows
+        "gemm:16,11008,4096", "gemm:8,11008,4096", "gemm:2,96,256", "gemm:31,96,256",  # yes
+        "gemm:1,11008,4096", "gemm:32,11008,4096",  # GEMV: SIMT split-K; from 32 rows: mma
         "gemm:16,96,1000", "gemm:16,96,48",  # no split of K into chunks of two or more wmma k-steps
         "gemm:16,96,256,accumulate=float16", "softmax:64,256"]}
     assert [s for s, yes in applies.items() if yes] == [
-        "gemm:16,11008,4096", "gemm:8,11008,4096", "gemm:5,96,256", "gemm:31,96,256"]
+        "gemm:16,11008,4096", "gemm:8,11008,4096", "gemm:2,96,256", "gemm:31,96,256"]
     assert splits_for(256) == [4, 8]  # 16 would leave one wmma k-step per chunk, 32 half of one
     assert split_k_prim_funcs(parse_spec("gemm:64,96,256")) == {}
 
