@@ -12,6 +12,7 @@ import pytest
 import tvm
 
 from etune.kernels import parse_spec
+from etune.measurements.sim import SimBackend, vendor_outcome
 from etune.kernels.gemm_splitk import split_k_gemm, split_k_prim_funcs, splits_for
 from etune.search_space import Builder, ScheduleSpace, launch_problem
 from etune.search_space.rules import PIPELINE_STAGES, rule_set_applies
@@ -101,3 +102,17 @@ def test_samples_build_to_cuda(build_dir):
     results = Builder(space.gpu, workdir=build_dir, jobs=1).build(candidates)
     assert all(r.ok for r in results), [r.error for r in results if not r.ok]
     assert all(k.registers > 0 and k.spill_store_bytes == 0 for r in results for k in r.kernels)
+
+
+def test_sim_streams_the_weights_below_the_vendor_energy():
+    """On sim (model output): the best of 16 samples of gemm:16,11008,4096 uses less energy than sim's
+    cuBLAS stand-in, which the unsplit wmma space does not reach (best of 32: 61 us, 1.16x), and its
+    partial kernel is DRAM-bound, not waiting on loads (as it is without the cp.async pipeline)."""
+    space = ScheduleSpace("gemm:16,11008,4096", rule_sets=["splitk_tc"])
+    sim = SimBackend(space.gpu, noise=0.0)
+    outcomes = [sim.outcome(c) for c in space.sample(16, seed=0)]
+    vendor = vendor_outcome(space.workload, sim.gpu)
+    best = min(outcomes, key=lambda o: o.energy_j)
+    assert best.energy_j <= vendor.energy_j
+    assert best.latency_s < vendor.latency_s
+    assert best.kernels[0].limiter == "dram"
