@@ -7,6 +7,10 @@ streaming its B tile over all of K.
 Here K is cut into ``S`` chunks of ``K / S``: a batched matmul with the chunk as its batch writes fp32
 partial sums ``P[s, i, j]`` (S x M x N), and an elementwise kernel adds the S partials and rounds to
 fp16. The batch loop is a spatial loop to the tensor-core rules, so the blocks cover S x N / tile.
+S = 1 is the unsplit GEMM in the same form: one kernel (the fp16 cast goes into the accumulator's
+store), no partials. What makes either stream at DRAM speed on sim is the cp.async pipeline the
+``splitk_tc`` rule set gives the tiles (search_space/rules.py): without it, gemm:16,11008,4096 was
+latency-bound (best of 32, S = 2..16: 44.6 us, 20.4 mJ).
 
 Only splits that divide K are offered, with chunks a multiple of wmma's k (16) and at least two of them:
 the chunks then need no guard, which would break the tensor-core pattern match, and the cp.async
@@ -15,9 +19,11 @@ for a one-step chunk).
 """
 from __future__ import annotations
 
-# Splits of K offered.
-SPLITS = (4, 8, 16, 32)
-# Rows the family is offered for. On sim (best of 32 samples, energy vs the vendor stand-in), against the
+# Splits of K offered. On sim (gemm:16,11008,4096) the least-energy samples had S = 1 to 16; S = 32
+# never (its partials are a quarter of the weights' bytes at M = 16).
+SPLITS = (1, 2, 4, 8, 16)
+# Rows the family is offered for. On sim (best of 32 samples, energy vs the vendor stand-in; measured
+# with splits 4 to 32), against the
 # SIMT split-K (search_space/splitk.py): gemm:1,11008,4096 0.86x vs 0.80x (wmma pads one row to 16;
 # gemm:1,4096,4096 0.83x vs 0.86x), M = 2 0.86x vs 0.87x, M = 4 0.87x vs 1.02x; against wmma without split: M = 8 0.87x vs 1.09x, M = 16
 # 0.88x vs 1.16x, M = 24 and 31 1.0x vs 2.2x. From 32 rows on TVM's mma tiling applies to the unsplit
@@ -33,7 +39,8 @@ def splits_for(K: int) -> list[int]:
 
 
 def split_k_gemm(M: int, N: int, K: int, splits: int, dtype: str = "float16", accumulate: str = "float32"):
-    """C[M, N] = A @ B via P[s, i, j] = sum over chunk s of A[i, k] B[k, j], then C = fp16(sum_s P)."""
+    """C[M, N] = A @ B via P[s, i, j] = sum over chunk s of A[i, k] B[k, j], then C = fp16(sum_s P).
+    (``splits`` = 1: P is the fp32 accumulator of the plain GEMM.)"""
     from tvm import te
 
     if K % splits:
