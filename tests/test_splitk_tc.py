@@ -5,6 +5,7 @@ offered for 2 <= M <= 31 only, every split gets a wmma design space, and a sampl
 tensor-core partial kernel writing S x M x N fp32 partials plus a merge kernel; candidates build for
 sm_90 with nvcc (slow).
 """
+import random
 import re
 
 import numpy as np
@@ -101,6 +102,22 @@ def test_samples_are_a_tensor_core_partial_kernel_and_a_merge(space):
         assert merge.traffic.global_store_bytes == 2 * threads
     assert 1 in splits_seen and len(splits_seen) >= 3
     assert streamed >= len(candidates) // 2
+
+
+def test_mutation_and_crossover_keep_the_pipeline(space):
+    rng = random.Random(0)
+    parents = space.sample(6, seed=2)
+    mutants = [m for m in (space.mutate(p, rng) for p in parents for _ in range(2)) if m is not None]
+    assert len({m.structural_hash for m in mutants} - {p.structural_hash for p in parents}) >= 6
+    by_space = {}
+    for p in parents + mutants:
+        by_space.setdefault(p.design_space, []).append(p)
+    a, b = next(ps for ps in by_space.values() if len(ps) >= 2)[:2]
+    children = [c for c in (space.crossover(a, b, rng) for _ in range(6)) if c is not None]
+    assert children
+    for child in mutants + children:
+        assert "software_pipeline_async_stages" in str(child.trace)
+        assert child.launches[0].uses_tensor_cores
 
 
 @pytest.mark.slow
