@@ -32,11 +32,12 @@ Seven rule sets, each a family of design spaces for the workloads it applies to:
   across blocks (``search_space.softmax_rules``).
 - ``splitk_tc``: skinny fp16 GEMM (2 <= M <= 31) only, over etune's tensor-core split-K templates
   (kernels/gemm_splitk.py: K cut into S chunks, a batched matmul over the chunks writing S x M x N fp32
-  partials, then a merge kernel), one per S. The ``tensorcore`` rules tile them (the chunk loop is a
-  spatial loop: blocks over S x N tiles); ``mma`` cannot, its tiling takes no batch loop ("The MMA
-  tensor core only supports SSR loops now"). TVM's wmma software pipeline is turned into cp.async
-  stages (``pipeline_variants``): on sim, gemm:16,11008,4096 is latency-bound without it (best of 32:
-  44.6 us, 20.4 mJ) and DRAM-bound with it (best of 48: 38.8 us, 17.3 mJ).
+  partials, then a merge kernel; S = 1 the plain GEMM in one kernel), one per S. The ``tensorcore``
+  rules tile them (the chunk loop is a spatial loop: blocks over S x N tiles); ``mma`` cannot, its
+  tiling takes no batch loop ("The MMA tensor core only supports SSR loops now"). TVM's wmma software
+  pipeline is turned into cp.async stages (``pipeline_variants``): on sim, gemm:16,11008,4096 is
+  latency-bound without it (best of 32: 44.6 us, 20.4 mJ, 1.03x the vendor stand-in's energy) and
+  DRAM-bound with it (best of 32: 40.9 us, 16.4 mJ, 0.83x; ``tensorcore``: 61.0 us, 1.16x).
 """
 from __future__ import annotations
 
@@ -192,11 +193,12 @@ def _annotations(insts, key: str) -> list:
 def _async_wmma_variants(trace) -> list:
     """For ``splitk_tc``: TVM's wmma pipeline (A and B tiles through registers into double-buffered
     shared memory, ``manifest_shared_memory_local_stage``, and wmma fragments one k-step ahead) made a
-    cp.async pipeline of depth S, one variant per S in PIPELINE_STAGES. Kept from TVM's: the copies
-    in stage 0 and the tensor-core loop S - 1 iterations behind; dropped: the register stage (cp.async
-    copies global to shared directly) and the fragment pipeline of the inner loop (with it, lowering
-    fails: wmma fragments multi-buffered lose their fragment info). On sim the tiles then stream with
-    the copies of S - 1 stages on the way instead of one load per thread (gemm:16,11008,4096)."""
+    cp.async pipeline of depth D (tiles in shared memory at once), one variant per D in
+    PIPELINE_STAGES. Kept from TVM's: the copies in stage 0 and the tensor-core loop D - 1 iterations
+    behind; dropped: the register stage (cp.async copies global to shared directly) and the fragment
+    pipeline of the inner loop (with it, lowering fails: "fragment_info_" check, multi-buffered wmma
+    fragments). On sim the tiles then stream with the copies of D - 1 stages on the way instead of one
+    load per thread (gemm:16,11008,4096: DRAM-bound instead of latency-bound)."""
     from tvm.s_tir.schedule import Instruction, Trace
 
     insts = list(trace.insts)
