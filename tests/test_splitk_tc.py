@@ -101,7 +101,7 @@ def test_samples_are_a_tensor_core_partial_kernel_and_a_merge(space):
         assert merge.traffic.global_load_bytes == splits * 4 * threads
         assert merge.traffic.global_store_bytes == 2 * threads
     assert 1 in splits_seen and len(splits_seen) >= 3
-    assert streamed >= len(candidates) // 2
+    assert streamed >= len(candidates) - 2  # 11 of 12 here
 
 
 def test_mutation_and_crossover_keep_the_pipeline(space):
