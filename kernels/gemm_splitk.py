@@ -22,12 +22,11 @@ from __future__ import annotations
 # Splits of K offered. On sim (gemm:16,11008,4096) the least-energy samples had S = 1 to 16; S = 32
 # never (its partials are a quarter of the weights' bytes at M = 16).
 SPLITS = (1, 2, 4, 8, 16)
-# Rows the family is offered for. On sim (best of 32 samples, energy vs the vendor stand-in; measured
-# with splits 4 to 32), against the
-# SIMT split-K (search_space/splitk.py): gemm:1,11008,4096 0.86x vs 0.80x (wmma pads one row to 16;
-# gemm:1,4096,4096 0.83x vs 0.86x), M = 2 0.86x vs 0.87x, M = 4 0.87x vs 1.02x; against wmma without split: M = 8 0.87x vs 1.09x, M = 16
-# 0.88x vs 1.16x, M = 24 and 31 1.0x vs 2.2x. From 32 rows on TVM's mma tiling applies to the unsplit
-# GEMM (M = 32: mma 0.88x, this 0.99x).
+# Rows the family is offered for. On sim (best of 32 samples, energy vs the vendor stand-in), against the
+# SIMT split-K (search_space/splitk.py): gemm:1,11008,4096 0.83x vs 0.80x (wmma pads one row to 16),
+# M = 2 0.83x vs 0.87x, M = 4 0.83x vs 1.02x; against wmma without split: M = 8 0.83x vs 1.09x, M = 16
+# 0.83x vs 1.16x, M = 24 1.04x and M = 31 1.06x vs 2.2x. From 32 rows on TVM's mma tiling applies to
+# the unsplit GEMM (M = 32: mma 0.88x; this family, splits 4 to 32: 0.99x).
 MIN_M = 2
 MAX_M = 31
 WMMA_K = 16
