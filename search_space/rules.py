@@ -1,6 +1,6 @@
 """MetaSchedule schedule rules for CUDA, spelled out so etune can fix what TVM 0.27's defaults break.
 
-Six rule sets, each a family of design spaces for the workloads it applies to:
+Seven rule sets, each a family of design spaces for the workloads it applies to:
 - ``tensorcore``: TVM's DefaultCUDATensorCore, except that the wmma accumulator is staged through
   *static* shared memory. With the default ("shared.dyn" for loads and the store), the pass that merges
   dynamic shared allocations types the merged pool with the first buffer's element type (fp16), and the
@@ -30,6 +30,14 @@ Six rule sets, each a family of design spaces for the workloads it applies to:
 - ``rowsoftmax``: softmax only, over etune's row-softmax templates (kernels/softmax_fused.py) like
   ``fused``: the row in registers with 16-byte vectors, a warp or a block per row, and rows split
   across blocks (``search_space.softmax_rules``).
+- ``splitk_tc``: skinny fp16 GEMM (2 <= M <= 31) only, over etune's tensor-core split-K templates
+  (kernels/gemm_splitk.py: K cut into S chunks, a batched matmul over the chunks writing S x M x N fp32
+  partials, then a merge kernel; S = 1 the plain GEMM in one kernel), one per S. The ``tensorcore``
+  rules tile them (the chunk loop is a spatial loop: blocks over S x N tiles); ``mma`` cannot, its
+  tiling takes no batch loop ("The MMA tensor core only supports SSR loops now"). TVM's wmma software
+  pipeline is turned into cp.async stages (``pipeline_variants``): on sim, gemm:16,11008,4096 is
+  latency-bound without it (best of 32: 44.6 us, 20.4 mJ, 1.03x the vendor stand-in's energy) and
+  DRAM-bound with it (best of 32: 40.9 us, 16.4 mJ, 0.83x; ``tensorcore``: 61.0 us, 1.16x).
 """
 from __future__ import annotations
 
@@ -39,13 +47,15 @@ import sys
 
 from tvm.s_tir.meta_schedule import schedule_rule as sr
 
+from etune.kernels import gemm_splitk
+
 from . import splitk
 
-RULE_SETS = ("tensorcore", "mma", "simt", "fused", "splitk", "rowsoftmax")
+RULE_SETS = ("tensorcore", "mma", "simt", "fused", "splitk", "rowsoftmax", "splitk_tc")
 # Rule sets whose design spaces allocate shared.dyn, and so may use the opt-in shared-memory limit;
 # the others allocate static shared memory only, and VerifyGPUCode checks them against 48 KiB.
 # (``fused``: the flash prefill templates hold their tiles in shared.dyn where the target allows more.)
-DYNAMIC_SHARED_RULE_SETS = ("tensorcore", "mma", "fused")
+DYNAMIC_SHARED_RULE_SETS = ("tensorcore", "mma", "fused", "splitk_tc")
 # Software-pipeline depths of the ``mma`` rule set: tiles in shared memory at once.
 PIPELINE_STAGES = (2, 3, 4)
 
@@ -54,6 +64,8 @@ def rule_set_applies(rule_set: str, workload) -> bool:
     """Whether a rule set gives a design space of its own for ``workload``."""
     if rule_set == "splitk":
         return splitk.applies(workload)
+    if rule_set == "splitk_tc":
+        return gemm_splitk.applies(workload)
     if rule_set == "rowsoftmax":
         return workload.family == "softmax"
     if rule_set == "mma":
@@ -149,7 +161,7 @@ def _tensor_core_tiling(groups: list, reuse_write, software_pipeline: bool):
     )
 
 
-def _wmma_tiling():
+def _wmma_tiling(software_pipeline: bool = False):
     get_wmma_intrin_group = tensor_intrinsics().get_wmma_intrin_group
 
     groups = [
@@ -159,7 +171,7 @@ def _wmma_tiling():
         for out in ("float32", "float16")
         for trans_b in (False, True)
     ]
-    return _tensor_core_tiling(groups, sr.ReuseType(req="must", levels=[2], scope="shared"), software_pipeline=False)
+    return _tensor_core_tiling(groups, sr.ReuseType(req="must", levels=[2], scope="shared"), software_pipeline)
 
 
 def _mma_tiling():
@@ -174,6 +186,49 @@ def _mma_tiling():
     return _tensor_core_tiling(groups, sr.ReuseType(req="no", levels=[], scope=""), software_pipeline=True)
 
 
+def _annotations(insts, key: str) -> list:
+    return [inst for inst in insts if inst.kind.name == "Annotate" and str(inst.attrs[0]) == key]
+
+
+def _async_wmma_variants(trace) -> list:
+    """For ``splitk_tc``: TVM's wmma pipeline (A and B tiles through registers into double-buffered
+    shared memory, ``manifest_shared_memory_local_stage``, and wmma fragments one k-step ahead) made a
+    cp.async pipeline of depth D (tiles in shared memory at once), one variant per D in
+    PIPELINE_STAGES. Kept from TVM's: the copies in stage 0 and the tensor-core loop D - 1 iterations
+    behind; dropped: the register stage (cp.async copies global to shared directly) and the fragment
+    pipeline of the inner loop (with it, lowering fails: "fragment_info_" check, multi-buffered wmma
+    fragments). On sim the tiles then stream with the copies of D - 1 stages on the way instead of one
+    load per thread (gemm:16,11008,4096: DRAM-bound instead of latency-bound)."""
+    from tvm.s_tir.schedule import Instruction, Trace
+
+    insts = list(trace.insts)
+    staged = _annotations(insts, "software_pipeline_stage")
+    outer = [inst.inputs[0] for inst in staged if len(inst.inputs[1]) == 7]
+    inner = [inst.inputs[0] for inst in staged if len(inst.inputs[1]) == 3]
+    if len(outer) != 1 or len(inner) != 1:  # not the pipeline this function knows: leave it alone
+        return [(None, trace)]
+    outer, inner = outer[0], inner[0]
+    variants = []
+    for stages in PIPELINE_STAGES:
+        edited = []
+        for inst in insts:
+            key = str(inst.attrs[0]) if inst.kind.name == "Annotate" else None
+            if key == "tirx.manifest_shared_memory_local_stage":
+                continue
+            if key in ("software_pipeline_stage", "software_pipeline_order"):
+                if inst.inputs[0].same_as(inner):
+                    continue
+                if inst.inputs[0].same_as(outer):  # three statements: the A copy, the B copy, the k loop
+                    value = [0, 0, stages - 1] if key == "software_pipeline_stage" else [0, 1, 2]
+                    edited.append(Instruction(inst.kind, [outer, value], inst.attrs, inst.outputs))
+                    if key == "software_pipeline_order":
+                        edited.append(Instruction(inst.kind, [outer, [0]], ["software_pipeline_async_stages"], []))
+                    continue
+            edited.append(inst)
+        variants.append((f"stages={stages}", Trace(edited, {})))
+    return variants
+
+
 def pipeline_variants(rule_set: str, trace) -> list:
     """[(label, trace)]: the design spaces one generated trace stands for.
 
@@ -182,15 +237,17 @@ def pipeline_variants(rule_set: str, trace) -> list:
     statements after the inner pipeline is expanded: the A and B cp.async copies, then the inner
     pipeline's prologue (fragment loads of the next tile), body and epilogue. Stages
     [0, 0, S - 2, S - 1, S - 1] keep that order and put the copies S - 1 iterations ahead, with S
-    shared buffers of each tile. Other rule sets: the trace as it is.
+    shared buffers of each tile. For ``splitk_tc``, see ``_async_wmma_variants``. Other rule sets:
+    the trace as it is.
     """
     from tvm.s_tir.schedule import Instruction, Trace
 
+    if rule_set == "splitk_tc":
+        return _async_wmma_variants(trace)
     if rule_set != "mma":
         return [(None, trace)]
     insts = list(trace.insts)
-    loops = [inst.inputs[0] for inst in insts
-             if inst.kind.name == "Annotate" and str(inst.attrs[0]) == "software_pipeline_async_stages"]
+    loops = [inst.inputs[0] for inst in _annotations(insts, "software_pipeline_async_stages")]
     if len(loops) != 1:  # not the pipeline this function knows: leave it alone
         return [(None, trace)]
     variants = []
@@ -230,6 +287,9 @@ def schedule_rules(rule_set: str, cross_thread_reduction: bool = True) -> list:
     generic = _generic_rules(cross_thread_reduction)
     if rule_set == "tensorcore":
         return [sr.ApplyCustomRule(), _wmma_tiling(), _simt_tiling(), *generic]
+    if rule_set == "splitk_tc":
+        # wmma with TVM's software pipeline, which ``pipeline_variants`` turns into cp.async stages.
+        return [sr.ApplyCustomRule(), _wmma_tiling(software_pipeline=True), _simt_tiling(), *generic]
     if rule_set == "mma":
         return [sr.ApplyCustomRule(), _mma_tiling(), _simt_tiling(), *generic]
     if rule_set == "simt":

@@ -36,6 +36,7 @@ from tvm.s_tir.schedule import LoopRV, SBlockRV, Trace
 
 from etune.kernels import Workload, as_workload
 from etune.kernels.attention_fused import fused_prim_funcs
+from etune.kernels.gemm_splitk import split_k_prim_funcs
 from etune.kernels.softmax_fused import softmax_prim_funcs
 
 from . import interrupts
@@ -45,11 +46,12 @@ from .targets import GpuSpec, gpu_spec
 
 # Postprocessors and mutators per rule set, as TVM's defaults pair them.
 _DEFAULT_KIND = {"tensorcore": "cuda-tensorcore", "mma": "cuda-tensorcore", "simt": "cuda", "fused": "cuda", "splitk": "cuda",
-                 "rowsoftmax": "cuda"}
+                 "rowsoftmax": "cuda", "splitk_tc": "cuda-tensorcore"}
 # Rule sets over etune's TIR templates instead of the workload's TE chain: {rule set: the templates
 # that apply to a workload, {name: PrimFunc}}.
 # Template families: (workload, GpuSpec) -> {template name: PrimFunc}.
-_TEMPLATES = {"fused": fused_prim_funcs, "rowsoftmax": lambda workload, gpu: softmax_prim_funcs(workload)}
+_TEMPLATES = {"fused": fused_prim_funcs, "rowsoftmax": lambda workload, gpu: softmax_prim_funcs(workload),
+              "splitk_tc": split_k_prim_funcs}
 
 
 # TVM 0.27 raises plain Python exceptions across its FFI (no TVMError any more).
@@ -171,7 +173,8 @@ class DesignSpace:
     # The module the trace applies to: the workload's TE chain, or a fused template computing the same
     # outputs from the same arguments (kernels/attention_fused.py).
     mod: object = dataclasses.field(default=None, repr=False)
-    template: str | None = None  # the fused template's name, or the variant of a generated space ("stages=3")
+    # The template's name, the variant of a generated space ("stages=3"), or both ("splitk_tc_s8 stages=3").
+    template: str | None = None
 
     @functools.cached_property
     def groups(self) -> DecisionGroups:
@@ -358,7 +361,7 @@ class ScheduleSpace:
                         self.design_spaces.append(
                             DesignSpace(len(self.design_spaces), rule_set, trace, list(context.space_generator.postprocs),
                                         _in_stable_order(context.space_generator.mutator_probs), mod,
-                                        template if variant is None else variant)
+                                        " ".join(label for label in (template, variant) if label) or None)
                         )
         self.last_sample: dict = {}
         if not self.design_spaces:

@@ -25,7 +25,7 @@ from .choices import uniform_choice
 
 # Offered up to this M. Each weight feeds M fp32 FMAs on the SIMT pipes: on sim, split-K beats the
 # tensor-core spaces at M = 4 (gemm:4,11008,4096: 40 us vs 60 us) and loses from M = 8 on
-# (71 vs 66 us, 33 vs 24 mJ); there a tensor-core split-K is what is missing.
+# (71 vs 66 us, 33 vs 24 mJ); there the tensor-core split-K (``splitk_tc``, offered from M = 2) wins.
 MAX_M = 4
 COLUMN_GROUPS = (1, 2, 4, 8, 16, 32)
 K_LANES = (4, 8, 16, 32, 64, 128, 256)  # beyond a warp: shuffles, then one shared-memory step

@@ -15,7 +15,8 @@ def gemv_space():
 
 
 def test_offered_only_for_skinny_gemm():
-    assert {d.rule_set for d in ScheduleSpace("gemm:2,512,512").design_spaces} == {"tensorcore", "simt", "splitk"}
+    assert {d.rule_set for d in ScheduleSpace("gemm:2,512,512").design_spaces} == {"tensorcore", "simt", "splitk",
+                                                                                  "splitk_tc"}
     assert "splitk" not in {d.rule_set for d in ScheduleSpace("gemm:8,256,256").design_spaces}
     assert "splitk" not in {d.rule_set for d in ScheduleSpace("softmax:64,256").design_spaces}
 
