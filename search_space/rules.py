@@ -7,7 +7,8 @@ Seven rule sets, each a family of design spaces for the workloads it applies to:
   fp32 accumulator store then fails to build ("tvm_access_ptr element type must match the source
   buffer"): 13 of 16 sampled fp32-accumulate GEMM candidates at 1024^3 failed that way, 0 of 16 with the
   static store.
-- ``mma``: GEMM only (M >= 16): TVM's MultiLevelTilingTensorCore with its mma.sync path (ldmatrix into
+- ``mma``: fp16 GEMM with M and N multiples of 32 only (``rule_set_applies``): TVM's
+  MultiLevelTilingTensorCore with its mma.sync path (ldmatrix into
   registers, ``mma.sync.m16n8k8``, the accumulator in registers stored straight to global memory, so
   the shared.dyn pitfall above cannot arise) and software pipelining: A and B tiles copied with
   cp.async into ``shared.dyn`` buffers (up to the opt-in limit, 227 KiB on sm_90), S - 1 tiles ahead
