@@ -21,7 +21,7 @@ starts, so a call killed at its limit still returns what it measured:
    another launch batch size, with the same window's sampled power integrated as a second reference
    (a wrong per-call divisor or idle gaps between launches would show up as a difference);
 4. survey: every pool candidate's latency, then energy round-robin over the workloads (sim's best
-   first), at least 64 energy measurements over the 5 workloads if the time allows;
+   first), at least 64 energy measurements over the 6 workloads if the time allows;
 5. vendor: torch.matmul, torch.softmax and SDPA (causal and decode too) by the same protocol.
 
 ``dry-run`` runs the same phases on ``sim`` on a CPU machine, with a small pool and no builds, and
@@ -55,6 +55,7 @@ TARGET = "h200"
 # One workload per family and shape class of the suite: the survey covers them all.
 SURVEY = {
     "gemv": "gemm:1,4096,4096",
+    "gemm-skinny": "gemm:16,11008,4096",  # the tensor-core split-K family (splitk_tc): LLM decode shapes
     "gemm": "gemm:4096,4096,4096",
     "softmax": "softmax:4096,4096",
     "attention-prefill": "attention:1,32,2048,2048,128",

@@ -13,6 +13,10 @@ from etune.tuner.cli import app
 
 REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()
+sys.path.insert(0, str(REPO / "benchmarks"))
+import device_check  # noqa: E402
+
+WORKLOADS = len(device_check.SURVEY)
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +51,7 @@ def test_the_dry_run_dataset_has_every_family_measured(dry_run):
     records = dataset.records()
     candidates = [r for r in records.values() if r.candidate is not None]
     assert {r.spec.split(":")[0] for r in candidates} == {"gemm", "softmax", "attention"}
-    assert len(dataset.specs()) == 5
+    assert len(dataset.specs()) == WORKLOADS
     for spec in dataset.specs():
         mine = [r for r in candidates if r.spec == spec]
         assert len(mine) == 6 and {r.candidate["selected_by"] for r in mine} == {"random", "sim-best"}
@@ -149,9 +153,6 @@ def test_the_gpu_run_orchestrates_every_phase_from_a_pack(dry_run, tmp_path):
     import json
     import types
 
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    import device_check
-
     out, _ = dry_run
     rows = list(load_dataset(out / "dataset.jsonl").of_type("candidate"))
     pack = tmp_path / "pack"
@@ -170,13 +171,13 @@ def test_the_gpu_run_orchestrates_every_phase_from_a_pack(dry_run, tmp_path):
     assert dataset.backend == "nvml" and dataset.gpu == "Fake H200" and backend.closed
     assert all(r["status"] == "ok" for r in dataset.of_type("phase")), list(dataset.of_type("phase"))
     checks = {(r["check"], r.get("spec")): r["passed"] for r in dataset.of_type("check")}
-    assert checks[("isolation", None)] and all(checks.values()) and len(checks) == 6
+    assert checks[("isolation", None)] and all(checks.values()) and len(checks) == 1 + WORKLOADS
     (acceptance,) = dataset.of_type("acceptance")
     assert acceptance["passed"] and acceptance["difference_sampled_power"] == pytest.approx(1 / 1.001 - 1)
     energy_calls = [c for c in backend.calls if c[1] == "energy"]
     assert [c[2:] for c in energy_calls if c[0] is None][:6] == [(1.0, False)] * 5 + [(10.0, True)]
     survey_energy = [c for c in energy_calls if c[0] is not None]
-    assert len(survey_energy) == 30 and {c[2] for c in survey_energy} == {device_check.SURVEY_WINDOW_S}
+    assert len(survey_energy) == 6 * WORKLOADS and {c[2] for c in survey_energy} == {device_check.SURVEY_WINDOW_S}
     assert backend.min_window_s == 1.0 and not backend.integrate_power  # settings restored
     assert "| survey | ok |" in (args.out / "report.md").read_text()
 
