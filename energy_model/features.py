@@ -48,8 +48,6 @@ FAMILIES = ("gemm", "softmax", "attention")
 # keeps in flight, for the Little's-law time.
 MEMORY_LATENCY_S = 400e-9
 LOADS_IN_FLIGHT = 2
-# One wmma mma_sync: 2 x 16^3 flops by a warp, counted once per thread.
-_MMA_FLOPS_PER_THREAD = 2 * 16**3 / 32
 # L2 and DRAM move 32-byte sectors.
 _SECTOR_BYTES = 32
 
@@ -191,11 +189,9 @@ def _kernel_numbers(launch, resources, gpu) -> dict:
     registers = float(resources.registers) if resources is not None else math.nan
     # Always the static estimate (built or not), so these features mean the same for every candidate;
     # ptxas' own figures are the separate *registers* features.
-    from etune.search_space.analysis import estimate_registers  # sim's estimate too
+    from etune.search_space.analysis import estimate_registers, spilled_access_bytes  # sim's estimates too
 
     est_registers, est_spill = (float(v) for v in estimate_registers(launch.local_bytes_per_thread, threads, gpu))
-    # Every access to the spilled share of the local arrays goes to local memory (sim charges the same).
-    spilled_share = min(1.0, est_spill / launch.local_bytes_per_thread) if launch.local_bytes_per_thread else 0.0
     warps = max(1, math.ceil(threads / gpu.warp_size))
     per_sm_est = max(1, blocks_per_sm(threads, launch.shared_bytes, gpu, est_registers))
     resident_blocks = min(per_sm_est, math.ceil(blocks / gpu.sm_count))
@@ -206,10 +202,7 @@ def _kernel_numbers(launch, resources, gpu) -> dict:
     load_i = t.global_load_instructions + t.global_store_instructions
     bytes_per_access = (t.global_load_bytes + t.global_store_bytes) / load_i if load_i > 0 else 0.0
     memory_instructions = load_i + (t.shared_load_bytes + t.shared_store_bytes) / 4.0
-    # HMMA instructions as counted from the lowered code (two per wmma 16x16x16, one per PTX mma);
-    # traffic without that count (older records) takes one per 2*16^3/32 flops
-    tensor_instructions = t.tensor_core_instructions or t.tensor_core_flops / _MMA_FLOPS_PER_THREAD
-    issued = t.arithmetic_ops + tensor_instructions + memory_instructions
+    issued = t.arithmetic_ops + t.hmma_instructions + memory_instructions
     lanes = threads / warps
     # L2 moves 32-byte sectors: a warp access narrower than one (few lanes, small elements) moves a whole one.
     sector_waste = max(1.0, _SECTOR_BYTES / (lanes * bytes_per_access)) if bytes_per_access > 0 else 1.0
@@ -250,7 +243,7 @@ def _kernel_numbers(launch, resources, gpu) -> dict:
         "occupancy_reg": occupancy(threads, launch.shared_bytes, gpu, registers) if resources is not None else math.nan,
         "shared": launch.shared_bytes, "local": launch.local_bytes_per_thread, "lanes": launch.max_vector_lanes,
         "registers": registers, "flops": flops, "global_bytes": global_bytes,
-        "est_registers": est_registers, "est_spill_access": spilled_share * t.local_access_bytes,
+        "est_registers": est_registers, "est_spill_access": spilled_access_bytes(launch, est_spill),
         "occupancy_est": occupancy(threads, launch.shared_bytes, gpu, est_registers),
         "resident_warps": resident_warps,
         "in_flight": resident_threads * bytes_per_access,

@@ -256,6 +256,8 @@ def _global_bytes(k) -> float:
 
 def _kernel(k, occupancy, dram_bytes: float, gpu, params: SimParams) -> KernelOutcome:
     """Time and (un-throttled, idle-free) energy of one kernel that moves ``dram_bytes`` from/to HBM."""
+    from etune.search_space.analysis import spilled_access_bytes  # the features' estimate too
+
     t = k.traffic
     clock = params.sm_clock_hz
     sms = gpu.sm_count
@@ -266,11 +268,8 @@ def _kernel(k, occupancy, dram_bytes: float, gpu, params: SimParams) -> KernelOu
     warp_waste = gpu.warp_size / lanes
     registers, spill, per_sm = occupancy
 
-    # Global accesses (thread level) and bytes. Spills: the spilled share of the local arrays, of
-    # every access the lowered code makes to them (an accumulator spilled is read and written in
-    # every k step), as 4-byte accesses that stop in L1/L2.
-    spilled_share = min(1.0, spill / k.local_bytes_per_thread) if k.local_bytes_per_thread > 0 else 0.0
-    spill_bytes = spilled_share * t.local_access_bytes
+    # Global accesses (thread level) and bytes; spills are 4-byte accesses that stop in L1/L2.
+    spill_bytes = spilled_access_bytes(k, spill)
     accesses = t.global_load_instructions + t.global_store_instructions + spill_bytes / 4.0
     requested = _global_bytes(k) + spill_bytes
     bytes_per_access = requested / accesses if accesses > 0 else 0.0
@@ -280,11 +279,10 @@ def _kernel(k, occupancy, dram_bytes: float, gpu, params: SimParams) -> KernelOu
     l2_bytes = requested * sector_waste
     shared_bytes = t.shared_load_bytes + t.shared_store_bytes
     # Thread instructions: arithmetic, HMMA instructions (two per 16x16x16 wmma mma_sync, one per PTX
-    # m16n8k8 mma; traffic counted without them is taken as one per 2*16^3/32 flops), ~4-byte shared
-    # accesses, global accesses, and one address/loop instruction per memory access.
+    # m16n8k8 mma), ~4-byte shared accesses, global accesses, and one address/loop instruction per
+    # memory access.
     memory_accesses = accesses + shared_bytes / 4.0
-    tensor_instructions = t.tensor_core_instructions or t.tensor_core_flops / 256.0
-    thread_instructions = t.arithmetic_ops + tensor_instructions + 2.0 * memory_accesses
+    thread_instructions = t.arithmetic_ops + t.hmma_instructions + 2.0 * memory_accesses
     warp_instructions = thread_instructions / lanes
 
     # -- SM side: one block's demands at full per-SM rates; idle lanes of partial warps still

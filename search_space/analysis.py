@@ -34,6 +34,14 @@ def estimate_registers(local_bytes_per_thread: int, threads_per_block: int, gpu,
     return registers, max(0, wanted - registers) * 4
 
 
+def spilled_access_bytes(launch: "KernelLaunch", spilled_bytes_per_thread: float) -> float:
+    """Local-memory traffic of a kernel whose threads spill ``spilled_bytes_per_thread`` of their local
+    arrays (``estimate_registers``): that share of every access the lowered code makes to them (a
+    spilled accumulator is read and written in every k step)."""
+    local = launch.local_bytes_per_thread
+    return min(1.0, spilled_bytes_per_thread / local) * launch.traffic.local_access_bytes if local > 0 else 0.0
+
+
 @dataclasses.dataclass(frozen=True)
 class KernelLaunch:
     name: str
@@ -91,6 +99,12 @@ class Traffic:
     # operands of mma/ldmatrix/wmma calls included: what spilled registers turn into local-memory
     # traffic, in proportion to the share of them that spills.
     local_access_bytes: float = 0.0
+
+    @property
+    def hmma_instructions(self) -> float:
+        """Tensor-core instructions per thread as counted; traffic without that count (older records)
+        takes one per 16x16x16 wmma's flops."""
+        return self.tensor_core_instructions or self.tensor_core_flops / _WMMA_FLOPS_PER_THREAD
 
 
 _AXES = {"x": 0, "y": 1, "z": 2}
@@ -373,10 +387,11 @@ def analyse_kernel(name: str, func) -> KernelLaunch:
                 elements = m * k if "matrix_a" in fragment else k * n if "matrix_b" in fragment else m * n
                 source = node.args[5].args[0] if type(node.args[5]).__name__ == "Call" and node.args[5].args else None
                 dtype = tvm.DataType(source.buffer.dtype) if hasattr(source, "buffer") else tvm.DataType("float16")
+                moved = trips * elements * dtype.bits / 8 / _WARP
                 if not hasattr(source, "buffer") or source.buffer.scope().startswith("shared"):
                     direction = "store" if op.endswith("store_matrix_sync") else "load"
-                    totals[f"shared_{direction}_bytes"] += trips * elements * dtype.bits / 8 / _WARP
-                totals["local_access_bytes"] += trips * elements * dtype.bits / 8 / _WARP
+                    totals[f"shared_{direction}_bytes"] += moved
+                totals["local_access_bytes"] += moved
             elif ptx == "mma":
                 # ptx mma(shape, layouts, dtypes, ...): 2*m*n*k flops by a warp, counted once per
                 # thread; one HMMA instruction (m16n8k8 or m16n8k16)
@@ -390,9 +405,9 @@ def analyse_kernel(name: str, func) -> KernelLaunch:
             elif ptx == "ldmatrix":
                 # ldmatrix(trans, num, ".b16", ...): num 8x8 matrices of 16-bit elements from shared
                 # memory into a warp's registers: num x 128 B per warp, num x 4 B per thread
-                count = _constant(node.args[1]) or 1
-                totals["shared_load_bytes"] += trips * count * 8 * 8 * 2 / _WARP
-                totals["local_access_bytes"] += trips * count * 8 * 8 * 2 / _WARP  # into registers
+                moved = trips * (_constant(node.args[1]) or 1) * 8 * 8 * 2 / _WARP
+                totals["shared_load_bytes"] += moved
+                totals["local_access_bytes"] += moved  # into registers
             elif ptx == "cp_async":
                 nbytes = _cp_async_bytes(node)
                 totals["global_load_bytes"] += trips * nbytes
