@@ -144,6 +144,19 @@ def register_mma_layouts() -> None:
     tvm_ffi.register_global_func(_MATRIX_C_LAYOUT, matrix_c)
 
 
+def compile_module(mod, gpu: GpuSpec):
+    """``tvm.compile`` of a scheduled module for ``gpu`` as the search analysed it: with its passes
+    (PASS_CONFIG: cp.async) and the mma accumulator layout registered. Kernels with shared.dyn are
+    launched by TVM's CUDA runtime, which raises a function's dynamic shared-memory limit to what the
+    launch asks (cuFuncSetAttribute), so tiles above 48 KiB run from a built library as well."""
+    import tvm
+
+    register_mma_layouts()
+    target = gpu.tvm_target()
+    with target, tvm.transform.PassContext(config=PASS_CONFIG):
+        return tvm.compile(mod, target=target)
+
+
 def _build_in_worker(module_json: str, gpu: dict, artifact_dir: str) -> dict:
     """Runs in a worker process: lower, generate CUDA, compile, export. Returns a dict.
 
@@ -164,11 +177,8 @@ def _build_in_worker(module_json: str, gpu: dict, artifact_dir: str) -> dict:
         return compiled[-1][0]
 
     tvm_ffi.register_global_func("tvm_callback_cuda_compile", compile_callback, override=True)
-    register_mma_layouts()
     try:
-        target = target_gpu.tvm_target()
-        with target, tvm.transform.PassContext(config=PASS_CONFIG):  # as analysed (cp.async)
-            executable = tvm.compile(tvm.ir.load_json(module_json), target=target)
+        executable = compile_module(tvm.ir.load_json(module_json), target_gpu)
         device_modules = [m for m in executable.mod.imports if m.kind == "cuda"]
         if not device_modules:
             raise BuildError("TVM produced no CUDA module")

@@ -285,19 +285,12 @@ def _compile(functions: dict, gpu, on_cuda, failure: str):
     a failure is one ExportError starting with ``failure``."""
     import tvm
 
-    from etune.search_space.build import register_mma_layouts
-    from etune.search_space.targets import PASS_CONFIG
+    from etune.search_space.build import compile_module
 
-    register_mma_layouts()
-    target = gpu.tvm_target()
     mod = tvm.IRModule({name: f.with_attr("global_symbol", name) for name, f in functions.items()})
     with _cuda_compile_callback(lambda code, *_: on_cuda(code)):
         try:
-            # The passes the search analysed with (cp.async). Kernels with shared.dyn are launched by
-            # TVM's CUDA runtime, which raises the function's dynamic shared-memory limit to what the
-            # launch asks (cuFuncSetAttribute), so tiles above 48 KiB run from the library as well.
-            with target, tvm.transform.PassContext(config=PASS_CONFIG):
-                return tvm.compile(mod, target=target)
+            return compile_module(mod, gpu)
         except Exception as exc:
             raise ExportError(f"{failure}: {_tvm_reason(exc)}") from None
 
