@@ -19,26 +19,22 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from etune.kernels import as_workload  # noqa: E402
 from etune.measurements.sim import SimBackend, vendor_outcome  # noqa: E402
 from etune.search_space import SamplingError, ScheduleSpace, gpu_spec  # noqa: E402
 from etune.search_space.rules import RULE_SETS, rule_set_applies  # noqa: E402
 
 
-def target(gpu: str, max_shared_kib: int | None = None):
-    """The GpuSpec the design spaces are built for: the preset, or with another per-block shared
-    memory limit."""
-    return gpu_spec(gpu).with_shared_limit(max_shared_kib)
-
-
 def survey(spec: str, samples: int, gpu: str = "h100", seed: int = 0, rule_sets=RULE_SETS,
            max_shared_kib: int | None = None) -> dict:
     sim = SimBackend(gpu)
+    target = gpu_spec(gpu).with_shared_limit(max_shared_kib)  # the preset, or another shared-memory limit
     rows = {}
     vendor = None
     for rule_set in rule_sets:
         started = time.time()
         try:
-            space = ScheduleSpace(spec, target(gpu, max_shared_kib), rule_sets=[rule_set], seed=seed)
+            space = ScheduleSpace(spec, target, rule_sets=[rule_set], seed=seed)
         except SamplingError:  # a template rule set with no template for this workload
             continue
         if not space.design_spaces or not rule_set_applies(rule_set, space.workload):
@@ -64,9 +60,7 @@ def survey(spec: str, samples: int, gpu: str = "h100", seed: int = 0, rule_sets=
                              "trace": frugal[1].trace_json()},
             "seconds": time.time() - started,
         }
-    gpu_spec = sim.gpu
-    workload = ScheduleSpace(spec, gpu, rule_sets=["simt"]).workload
-    bound_us = workload.min_bytes / gpu_spec.memory_bandwidth * 1e6
+    bound_us = as_workload(spec).min_bytes / sim.gpu.memory_bandwidth * 1e6
     return {"spec": spec, "gpu": gpu, "max_shared_kib": max_shared_kib, "backend": "sim (model output)",
             "memory_bound_us": bound_us,
             "vendor": {"latency_us": vendor.latency_s * 1e6, "energy_mj": vendor.energy_j * 1e3}, "rule_sets": rows}

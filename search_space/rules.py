@@ -191,79 +191,98 @@ def _annotations(insts, key: str) -> list:
     return [inst for inst in insts if inst.kind.name == "Annotate" and str(inst.attrs[0]) == key]
 
 
+def _annotation_key(inst) -> str | None:
+    return str(inst.attrs[0]) if inst.kind.name == "Annotate" else None
+
+
+def _per_depth(trace, rewrite) -> list:
+    """One variant of ``trace`` per pipeline depth D in PIPELINE_STAGES, each instruction replaced by
+    ``rewrite(inst, D)`` (a list of instructions); the trace alone if ``rewrite`` gives None for one
+    (not the pipeline it knows)."""
+    from tvm.s_tir.schedule import Trace
+
+    variants = []
+    for stages in PIPELINE_STAGES:
+        edited = []
+        for inst in trace.insts:
+            replaced = rewrite(inst, stages)
+            if replaced is None:
+                return [(None, trace)]
+            edited.extend(replaced)
+        variants.append((f"stages={stages}", Trace(edited, {})))
+    return variants
+
+
+def _async_mma_variants(trace) -> list:
+    """For ``mma``: TVM's rule annotates the outer k loop (the one with
+    ``software_pipeline_async_stages``) with stages [0, 0, 1, 2, 2] over its five statements after the
+    inner pipeline is expanded: the A and B cp.async copies, then the inner pipeline's prologue
+    (fragment loads of the next tile), body and epilogue. Stages [0, 0, D - 2, D - 1, D - 1] keep that
+    order and put the copies D - 1 iterations ahead, with D shared buffers of each tile."""
+    from tvm.s_tir.schedule import Instruction
+
+    loops = [inst.inputs[0] for inst in _annotations(trace.insts, "software_pipeline_async_stages")]
+    if len(loops) != 1:  # not the pipeline this function knows: leave it alone
+        return [(None, trace)]
+
+    def rewrite(inst, stages):
+        if _annotation_key(inst) != "software_pipeline_stage" or not inst.inputs[0].same_as(loops[0]):
+            return [inst]
+        if [int(v) for v in inst.inputs[1]] != [0, 0, 1, 2, 2]:
+            return None
+        return [Instruction(inst.kind, [inst.inputs[0], [0, 0, stages - 2, stages - 1, stages - 1]],
+                            inst.attrs, inst.outputs)]
+
+    return _per_depth(trace, rewrite)
+
+
 def _async_wmma_variants(trace) -> list:
     """For ``splitk_tc``: TVM's wmma pipeline (A and B tiles through registers into double-buffered
     shared memory, ``manifest_shared_memory_local_stage``, and wmma fragments one k-step ahead) made a
-    cp.async pipeline of depth D (tiles in shared memory at once), one variant per D in
-    PIPELINE_STAGES. Kept from TVM's: the copies in stage 0 and the tensor-core loop D - 1 iterations
-    behind; dropped: the register stage (cp.async copies global to shared directly) and the fragment
-    pipeline of the inner loop (with it, lowering fails: "fragment_info_" check, multi-buffered wmma
-    fragments). On sim the tiles then stream with the copies of D - 1 stages on the way instead of one
-    load per thread (gemm:16,11008,4096: DRAM-bound instead of latency-bound)."""
-    from tvm.s_tir.schedule import Instruction, Trace
+    cp.async pipeline of depth D (tiles in shared memory at once). Kept from TVM's: the copies in
+    stage 0 and the tensor-core loop D - 1 iterations behind; dropped: the register stage (cp.async
+    copies global to shared directly) and the fragment pipeline of the inner loop (with it, lowering
+    fails: "fragment_info_" check, multi-buffered wmma fragments). On sim the tiles then stream with
+    the copies of D - 1 stages on the way instead of one load per thread (gemm:16,11008,4096:
+    DRAM-bound instead of latency-bound)."""
+    from tvm.s_tir.schedule import Instruction
 
-    insts = list(trace.insts)
-    staged = _annotations(insts, "software_pipeline_stage")
+    staged = _annotations(trace.insts, "software_pipeline_stage")
     outer = [inst.inputs[0] for inst in staged if len(inst.inputs[1]) == 7]
     inner = [inst.inputs[0] for inst in staged if len(inst.inputs[1]) == 3]
     if len(outer) != 1 or len(inner) != 1:  # not the pipeline this function knows: leave it alone
         return [(None, trace)]
     outer, inner = outer[0], inner[0]
-    variants = []
-    for stages in PIPELINE_STAGES:
-        edited = []
-        for inst in insts:
-            key = str(inst.attrs[0]) if inst.kind.name == "Annotate" else None
-            if key == "tirx.manifest_shared_memory_local_stage":
-                continue
-            if key in ("software_pipeline_stage", "software_pipeline_order"):
-                if inst.inputs[0].same_as(inner):
-                    continue
-                if inst.inputs[0].same_as(outer):  # three statements: the A copy, the B copy, the k loop
-                    value = [0, 0, stages - 1] if key == "software_pipeline_stage" else [0, 1, 2]
-                    edited.append(Instruction(inst.kind, [outer, value], inst.attrs, inst.outputs))
-                    if key == "software_pipeline_order":
-                        edited.append(Instruction(inst.kind, [outer, [0]], ["software_pipeline_async_stages"], []))
-                    continue
-            edited.append(inst)
-        variants.append((f"stages={stages}", Trace(edited, {})))
-    return variants
+
+    def rewrite(inst, stages):
+        key = _annotation_key(inst)
+        if key == "tirx.manifest_shared_memory_local_stage":
+            return []
+        if key not in ("software_pipeline_stage", "software_pipeline_order"):
+            return [inst]
+        if inst.inputs[0].same_as(inner):
+            return []
+        if not inst.inputs[0].same_as(outer):
+            return [inst]
+        if key == "software_pipeline_stage":  # three statements: the A copy, the B copy, the k loop
+            return [Instruction(inst.kind, [outer, [0, 0, stages - 1]], inst.attrs, inst.outputs)]
+        return [Instruction(inst.kind, [outer, [0, 1, 2]], inst.attrs, inst.outputs),
+                Instruction(inst.kind, [outer, [0]], ["software_pipeline_async_stages"], [])]
+
+    return _per_depth(trace, rewrite)
 
 
 def pipeline_variants(rule_set: str, trace) -> list:
-    """[(label, trace)]: the design spaces one generated trace stands for.
-
-    For ``mma``, one per pipeline depth S in PIPELINE_STAGES. TVM's rule annotates the outer k loop
-    (the one with ``software_pipeline_async_stages``) with stages [0, 0, 1, 2, 2] over its five
-    statements after the inner pipeline is expanded: the A and B cp.async copies, then the inner
-    pipeline's prologue (fragment loads of the next tile), body and epilogue. Stages
-    [0, 0, S - 2, S - 1, S - 1] keep that order and put the copies S - 1 iterations ahead, with S
-    shared buffers of each tile. For ``splitk_tc``, see ``_async_wmma_variants``. Other rule sets:
-    the trace as it is.
-    """
-    from tvm.s_tir.schedule import Instruction, Trace
-
+    """[(label, trace)]: the design spaces one generated trace stands for. TVM's rules fix the
+    software pipeline's depth with constant annotations (no trace instruction turns a sampled integer
+    into a stage array), so ``mma`` and ``splitk_tc`` give one design space per depth in
+    PIPELINE_STAGES (``_async_mma_variants``, ``_async_wmma_variants``). Other rule sets: the trace
+    as it is."""
+    if rule_set == "mma":
+        return _async_mma_variants(trace)
     if rule_set == "splitk_tc":
         return _async_wmma_variants(trace)
-    if rule_set != "mma":
-        return [(None, trace)]
-    insts = list(trace.insts)
-    loops = [inst.inputs[0] for inst in _annotations(insts, "software_pipeline_async_stages")]
-    if len(loops) != 1:  # not the pipeline this function knows: leave it alone
-        return [(None, trace)]
-    variants = []
-    for stages in PIPELINE_STAGES:
-        edited = []
-        for inst in insts:
-            if (inst.kind.name == "Annotate" and str(inst.attrs[0]) == "software_pipeline_stage"
-                    and inst.inputs[0].same_as(loops[0])):
-                if [int(v) for v in inst.inputs[1]] != [0, 0, 1, 2, 2]:
-                    return [(None, trace)]
-                inst = Instruction(inst.kind, [inst.inputs[0], [0, 0, stages - 2, stages - 1, stages - 1]],
-                                   inst.attrs, inst.outputs)
-            edited.append(inst)
-        variants.append((f"stages={stages}", Trace(edited, {})))
-    return variants
+    return [(None, trace)]
 
 
 def postprocs(rule_set: str, kind: str):

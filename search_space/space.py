@@ -45,11 +45,10 @@ from .rules import DYNAMIC_SHARED_RULE_SETS, RULE_SETS, pipeline_variants, postp
 from .targets import GpuSpec, gpu_spec
 
 # Postprocessors and mutators per rule set, as TVM's defaults pair them.
-_DEFAULT_KIND = {"tensorcore": "cuda-tensorcore", "mma": "cuda-tensorcore", "simt": "cuda", "fused": "cuda", "splitk": "cuda",
-                 "rowsoftmax": "cuda", "splitk_tc": "cuda-tensorcore"}
-# Rule sets over etune's TIR templates instead of the workload's TE chain: {rule set: the templates
-# that apply to a workload, {name: PrimFunc}}.
-# Template families: (workload, GpuSpec) -> {template name: PrimFunc}.
+_DEFAULT_KIND = {"tensorcore": "cuda-tensorcore", "mma": "cuda-tensorcore", "splitk_tc": "cuda-tensorcore",
+                 "simt": "cuda", "fused": "cuda", "splitk": "cuda", "rowsoftmax": "cuda"}
+# Rule sets over etune's TIR templates instead of the workload's TE chain:
+# {rule set: (workload, GpuSpec) -> the templates that apply, {name: PrimFunc}}.
 _TEMPLATES = {"fused": fused_prim_funcs, "rowsoftmax": lambda workload, gpu: softmax_prim_funcs(workload),
               "splitk_tc": split_k_prim_funcs}
 
