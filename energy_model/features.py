@@ -201,7 +201,7 @@ def _kernel_numbers(launch, resources, gpu) -> dict:
     resident_threads = resident_blocks * threads
     load_i = t.global_load_instructions + t.global_store_instructions
     bytes_per_access = (t.global_load_bytes + t.global_store_bytes) / load_i if load_i > 0 else 0.0
-    memory_instructions = load_i + (t.shared_load_bytes + t.shared_store_bytes) / 4.0
+    memory_instructions = load_i + t.shared_instructions
     issued = t.arithmetic_ops + t.hmma_instructions + memory_instructions
     lanes = threads / warps
     # L2 moves 32-byte sectors: a warp access narrower than one (few lanes, small elements) moves a whole one.

@@ -99,6 +99,15 @@ class Traffic:
     # operands of mma/ldmatrix/wmma calls included: what spilled registers turn into local-memory
     # traffic, in proportion to the share of them that spills.
     local_access_bytes: float = 0.0
+    # Shared-memory access instructions per thread: one per 4 bytes of plain and wmma accesses, one
+    # per ldmatrix (up to 16 bytes), none for cp.async (its one instruction is a global access).
+    shared_access_instructions: float = 0.0
+
+    @property
+    def shared_instructions(self) -> float:
+        """Shared-memory access instructions as counted; traffic without that count (older records)
+        takes one per 4 bytes."""
+        return self.shared_access_instructions or (self.shared_load_bytes + self.shared_store_bytes) / 4.0
 
     @property
     def hmma_instructions(self) -> float:
@@ -294,13 +303,16 @@ def _string(expr) -> str:
 
 
 def _ptx_op(op: str) -> str | None:
-    """'mma', 'ldmatrix' or 'cp_async' for TVM's PTX intrinsics (``ptx_legacy.mma``,
-    ``ptx_mma``, ``s_tir.cp_async_raw``, ...), else None."""
+    """'mma', 'ldmatrix', 'cp_async', 'commit_group' or 'wait_group' for TVM's PTX intrinsics
+    (``ptx_legacy.mma``, ``ptx_mma``, ``s_tir.cp_async_raw``, ``ptx.cp_async_wait_group``, ...),
+    else None."""
     tail = op.rpartition(".")[2].removeprefix("ptx_")
     if tail == "mma" and "ptx" in op:
         return "mma"
     if tail == "ldmatrix":
         return "ldmatrix"
+    if tail in ("cp_async_commit_group", "cp_async_wait_group"):
+        return tail.removeprefix("cp_async_")
     if tail.startswith("cp_async") and "bulk" not in tail and "barrier" not in tail:
         return "cp_async"
     return None
@@ -316,8 +328,11 @@ def analyse_kernel(name: str, func) -> KernelLaunch:
     lanes = gather_lanes = 1
     totals = dict.fromkeys(Traffic.__dataclass_fields__, 0.0)
     # cp.async: bytes one thread copies in each commit group's scope; groups allowed in flight.
+    # Kernels that commit and wait with explicit calls (thread-level templates) instead of TVM's
+    # pipeline scopes: their copies, commits and the groups their waits leave in flight.
     groups: list[float] = []
     inflight = 0
+    explicit = {"copied": 0.0, "commits": 0.0}
     for node, trips in _nodes(func.body):
         kind = type(node).__name__
         if kind == "AttrStmt" and node.attr_key == "async_commit_queue_scope":
@@ -362,6 +377,7 @@ def analyse_kernel(name: str, func) -> KernelLaunch:
                 totals[f"global_{direction}_instructions"] += trips
             elif scope.startswith("shared"):
                 totals[f"shared_{direction}_bytes"] += trips * nbytes
+                totals["shared_access_instructions"] += trips * nbytes / 4.0
             elif scope == "local":
                 totals["local_access_bytes"] += trips * nbytes
         elif kind in _ARITHMETIC:
@@ -391,6 +407,7 @@ def analyse_kernel(name: str, func) -> KernelLaunch:
                 if not hasattr(source, "buffer") or source.buffer.scope().startswith("shared"):
                     direction = "store" if op.endswith("store_matrix_sync") else "load"
                     totals[f"shared_{direction}_bytes"] += moved
+                    totals["shared_access_instructions"] += moved / 4.0
                 totals["local_access_bytes"] += moved
             elif ptx == "mma":
                 # ptx mma(shape, layouts, dtypes, ...): 2*m*n*k flops by a warp, counted once per
@@ -407,14 +424,23 @@ def analyse_kernel(name: str, func) -> KernelLaunch:
                 # memory into a warp's registers: num x 128 B per warp, num x 4 B per thread
                 moved = trips * (_constant(node.args[1]) or 1) * 8 * 8 * 2 / _WARP
                 totals["shared_load_bytes"] += moved
+                totals["shared_access_instructions"] += trips
                 totals["local_access_bytes"] += moved  # into registers
             elif ptx == "cp_async":
                 nbytes = _cp_async_bytes(node)
                 totals["global_load_bytes"] += trips * nbytes
                 totals["global_load_instructions"] += trips
                 totals["shared_store_bytes"] += trips * nbytes
+                explicit["copied"] += trips * nbytes
+            elif ptx == "commit_group":
+                explicit["commits"] += trips
+            elif ptx == "wait_group":
+                inflight = max(inflight, _constant(node.args[0]) or 0)
             elif op.rpartition(".")[2] in _MATH_CALLS:
                 totals["arithmetic_ops"] += trips * _lanes(node)
+    if not groups and explicit["commits"]:
+        # per thread and group: the kernel's copies over its commits (both counted per thread)
+        groups.append(explicit["copied"] / explicit["commits"])
     in_flight = max(groups) * (inflight + 1) if groups else 0.0
     return KernelLaunch(name, tuple(grid), tuple(block), shared, local, tensor_cores, lanes, gather_lanes,
                         Traffic(**totals), dynamic_shared, in_flight)
