@@ -96,13 +96,15 @@ def log(message: str) -> None:
 @dataclasses.dataclass
 class PoolEntry:
     candidate: object  # search_space.Candidate
-    selected_by: str  # random | sim-best
+    selected_by: str  # random | sim-best | template
 
 
 def select_pool(spec: str, random_n: int, best_n: int, sim_trials: int, seed: int = 0) -> list[PoolEntry]:
     """``random_n`` random samples and the ``best_n`` best that sim finds (by sim energy within 5 % of
     the fastest, and the fastest), distinct. ``sim_trials`` > 0: a short energy@0.05 tuning run on
-    sim; 0: the best of a 4 x ``best_n`` random sample ranked by sim (cheap, for the dry run)."""
+    sim; 0: the best of a 4 x ``best_n`` random sample ranked by sim (cheap, for the dry run). Then
+    every design space that is a single point (the thread-level ``flash_mma`` templates, a few):
+    hand-laid-out fragments are checked against the reference only on a GPU, so each is measured."""
     from etune.measurements.sim import SimBackend
     from etune.search_space import ScheduleSpace
 
@@ -128,6 +130,10 @@ def select_pool(spec: str, random_n: int, best_n: int, sim_trials: int, seed: in
                 seen.add(candidate.structural_hash)
                 entries.append(PoolEntry(candidate, "sim-best"))
                 picked += 1
+    for candidate in space.fixed_points():
+        if candidate.structural_hash not in seen:
+            seen.add(candidate.structural_hash)
+            entries.append(PoolEntry(candidate, "template"))
     return entries
 
 

@@ -144,6 +144,14 @@ def register_mma_layouts() -> None:
     tvm_ffi.register_global_func(_MATRIX_C_LAYOUT, matrix_c)
 
 
+def forget_mma_layouts() -> None:
+    """Drop the layout ``register_mma_layouts`` registered, before TVM's module registers its own."""
+    import tvm_ffi
+
+    if tvm_ffi.get_global_func(_MATRIX_C_LAYOUT, allow_missing=True) is not None:
+        tvm_ffi.remove_global_func(_MATRIX_C_LAYOUT)
+
+
 def compile_module(mod, gpu: GpuSpec):
     """``tvm.compile`` of a scheduled module for ``gpu`` as the search analysed it: with its passes
     (PASS_CONFIG: cp.async) and the mma accumulator layout registered. Kernels with shared.dyn are

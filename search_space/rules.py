@@ -1,6 +1,6 @@
 """MetaSchedule schedule rules for CUDA, spelled out so etune can fix what TVM 0.27's defaults break.
 
-Seven rule sets, each a family of design spaces for the workloads it applies to:
+Eight rule sets, each a family of design spaces for the workloads it applies to:
 - ``tensorcore``: TVM's DefaultCUDATensorCore, except that the wmma accumulator is staged through
   *static* shared memory. With the default ("shared.dyn" for loads and the store), the pass that merges
   dynamic shared allocations types the merged pool with the first buffer's element type (fp16), and the
@@ -39,6 +39,11 @@ Seven rule sets, each a family of design spaces for the workloads it applies to:
   pipeline is turned into cp.async stages (``pipeline_variants``): on sim, gemm:16,11008,4096 is
   latency-bound without it (best of 32: 44.6 us, 20.4 mJ, 1.03x the vendor stand-in's energy) and
   DRAM-bound with it (best of 32: 40.9 us, 16.4 mJ, 0.83x; ``tensorcore``: 61.0 us, 1.16x).
+- ``flash_mma``: attention prefill in fp16 with head_dim a multiple of 16, over etune's thread-level
+  FlashAttention-2 templates (kernels/attention_mma.py: S, P and O in mma.sync register fragments),
+  one per (warps, row tiles per warp, key tile, cp.async stages). Each template is already a complete
+  schedule (threads bound, fragments laid out by hand), so its design space is one point: the
+  choices are the templates, which sampling takes in turn. No rule touches them.
 """
 from __future__ import annotations
 
@@ -48,15 +53,15 @@ import sys
 
 from tvm.s_tir.meta_schedule import schedule_rule as sr
 
-from etune.kernels import gemm_splitk
+from etune.kernels import attention_mma, gemm_splitk
 
 from . import splitk
 
-RULE_SETS = ("tensorcore", "mma", "simt", "fused", "splitk", "rowsoftmax", "splitk_tc")
+RULE_SETS = ("tensorcore", "mma", "simt", "fused", "splitk", "rowsoftmax", "splitk_tc", "flash_mma")
 # Rule sets whose design spaces allocate shared.dyn, and so may use the opt-in shared-memory limit;
 # the others allocate static shared memory only, and VerifyGPUCode checks them against 48 KiB.
 # (``fused``: the flash prefill templates hold their tiles in shared.dyn where the target allows more.)
-DYNAMIC_SHARED_RULE_SETS = ("tensorcore", "mma", "fused", "splitk_tc")
+DYNAMIC_SHARED_RULE_SETS = ("tensorcore", "mma", "fused", "splitk_tc", "flash_mma")
 # Software-pipeline depths of the ``mma`` rule set: tiles in shared memory at once.
 PIPELINE_STAGES = (2, 3, 4)
 
@@ -69,6 +74,8 @@ def rule_set_applies(rule_set: str, workload) -> bool:
         return gemm_splitk.applies(workload)
     if rule_set == "rowsoftmax":
         return workload.family == "softmax"
+    if rule_set == "flash_mma":
+        return attention_mma.applies(workload)
     if rule_set == "mma":
         # TVM 0.27's mma path tiles exactly three loops (i, j, k) and generates no design space unless
         # M and N are multiples of 32 (M = 16, 48 or 100, N = 16 or 48 fail in its tiling: "the factor
@@ -141,6 +148,11 @@ def tensor_intrinsics():
             frame = frame.f_back
         return infos
 
+    # A process that compiled a module before it first sampled has etune's copy of the accumulator
+    # layout (build.register_mma_layouts), which TVM's module registers itself and may not replace.
+    from .build import forget_mma_layouts
+
+    forget_mma_layouts()
     inspect.stack = shallow_stack
     try:
         return importlib.import_module("tvm.s_tir.tensor_intrin.cuda")
@@ -286,7 +298,9 @@ def pipeline_variants(rule_set: str, trace) -> list:
 
 
 def postprocs(rule_set: str, kind: str):
-    """The postprocessors of a rule set: TVM's defaults for ``kind``, except that ``fused`` drops
+    """The postprocessors of a rule set: TVM's defaults for ``kind``, except that ``fused`` (and
+    ``flash_mma``, whose threads are bound at launch and whose causal key loop is as long as the
+    query tile needs) drops
     RewriteUnboundBlock and DisallowDynamicLoop. The fused rules bind every block themselves, and
     RewriteUnboundBlock aborts ("blockIdx is bound but threadIdx is not") on the prefill template's
     granule block, whose threads are bound inside it. The causal prefill's key loop has a length that
@@ -294,7 +308,7 @@ def postprocs(rule_set: str, kind: str):
     mean length; MetaSchedule's own features (energy_model's optional ``per_store``) do not expect one."""
     from tvm.s_tir.meta_schedule.postproc import Postproc
 
-    if rule_set != "fused":
+    if rule_set not in ("fused", "flash_mma"):
         return kind
     dropped = ("RewriteUnboundBlock", "DisallowDynamicLoop")
     return [p for p in Postproc.create(kind) if type(p).__name__ not in dropped]
@@ -320,6 +334,9 @@ def schedule_rules(rule_set: str, cross_thread_reduction: bool = True) -> list:
         register()
         tensor_intrinsics()  # TuneContext imports it otherwise, without the fast path
         return [sr.ApplyCustomRule()]
+    if rule_set == "flash_mma":
+        tensor_intrinsics()  # TuneContext imports it otherwise, without the fast path
+        return []  # the templates are complete schedules
     if rule_set == "splitk":
         # The rule schedules the reduction and its epilogue completely; nothing else is left to bind.
         return [splitk.SplitKRule()]

@@ -36,6 +36,7 @@ from tvm.s_tir.schedule import LoopRV, SBlockRV, Trace
 
 from etune.kernels import Workload, as_workload
 from etune.kernels.attention_fused import fused_prim_funcs
+from etune.kernels.attention_mma import mma_prefill_funcs
 from etune.kernels.gemm_splitk import split_k_prim_funcs
 from etune.kernels.softmax_fused import softmax_prim_funcs
 
@@ -46,11 +47,11 @@ from .targets import GpuSpec, gpu_spec
 
 # Postprocessors and mutators per rule set, as TVM's defaults pair them.
 _DEFAULT_KIND = {"tensorcore": "cuda-tensorcore", "mma": "cuda-tensorcore", "splitk_tc": "cuda-tensorcore",
-                 "simt": "cuda", "fused": "cuda", "splitk": "cuda", "rowsoftmax": "cuda"}
+                 "simt": "cuda", "fused": "cuda", "splitk": "cuda", "rowsoftmax": "cuda", "flash_mma": "cuda"}
 # Rule sets over etune's TIR templates instead of the workload's TE chain:
 # {rule set: (workload, GpuSpec) -> the templates that apply, {name: PrimFunc}}.
 _TEMPLATES = {"fused": fused_prim_funcs, "rowsoftmax": lambda workload, gpu: softmax_prim_funcs(workload),
-              "splitk_tc": split_k_prim_funcs}
+              "splitk_tc": split_k_prim_funcs, "flash_mma": mma_prefill_funcs}
 
 
 # TVM 0.27 raises plain Python exceptions across its FFI (no TVMError any more).
@@ -521,6 +522,17 @@ class ScheduleSpace:
         else:
             repair.kept = {p: d for p, d in outcome.decisions.items() if groups.group_of[p] not in redraw}
         return None
+
+    def fixed_points(self) -> list[Candidate]:
+        """The valid candidates of the design spaces with no decision to draw: thread-level templates
+        (``flash_mma``), where the template is the whole schedule."""
+        points = []
+        for space in self.design_spaces:
+            if not any(inst.kind.name.startswith("Sample") for inst in space.trace.insts):
+                candidate = self._replay(space, space.trace, seed=1)
+                if candidate is not None:
+                    points.append(candidate)
+        return points
 
     def from_trace_json(self, trace_json: str, design_space: int) -> Candidate:
         """A candidate back from its stored trace (no sampling, no postprocessing: the trace has both)."""

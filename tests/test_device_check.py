@@ -1,5 +1,7 @@
 """benchmarks/device_check.sh --dry-run (every phase on sim, on this CPU machine), and the tuner on
 the dataset it writes through the replay backend: what a GPU session's dataset will feed in CI."""
+import collections
+import json
 import os
 import subprocess
 import sys
@@ -8,7 +10,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from etune.kernels import parse_spec
+from etune.kernels.attention_mma import mma_prefill_funcs
 from etune.measurements.dataset import load_dataset
+from etune.search_space import gpu_spec
 from etune.tuner.cli import app
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,7 +59,13 @@ def test_the_dry_run_dataset_has_every_family_measured(dry_run):
     assert len(dataset.specs()) == WORKLOADS
     for spec in dataset.specs():
         mine = [r for r in candidates if r.spec == spec]
-        assert len(mine) == 6 and {r.candidate["selected_by"] for r in mine} == {"random", "sim-best"}
+        # every single-point design space (flash_mma templates: prefill only) is in the pool once
+        templates = mma_prefill_funcs(parse_spec(spec), gpu_spec(device_check.TARGET))
+        points = [r for r in mine if not any(i[0].startswith("Sample") for i in json.loads(r.candidate["trace"])[0])]
+        assert len(points) == len(templates)
+        assert bool(templates) == (spec == device_check.SURVEY["attention-prefill"])
+        drawn = [r for r in mine if r.candidate["selected_by"] != "template"]
+        assert len(drawn) == 6 and {r.candidate["selected_by"] for r in drawn} == {"random", "sim-best"}
         assert all(r.measured("latency") for r in mine) and all(r.measured("energy") for r in mine)
         row = mine[0].candidate
         assert row["trace"] and row["features"]["blocks_log2"] >= 0
@@ -177,7 +188,9 @@ def test_the_gpu_run_orchestrates_every_phase_from_a_pack(dry_run, tmp_path):
     energy_calls = [c for c in backend.calls if c[1] == "energy"]
     assert [c[2:] for c in energy_calls if c[0] is None][:6] == [(1.0, False)] * 5 + [(10.0, True)]
     survey_energy = [c for c in energy_calls if c[0] is not None]
-    assert len(survey_energy) == 6 * WORKLOADS and {c[2] for c in survey_energy} == {device_check.SURVEY_WINDOW_S}
+    pools = collections.Counter(r["spec"] for r in rows)  # 6 drawn; prefill also its one-point templates
+    assert len(survey_energy) == sum(min(device_check.ENERGY_PER_WORKLOAD, n) for n in pools.values())
+    assert {c[2] for c in survey_energy} == {device_check.SURVEY_WINDOW_S}
     assert backend.min_window_s == 1.0 and not backend.integrate_power  # settings restored
     assert "| survey | ok |" in (args.out / "report.md").read_text()
 
