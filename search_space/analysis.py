@@ -154,13 +154,17 @@ def _guard_fraction(condition, extents: dict) -> float:
     """The share of iterations a ``x == c`` guard lets through, where ``x`` combines loop and thread
     variables (``threadIdx.y == 0``, ``threadIdx.x * 8 + e == 0``: one writer of a value every thread
     holds): 1 / the number of distinct (variable) tuples, assuming the combination is injective;
-    and of a ``x < c`` guard on one variable, c / its extent. Other conditions (bounds guards) count
-    as always taken."""
+    of a ``x < c`` guard on one variable, c / its extent; of a ``c <= x`` guard, the rest (a
+    pipeline's loop that starts using tiles once the first stages are on their way). Other
+    conditions (bounds guards) count as always taken."""
     kind = type(condition).__name__
     if kind == "LT" and isinstance(condition.a, tvm.tirx.Var) and _constant(condition.b) is not None:
         # ``threadIdx.y < c``: the first c of the variable's values (idle warps of a row loop).
         extent = extents.get(condition.a.__chandle__())
         return min(1.0, max(0, _constant(condition.b)) / extent) if extent else 1.0
+    if kind == "LE" and isinstance(condition.b, tvm.tirx.Var) and _constant(condition.a) is not None:
+        extent = extents.get(condition.b.__chandle__())
+        return min(1.0, max(0.0, extent - _constant(condition.a)) / extent) if extent else 1.0
     if kind != "EQ":
         return 1.0
     found: dict = {}
@@ -439,7 +443,8 @@ def analyse_kernel(name: str, func) -> KernelLaunch:
             elif op.rpartition(".")[2] in _MATH_CALLS:
                 totals["arithmetic_ops"] += trips * _lanes(node)
     if not groups and explicit["commits"]:
-        # per thread and group: the kernel's copies over its commits (both counted per thread)
+        # per thread and group: the kernel's copies over its commits (both counted per thread; a
+        # pipeline's drain commits empty groups, which lowers the mean a little)
         groups.append(explicit["copied"] / explicit["commits"])
     in_flight = max(groups) * (inflight + 1) if groups else 0.0
     return KernelLaunch(name, tuple(grid), tuple(block), shared, local, tensor_cores, lanes, gather_lanes,
