@@ -1,6 +1,6 @@
 """MetaSchedule schedule rules for CUDA, spelled out so etune can fix what TVM 0.27's defaults break.
 
-Eight rule sets, each a family of design spaces for the workloads it applies to:
+Nine rule sets, each a family of design spaces for the workloads it applies to:
 - ``tensorcore``: TVM's DefaultCUDATensorCore, except that the wmma accumulator is staged through
   *static* shared memory. With the default ("shared.dyn" for loads and the store), the pass that merges
   dynamic shared allocations types the merged pool with the first buffer's element type (fp16), and the
@@ -44,6 +44,10 @@ Eight rule sets, each a family of design spaces for the workloads it applies to:
   one per (warps, row tiles per warp, key tile, cp.async stages). Each template is already a complete
   schedule (threads bound, fragments laid out by hand), so its design space is one point: the
   choices are the templates, which sampling takes in turn. No rule touches them.
+- ``gemm_mma``: fp16 GEMM with fp32 accumulation, M >= 32, N and K multiples of 8, over etune's
+  thread-level mma.sync GEMM templates (kernels/gemm_mma.py: m16n8k16 with 64x64-class warp tiles
+  in registers, A and B by cp.async and ldmatrix), one per (block tile, warp grid, stages); one
+  point each, as ``flash_mma``.
 """
 from __future__ import annotations
 
@@ -53,15 +57,17 @@ import sys
 
 from tvm.s_tir.meta_schedule import schedule_rule as sr
 
-from etune.kernels import attention_mma, gemm_splitk
+from etune.kernels import attention_mma, gemm_mma, gemm_splitk
 
 from . import splitk
 
-RULE_SETS = ("tensorcore", "mma", "simt", "fused", "splitk", "rowsoftmax", "splitk_tc", "flash_mma")
+RULE_SETS = ("tensorcore", "mma", "simt", "fused", "splitk", "rowsoftmax", "splitk_tc", "flash_mma", "gemm_mma")
+# Rule sets over thread-level templates: complete schedules, each a design space of one point.
+THREAD_LEVEL_RULE_SETS = ("flash_mma", "gemm_mma")
 # Rule sets whose design spaces allocate shared.dyn, and so may use the opt-in shared-memory limit;
 # the others allocate static shared memory only, and VerifyGPUCode checks them against 48 KiB.
 # (``fused``: the flash prefill templates hold their tiles in shared.dyn where the target allows more.)
-DYNAMIC_SHARED_RULE_SETS = ("tensorcore", "mma", "fused", "splitk_tc", "flash_mma")
+DYNAMIC_SHARED_RULE_SETS = ("tensorcore", "mma", "fused", "splitk_tc", *THREAD_LEVEL_RULE_SETS)
 # Software-pipeline depths of the ``mma`` rule set: tiles in shared memory at once.
 PIPELINE_STAGES = (2, 3, 4)
 
@@ -76,6 +82,8 @@ def rule_set_applies(rule_set: str, workload) -> bool:
         return workload.family == "softmax"
     if rule_set == "flash_mma":
         return attention_mma.applies(workload)
+    if rule_set == "gemm_mma":
+        return gemm_mma.applies(workload)
     if rule_set == "mma":
         # TVM 0.27's mma path tiles exactly three loops (i, j, k) and generates no design space unless
         # M and N are multiples of 32 (M = 16, 48 or 100, N = 16 or 48 fail in its tiling: "the factor
@@ -298,9 +306,9 @@ def pipeline_variants(rule_set: str, trace) -> list:
 
 
 def postprocs(rule_set: str, kind: str):
-    """The postprocessors of a rule set: TVM's defaults for ``kind``, except that ``fused`` (and
-    ``flash_mma``, whose threads are bound at launch and whose causal key loop is as long as the
-    query tile needs) drops
+    """The postprocessors of a rule set: TVM's defaults for ``kind``, except that ``fused`` (and the
+    thread-level templates, whose threads are bound at launch and whose loops may depend on the
+    block, like the causal key loop) drops
     RewriteUnboundBlock and DisallowDynamicLoop. The fused rules bind every block themselves, and
     RewriteUnboundBlock aborts ("blockIdx is bound but threadIdx is not") on the prefill template's
     granule block, whose threads are bound inside it. The causal prefill's key loop has a length that
@@ -308,7 +316,7 @@ def postprocs(rule_set: str, kind: str):
     mean length; MetaSchedule's own features (energy_model's optional ``per_store``) do not expect one."""
     from tvm.s_tir.meta_schedule.postproc import Postproc
 
-    if rule_set not in ("fused", "flash_mma"):
+    if rule_set not in ("fused", *THREAD_LEVEL_RULE_SETS):
         return kind
     dropped = ("RewriteUnboundBlock", "DisallowDynamicLoop")
     return [p for p in Postproc.create(kind) if type(p).__name__ not in dropped]
@@ -334,7 +342,7 @@ def schedule_rules(rule_set: str, cross_thread_reduction: bool = True) -> list:
         register()
         tensor_intrinsics()  # TuneContext imports it otherwise, without the fast path
         return [sr.ApplyCustomRule()]
-    if rule_set == "flash_mma":
+    if rule_set in THREAD_LEVEL_RULE_SETS:
         tensor_intrinsics()  # TuneContext imports it otherwise, without the fast path
         return []  # the templates are complete schedules
     if rule_set == "splitk":

@@ -19,6 +19,7 @@ gives; across design spaces, those whose kernels are repaired cheaply give more 
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import json
@@ -37,6 +38,7 @@ from tvm.s_tir.schedule import LoopRV, SBlockRV, Trace
 from etune.kernels import Workload, as_workload
 from etune.kernels.attention_fused import fused_prim_funcs
 from etune.kernels.attention_mma import mma_prefill_funcs
+from etune.kernels.gemm_mma import gemm_mma_funcs
 from etune.kernels.gemm_splitk import split_k_prim_funcs
 from etune.kernels.softmax_fused import softmax_prim_funcs
 
@@ -47,11 +49,12 @@ from .targets import GpuSpec, gpu_spec
 
 # Postprocessors and mutators per rule set, as TVM's defaults pair them.
 _DEFAULT_KIND = {"tensorcore": "cuda-tensorcore", "mma": "cuda-tensorcore", "splitk_tc": "cuda-tensorcore",
-                 "simt": "cuda", "fused": "cuda", "splitk": "cuda", "rowsoftmax": "cuda", "flash_mma": "cuda"}
+                 "simt": "cuda", "fused": "cuda", "splitk": "cuda", "rowsoftmax": "cuda", "flash_mma": "cuda",
+                 "gemm_mma": "cuda"}
 # Rule sets over etune's TIR templates instead of the workload's TE chain:
 # {rule set: (workload, GpuSpec) -> the templates that apply, {name: PrimFunc}}.
 _TEMPLATES = {"fused": fused_prim_funcs, "rowsoftmax": lambda workload, gpu: softmax_prim_funcs(workload),
-              "splitk_tc": split_k_prim_funcs, "flash_mma": mma_prefill_funcs}
+              "splitk_tc": split_k_prim_funcs, "flash_mma": mma_prefill_funcs, "gemm_mma": gemm_mma_funcs}
 
 
 # TVM 0.27 raises plain Python exceptions across its FFI (no TVMError any more).
@@ -175,6 +178,11 @@ class DesignSpace:
     mod: object = dataclasses.field(default=None, repr=False)
     # The template's name, the variant of a generated space ("stages=3"), or both ("splitk_tc_s8 stages=3").
     template: str | None = None
+
+    @functools.cached_property
+    def is_point(self) -> bool:
+        """No sampling decision: the space is one schedule (thread-level templates)."""
+        return not any(inst.kind.name.startswith("Sample") for inst in self.trace.insts)
 
     @functools.cached_property
     def groups(self) -> DecisionGroups:
@@ -364,6 +372,7 @@ class ScheduleSpace:
                                         " ".join(label for label in (template, variant) if label) or None)
                         )
         self.last_sample: dict = {}
+        self._point_hashes: dict[int, str] = {}  # one-point design space -> its schedule's hash
         if not self.design_spaces:
             reasons = "; ".join(self.notes)
             raise SamplingError(f"{self.workload.spec}: MetaSchedule generated no design space"
@@ -525,12 +534,13 @@ class ScheduleSpace:
 
     def fixed_points(self) -> list[Candidate]:
         """The valid candidates of the design spaces with no decision to draw: thread-level templates
-        (``flash_mma``), where the template is the whole schedule."""
+        (``flash_mma``, ``gemm_mma``), where the template is the whole schedule."""
         points = []
         for space in self.design_spaces:
-            if not any(inst.kind.name.startswith("Sample") for inst in space.trace.insts):
+            if space.is_point:
                 candidate = self._replay(space, space.trace, seed=1)
                 if candidate is not None:
+                    self._point_hashes[space.index] = candidate.structural_hash
                     points.append(candidate)
         return points
 
@@ -557,14 +567,23 @@ class ScheduleSpace:
         attempts = max_attempts if max_attempts is not None else 200 * max(n, 1)
         repairs = [_Repair() for _ in self.design_spaces]  # each space's draw in progress
         used = duplicates = 0
-        for attempt in range(attempts):
-            if len(found) >= n:
+        # A one-point space (a thread-level template) is visited once per call, and not at all once
+        # its point is known to be excluded: another visit could only give the same schedule.
+        turns = collections.deque(s for s in self.design_spaces
+                                  if not (s.is_point and self._point_hashes.get(s.index) in seen))
+        for _ in range(attempts):
+            if len(found) >= n or not turns:
                 break
-            space = self.design_spaces[attempt % len(self.design_spaces)]
+            space = turns[0]
+            turns.rotate(-1)
             candidate = self._repair_step(space, rng, repairs[space.index])
             used += 1
+            if space.is_point:
+                turns.remove(space)
             if candidate is None:
                 continue
+            if space.is_point:
+                self._point_hashes[space.index] = candidate.structural_hash
             if candidate.structural_hash in seen:
                 duplicates += 1
             else:

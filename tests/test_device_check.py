@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from etune.kernels import parse_spec
 from etune.kernels.attention_mma import mma_prefill_funcs
+from etune.kernels.gemm_mma import gemm_mma_funcs
 from etune.measurements.dataset import load_dataset
 from etune.search_space import gpu_spec
 from etune.tuner.cli import app
@@ -59,17 +60,20 @@ def test_the_dry_run_dataset_has_every_family_measured(dry_run):
     assert len(dataset.specs()) == WORKLOADS
     for spec in dataset.specs():
         mine = [r for r in candidates if r.spec == spec]
-        # every single-point design space (flash_mma templates: prefill only) is in the pool once
-        templates = mma_prefill_funcs(parse_spec(spec), gpu_spec(device_check.TARGET))
+        # every single-point design space (thread-level templates: prefill and the large GEMM) is in
+        # the pool once
+        workload, gpu = parse_spec(spec), gpu_spec(device_check.TARGET)
+        templates = {**mma_prefill_funcs(workload, gpu), **gemm_mma_funcs(workload, gpu)}
         points = [r for r in mine if not any(i[0].startswith("Sample") for i in json.loads(r.candidate["trace"])[0])]
         assert len(points) == len(templates)
-        assert bool(templates) == (spec == device_check.SURVEY["attention-prefill"])
+        assert bool(templates) == (spec in (device_check.SURVEY["attention-prefill"], device_check.SURVEY["gemm"]))
         drawn = [r for r in mine if r.candidate["selected_by"] != "template"]
         assert len(drawn) == 6 and {r.candidate["selected_by"] for r in drawn} == {"random", "sim-best"}
-        assert all(r.measured("latency") for r in mine) and all(r.measured("energy") for r in mine)
+        assert all(r.measured("latency") for r in mine)
+        assert sum(bool(r.measured("energy")) for r in mine) == min(len(mine), device_check.ENERGY_PER_WORKLOAD)
         row = mine[0].candidate
         assert row["trace"] and row["features"]["blocks_log2"] >= 0
-        energy = mine[0].measured("energy")
+        energy = next(r.measured("energy") for r in mine if r.measured("energy"))
         assert energy["details"]["avg_power_w"] > energy["details"]["idle_power_w"] > 0
     vendors = [r for r in records.values() if r.vendor]
     assert len(vendors) == 11 and all(r.measured("latency") and r.measured("energy") for r in vendors)
@@ -188,7 +192,7 @@ def test_the_gpu_run_orchestrates_every_phase_from_a_pack(dry_run, tmp_path):
     energy_calls = [c for c in backend.calls if c[1] == "energy"]
     assert [c[2:] for c in energy_calls if c[0] is None][:6] == [(1.0, False)] * 5 + [(10.0, True)]
     survey_energy = [c for c in energy_calls if c[0] is not None]
-    pools = collections.Counter(r["spec"] for r in rows)  # 6 drawn; prefill also its one-point templates
+    pools = collections.Counter(r["spec"] for r in rows)  # 6 drawn, and the one-point templates
     assert len(survey_energy) == sum(min(device_check.ENERGY_PER_WORKLOAD, n) for n in pools.values())
     assert {c[2] for c in survey_energy} == {device_check.SURVEY_WINDOW_S}
     assert backend.min_window_s == 1.0 and not backend.integrate_power  # settings restored

@@ -18,9 +18,14 @@ def test_target_presets():
         gpu_spec("b9000")
 
 
+# MetaSchedule's spaces (sampling decisions to mutate and cross over); the thread-level templates
+# (one point each, `gemm_mma`) are tested in tests/test_gemm_mma.py.
+SAMPLED_RULE_SETS = ("tensorcore", "mma", "simt")
+
+
 @pytest.fixture(scope="module")
 def gemm_space():
-    return ScheduleSpace("gemm:256,256,256")
+    return ScheduleSpace("gemm:256,256,256", rule_sets=SAMPLED_RULE_SETS)
 
 
 def test_sampling_gives_distinct_valid_candidates(gemm_space):
@@ -62,7 +67,7 @@ def test_mutation_and_crossover_give_new_valid_schedules(gemm_space):
 def test_a_seed_gives_the_same_mutants_in_another_space(gemm_space):
     """TVM's MutateTileSize picks its site in object-address order; etune's visits the trace in order,
     so a tuning run repeats with its seed (in another process too)."""
-    other = ScheduleSpace("gemm:256,256,256")
+    other = ScheduleSpace("gemm:256,256,256", rule_sets=SAMPLED_RULE_SETS)
     parents = gemm_space.sample(8, seed=5)
     twins = other.sample(8, seed=5)
 

@@ -1,0 +1,208 @@
+"""Tensor-core GEMM at thread level: mma.sync m16n8k16 with 64x64-class warp tiles in registers.
+
+TVM 0.27's MetaSchedule reaches the tensor cores through wmma (fragments loaded from shared memory
+for every 16x16x16 product) or its mma path (m16n8k8, M and N multiples of 32). Here, as in
+CUTLASS's sm80 kernels: a block computes a BM x BN tile of C, its warps a (BM / WM) x (BN / WN) tile
+each, with the accumulators in registers (m16n8 fp32 fragments, ``c_fragment``); per k step of 32,
+A and B tiles arrive in shared memory by cp.async (``stages`` of them in flight) and each warp loads
+its A fragments (``ldmatrix``) and B fragments (``ldmatrix.trans``: B is row-major, k x n) once and
+uses each in every product of its tile: a 64 x 64 warp tile reads 8 KB of shared memory per 32 k
+for 262k flops, half of what 32 x 32 wmma tiles read. Rows and columns past M and N and the K tail
+are zero-filled by the predicated cp.async and not stored.
+
+Template parameters (each template a design space of one point, rule set ``gemm_mma``): block tile,
+warp grid and pipeline stages. fp16 in and out, fp32 accumulation; N and K multiples of 8 (16-byte
+rows of A and B).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .mma_fragments import c_fragment, emulate_ldmatrix, emulate_mma
+
+BK = 32  # k per stage: two k16 chunks
+PAD = 8  # fp16 elements (16 bytes) of padding per shared-memory row
+# (BM, BN, warps over M, warps over N)
+TILES = ((128, 128, 2, 2), (128, 256, 2, 4), (256, 128, 4, 2), (128, 128, 2, 4), (64, 128, 2, 2),
+         (64, 64, 2, 2))
+STAGES = (2, 3, 4)
+
+
+def a_ldmatrix_address(lane, tile, chunk):
+    """A tile (row-major, m x k): the A fragment of 16 rows (``tile``) x one k16 chunk."""
+    return tile * 16 + lane % 16, chunk * 16 + lane // 16 * 8
+
+
+def b_ldmatrix_address(lane, chunk, pair):
+    """B tile (row-major, k x n; loaded with .trans): one k16 chunk x two n8 tiles (``pair``)."""
+    return chunk * 16 + lane // 8 % 2 * 8 + lane % 8, pair * 16 + lane // 16 * 8
+
+
+def applies(workload) -> bool:
+    p = workload.params
+    return (workload.family == "gemm" and p.get("dtype") == "float16" and p.get("accumulate") == "float32"
+            and int(p["N"]) % 8 == 0 and int(p["K"]) % 8 == 0 and int(p["M"]) >= 32)
+
+
+def shared_bytes(bm: int, bn: int, stages: int) -> int:
+    return stages * (bm * (BK + PAD) + BK * (bn + PAD)) * 2
+
+
+def configs(M: int, N: int) -> list[tuple[int, int, int, int, int]]:
+    """(BM, BN, WM, WN, stages) offered: block tiles no larger than the problem rounded up to 64
+    (one at least)."""
+    fitting = [t for t in TILES if t[0] <= max(64, -(-M // 64) * 64) and t[1] <= max(64, -(-N // 64) * 64)]
+    return [(*t, s) for t in (fitting or [TILES[-1]]) for s in STAGES]
+
+
+def gemm_mma_funcs(workload, gpu=None) -> dict:
+    """{name: PrimFunc} of the templates whose shared memory fits ``gpu`` (default 48 KiB)."""
+    if not applies(workload):
+        return {}
+    p = workload.params
+    max_shared = gpu.max_shared_memory_per_block if gpu is not None else 48 * 1024
+    return {f"gemm_mma_{bm}x{bn}_w{wm}x{wn}_s{s}": gemm_mma(p["M"], p["N"], p["K"], bm, bn, wm, wn, s)
+            for bm, bn, wm, wn, s in configs(p["M"], p["N"]) if shared_bytes(bm, bn, s) <= max_shared}
+
+
+def gemm_mma(M: int, N: int, K: int, bm: int = 128, bn: int = 128, wm: int = 2, wn: int = 2, stages: int = 3,
+             dtype: str = "float16"):
+    import tvm
+    from tvm.script import tirx as T
+
+    TM, TN = bm // wm, bn // wn  # warp tile
+    if TM % 16 or TN % 16:
+        raise ValueError(f"warp tile {TM} x {TN} must be multiples of 16")
+    MT, NT = TM // 16, TN // 8  # m16 and n8 tiles per warp
+    THREADS = 32 * wm * wn
+    AP, BP = BK + PAD, bn + PAD
+    A_VECTORS, B_VECTORS = BK // 8, bn // 8  # 16-byte vectors per row of the A and B tiles
+    A_ROUNDS = -(-(bm * A_VECTORS) // THREADS)
+    B_ROUNDS = -(-(BK * B_VECTORS) // THREADS)
+    KT = -(-K // BK)
+    GM, GN = -(-M // bm), -(-N // bn)
+    ST = int(stages)
+
+    def a_offset(address):
+        return address[0] * AP + address[1]
+
+    def b_offset(address):
+        return address[0] * BP + address[1]
+
+    @T.prim_func(s_tir=True)
+    def main(A: T.Buffer((M, K), dtype), B: T.Buffer((K, N), dtype), C: T.Buffer((M, N), dtype)):
+        T.func_attr({"global_symbol": "main", "tirx.noalias": True})
+        bx = T.env_thread("blockIdx.x")
+        tx = T.env_thread("threadIdx.x")
+        T.launch_thread(bx, GM * GN)
+        T.launch_thread(tx, THREADS)
+        with T.sblock():
+            As = T.sblock_alloc_buffer((ST, bm, AP), dtype, scope="shared.dyn")
+            Bs = T.sblock_alloc_buffer((ST, BK, BP), dtype, scope="shared.dyn")
+            Af = T.sblock_alloc_buffer((MT * 8,), dtype, scope="local")
+            Bf = T.sblock_alloc_buffer((NT * 4,), dtype, scope="local")
+            Acc = T.sblock_alloc_buffer((MT * NT * 4,), "float32", scope="local")
+            # Blocks along N first: consecutive blocks share their A rows (and B stays in L2).
+            row0 = T.meta_var(bx // GN * bm)
+            col0 = T.meta_var(bx % GN * bn)
+            warp_row = T.meta_var(tx // 32 // wn * TM)
+            warp_col = T.meta_var(tx // 32 % wn * TN)
+            lane = T.meta_var(tx % 32)
+            for i in T.unroll(MT * NT * 4):
+                Acc[i] = T.float32(0)
+            for u in T.serial(KT + ST - 1):
+                if u < KT:
+                    # k step u into buffer u % ST: A rows past M and k past K are zero-filled
+                    for rnd in T.serial(A_ROUNDS):
+                        with T.attr("default", "async_scope", 1):
+                            for v in T.vectorized(8):
+                                if rnd * THREADS + tx < bm * A_VECTORS:
+                                    As[u % ST, (rnd * THREADS + tx) // A_VECTORS, (rnd * THREADS + tx) % A_VECTORS * 8 + v] = T.if_then_else(
+                                        tvm.tirx.all(row0 + (rnd * THREADS + tx) // A_VECTORS < M,
+                                                     u * BK + (rnd * THREADS + tx) % A_VECTORS * 8 < K),
+                                        A[T.min(row0 + (rnd * THREADS + tx) // A_VECTORS, M - 1),
+                                          T.min(u * BK + (rnd * THREADS + tx) % A_VECTORS * 8, K - 8) + v], T.Cast(dtype, 0))
+                    for rnd in T.serial(B_ROUNDS):
+                        with T.attr("default", "async_scope", 1):
+                            for v in T.vectorized(8):
+                                if rnd * THREADS + tx < BK * B_VECTORS:
+                                    Bs[u % ST, (rnd * THREADS + tx) // B_VECTORS, (rnd * THREADS + tx) % B_VECTORS * 8 + v] = T.if_then_else(
+                                        tvm.tirx.all(u * BK + (rnd * THREADS + tx) // B_VECTORS < K,
+                                                     col0 + (rnd * THREADS + tx) % B_VECTORS * 8 < N),
+                                        B[T.min(u * BK + (rnd * THREADS + tx) // B_VECTORS, K - 1),
+                                          T.min(col0 + (rnd * THREADS + tx) % B_VECTORS * 8, N - 8) + v], T.Cast(dtype, 0))
+                T.evaluate(T.ptx.cp.async_.commit_group())
+                if u >= ST - 1:
+                    T.evaluate(T.ptx.cp.async_.wait_group(ST - 1))
+                    T.tvm_storage_sync("shared")
+                    for c in T.unroll(BK // 16):
+                        for m in T.unroll(MT):
+                            T.evaluate(T.ptx_legacy.ldmatrix(
+                                False, 4, ".b16", Af.data, m * 8, As.access_ptr("r"),
+                                (u - (ST - 1)) % ST * bm * AP + a_offset(a_ldmatrix_address(lane, 0, c))
+                                + (warp_row + m * 16) * AP, dtype=dtype))
+                        for p in T.unroll(NT // 2):
+                            T.evaluate(T.ptx_legacy.ldmatrix(
+                                True, 4, ".b16", Bf.data, p * 8, Bs.access_ptr("r"),
+                                (u - (ST - 1)) % ST * BK * BP + b_offset(b_ldmatrix_address(lane, c, 0))
+                                + warp_col + p * 16, dtype=dtype))
+                        for m in T.unroll(MT):
+                            for n in T.unroll(NT):
+                                T.evaluate(T.ptx_legacy.mma(
+                                    "m16n8k16", "row", "col", "fp16", "fp16", "fp32", Af.data, m * 8, Bf.data,
+                                    n * 4, Acc.data, (m * NT + n) * 4, False, dtype="float32"))
+                    T.tvm_storage_sync("shared")
+            T.evaluate(T.ptx.cp.async_.wait_group(0))
+            for m in T.unroll(MT):
+                for n in T.unroll(NT):
+                    for i in T.unroll(4):
+                        if tvm.tirx.all(row0 + warp_row + m * 16 + c_fragment(lane, i)[0] < M,
+                                        col0 + warp_col + n * 8 + c_fragment(lane, i)[1] < N):
+                            C[row0 + warp_row + m * 16 + c_fragment(lane, i)[0],
+                              col0 + warp_col + n * 8 + c_fragment(lane, i)[1]] = T.Cast(dtype, Acc[(m * NT + n) * 4 + i])
+
+    return main
+
+
+def shifted(address, *args, rows=0, cols=0):
+    """``address`` of a warp's tile moved by (rows, cols) within the block's tile."""
+    def moved(lane):
+        row, col = address(lane, *args)
+        return row + rows, col + cols
+    return moved
+
+
+def emulate(a: np.ndarray, b: np.ndarray, bm: int = 64, bn: int = 64, wm: int = 2, wn: int = 2) -> np.ndarray:
+    """``gemm_mma``'s output computed as its warps do (ldmatrix and mma semantics, fp32 accumulators)."""
+    M, K = a.shape
+    N = b.shape[1]
+    TM, TN = bm // wm, bn // wn
+    MT, NT = TM // 16, TN // 8
+    c_rows, c_cols = c_fragment(np.arange(32)[:, None], np.arange(4)[None, :])
+    out = np.zeros((M, N), a.dtype)
+    for row0 in range(0, M, bm):
+        for col0 in range(0, N, bn):
+            for wr in range(wm):
+                for wc in range(wn):
+                    acc = np.zeros((MT, NT, 32, 4), np.float32)
+                    for k0 in range(0, K, BK):
+                        at = np.zeros((bm, BK + PAD), a.dtype)
+                        bt = np.zeros((BK, bn + PAD), b.dtype)
+                        rows, ks = slice(row0, min(row0 + bm, M)), slice(k0, min(k0 + BK, K))
+                        at[:rows.stop - row0, :ks.stop - k0] = a[rows, ks]
+                        bt[:ks.stop - k0, :min(col0 + bn, N) - col0] = b[ks, col0:min(col0 + bn, N)]
+                        for c in range(BK // 16):
+                            af = [emulate_ldmatrix(at, shifted(a_ldmatrix_address, 0, c, rows=wr * TM + m * 16), False)
+                                  for m in range(MT)]
+                            bf = [emulate_ldmatrix(bt, shifted(b_ldmatrix_address, c, 0, cols=wc * TN + p * 16), True)
+                                  for p in range(NT // 2)]
+                            for m in range(MT):
+                                for n in range(NT):
+                                    acc[m, n] = emulate_mma(af[m], bf[n // 2][:, n % 2 * 4:n % 2 * 4 + 4], acc[m, n])
+                    for m in range(MT):
+                        for n in range(NT):
+                            r = row0 + wr * TM + m * 16 + c_rows
+                            col = col0 + wc * TN + n * 8 + c_cols
+                            keep = (r < M) & (col < N)
+                            out[r[keep], col[keep]] = acc[m, n][keep].astype(a.dtype)
+    return out

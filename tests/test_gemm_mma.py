@@ -1,0 +1,134 @@
+"""Thread-level mma.sync GEMM templates (kernels/gemm_mma.py, rule set ``gemm_mma``).
+
+As for the FlashAttention-2 templates, the PrimFunc cannot run here: its data flow is checked by
+``emulate`` (the warps' ldmatrix and mma steps in NumPy, with the layouts the PrimFunc uses), its
+lowered structure and nvcc build (sm_90, no spills) directly, and its numbers on sim (model
+outputs). On a GPU, built templates are compared with the reference.
+"""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tvm
+
+from etune.kernels import gemm_mma as gemm_mma_module
+from etune.kernels import parse_spec
+from etune.kernels.gemm_mma import BK, configs, emulate, gemm_mma, gemm_mma_funcs, shared_bytes
+from etune.search_space import ScheduleSpace, gpu_spec
+from etune.search_space.analysis import kernel_launches
+from etune.search_space.rules import rule_set_applies
+
+
+def operands(M, N, K, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((M, K)).astype("float16"), rng.standard_normal((K, N)).astype("float16")
+
+
+@pytest.mark.parametrize("shape, tile", [
+    ((64, 64, 64), (64, 64, 2, 2)),
+    ((70, 72, 40), (64, 64, 2, 2)),  # M, N and K past a tile: guarded rows and columns, a K tail
+    ((100, 136, 96), (64, 128, 2, 2)),
+    ((33, 64, 32), (64, 64, 2, 2)),
+    ((128, 128, 48), (128, 128, 2, 4)),
+])
+def test_emulated_kernel_matches_the_reference(shape, tile):
+    M, N, K = shape
+    a, b = operands(M, N, K)
+    workload = parse_spec(f"gemm:{M},{N},{K}")
+    ok, error = workload.check([emulate(a, b, *tile)], workload.reference([a, b]))
+    assert ok, error
+
+
+@pytest.mark.parametrize("layout", ["a_ldmatrix_address", "b_ldmatrix_address"])
+def test_emulation_fails_when_a_layout_is_wrong(monkeypatch, layout):
+    correct = getattr(gemm_mma_module, layout)
+    monkeypatch.setattr(gemm_mma_module, layout, lambda *args: (correct(*args)[0] ^ 1, correct(*args)[1]))
+    a, b = operands(64, 64, 64)
+    workload = parse_spec("gemm:64,64,64")
+    ok, _ = workload.check([emulate(a, b)], workload.reference([a, b]))
+    assert not ok
+
+
+def test_offered_for_fp16_gemm_with_room_for_its_tiles():
+    assert rule_set_applies("gemm_mma", parse_spec("gemm:4096,4096,4096"))
+    for spec in ("gemm:16,11008,4096", "gemm:1,4096,4096", "gemm:64,60,64", "gemm:64,64,64,accumulate=float16",
+                 "softmax:64,64"):
+        assert not rule_set_applies("gemm_mma", parse_spec(spec)), spec
+    # tiles no larger than the problem rounded up to 64; 48 KiB without the opt-in
+    assert {(bm, bn) for bm, bn, *_ in configs(100, 100)} == {(64, 128), (64, 64), (128, 128)}
+    small = gemm_mma_funcs(parse_spec("gemm:4096,4096,4096"))
+    assert small and all(shared_bytes(*map(int, name.split("_")[2].split("x")), int(name[-1])) <= 48 * 1024
+                         for name in small)
+    assert len(gemm_mma_funcs(parse_spec("gemm:4096,4096,4096"), gpu_spec("h100"))) == 18
+
+
+def test_lowered_structure():
+    M, N, K = 200, 264, 104
+    (launch,) = kernel_launches(tvm.IRModule({"main": gemm_mma(M, N, K, 128, 128, 2, 2, 3)}),
+                                gpu_spec("h100").tvm_target())
+    assert launch.grid == (2 * 3, 1, 1) and launch.block == (128, 1, 1)
+    assert launch.shared_bytes == shared_bytes(128, 128, 3) and launch.uses_tensor_cores
+    # every product of the padded tiles, once: no operand re-read from global memory per warp
+    assert launch.traffic.tensor_core_flops == 2 * 256 * 384 * (-(-K // BK) * BK)
+    assert launch.traffic.global_load_bytes == 6 * (128 + 128) * 4 * BK * 2
+    # three stages of A and B tiles on the way per thread, averaged over the commits (the last two
+    # of the 4 + 2 commit no copy)
+    kt = -(-K // BK)
+    assert launch.async_copy_bytes_in_flight == 3 * (128 * 32 + 32 * 128) * 2 / 128 * kt / (kt + 2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tile", sorted({c[:4] for c in configs(4096, 4096)}))
+def test_builds_for_sm_90_without_spills(tile, tmp_path):
+    from etune.search_space.build import compile_module, nvcc_compile
+
+    executable = compile_module(tvm.IRModule({"main": gemm_mma(200, 264, 104, *tile, 3)}), gpu_spec("h100"))
+    source = next(m for m in executable.mod.imports if m.kind == "cuda").inspect_source()
+    _, (resources,) = nvcc_compile(source, "sm_90", Path(tmp_path))
+    assert 0 < resources.registers <= 255 and resources.spill_store_bytes == resources.spill_load_bytes == 0
+
+
+def test_sim_beats_the_wmma_space():
+    """On sim (model outputs): the best template uses less energy than the best of 16 samples of
+    the wmma space, whose fragments are loaded from shared memory for every product."""
+    from etune.measurements.sim import simulate
+
+    spec = "gemm:2048,2048,2048"
+    workload = parse_spec(spec)
+    gpu = gpu_spec("h100")
+
+    def energy(mod):
+        return simulate(kernel_launches(mod, gpu.tvm_target()), workload, gpu).energy_j
+
+    space = ScheduleSpace(spec, rule_sets=["gemm_mma"])
+    assert len(space.fixed_points()) == len(space.design_spaces) == 18
+    best = min(energy(c.schedule.mod) for c in space.fixed_points())
+    wmma = ScheduleSpace(spec, rule_sets=["tensorcore"])
+    assert best < min(energy(c.schedule.mod) for c in wmma.sample(16, seed=0))
+
+
+@pytest.mark.gpu
+def test_templates_match_the_reference_on_gpu(tmp_path):
+    from etune.measurements.tvm_runner import run_and_check
+    from etune.search_space import Builder
+
+    for spec in ("gemm:200,264,104", "gemm:1024,1024,1024"):
+        local = ScheduleSpace(spec, "local", rule_sets=["gemm_mma"])
+        candidates = local.fixed_points()
+        assert len(candidates) == len(local.design_spaces)
+        for i, build in enumerate(Builder(local.gpu, workdir=tmp_path).build(candidates)):
+            assert build.ok, build.error
+            ok, error = run_and_check(local.workload, build.library, seed=i)
+            assert ok, f"{spec} {local.design_spaces[candidates[i].design_space].template}: relative error {error}"
+
+
+def test_default_space_samples_each_template_once():
+    space = ScheduleSpace("gemm:256,256,256")
+    points = [d for d in space.design_spaces if d.is_point]
+    assert {d.rule_set for d in points} == {"gemm_mma"}
+    assert len(points) == len(gemm_mma_funcs(parse_spec("gemm:256,256,256"), space.gpu))
+    first = space.sample(len(space.design_spaces), seed=0)
+    assert {c.design_space for c in first} >= {d.index for d in points}
+    # a later call (the tuner excludes what it measured) does not come back to the templates
+    again = space.sample(6, seed=1, exclude={c.structural_hash for c in first})
+    assert len(again) == 6 and not any(space.design_spaces[c.design_space].is_point for c in again)
