@@ -12,7 +12,9 @@ are zero-filled by the predicated cp.async and not stored.
 
 Template parameters (each template a design space of one point, rule set ``gemm_mma``): block tile,
 warp grid and pipeline stages. fp16 in and out, fp32 accumulation; N and K multiples of 8 (16-byte
-rows of A and B).
+rows of A and B). For skinny GEMM (2 <= M <= 32, LLM decode shapes) ``gemm_mma_skinny``: a block
+per 32 or 64 columns whose warps split K among them, one kernel (the ``splitk_tc`` family needs a
+merge kernel and global partials).
 """
 from __future__ import annotations
 
@@ -38,10 +40,15 @@ def b_ldmatrix_address(lane, chunk, pair):
     return chunk * 16 + lane // 8 % 2 * 8 + lane % 8, pair * 16 + lane // 16 * 8
 
 
-def applies(workload) -> bool:
+def tiled_applies(workload) -> bool:
     p = workload.params
     return (workload.family == "gemm" and p.get("dtype") == "float16" and p.get("accumulate") == "float32"
             and int(p["N"]) % 8 == 0 and int(p["K"]) % 8 == 0 and int(p["M"]) >= 32)
+
+
+def applies(workload) -> bool:
+    """The block-tiled templates (M >= 32) or the skinny ones (2 <= M <= 32)."""
+    return tiled_applies(workload) or skinny_applies(workload)
 
 
 def shared_bytes(bm: int, bn: int, stages: int) -> int:
@@ -56,13 +63,16 @@ def configs(M: int, N: int) -> list[tuple[int, int, int, int, int]]:
 
 
 def gemm_mma_funcs(workload, gpu=None) -> dict:
-    """{name: PrimFunc} of the templates whose shared memory fits ``gpu`` (default 48 KiB)."""
-    if not applies(workload):
-        return {}
+    """{name: PrimFunc} of the templates whose shared memory fits ``gpu`` (default 48 KiB): the
+    block-tiled ones and the skinny ones, where each applies."""
+    funcs = skinny_funcs(workload, gpu)
+    if not tiled_applies(workload):
+        return funcs
     p = workload.params
     max_shared = gpu.max_shared_memory_per_block if gpu is not None else 48 * 1024
-    return {f"gemm_mma_{bm}x{bn}_w{wm}x{wn}_s{s}": gemm_mma(p["M"], p["N"], p["K"], bm, bn, wm, wn, s)
-            for bm, bn, wm, wn, s in configs(p["M"], p["N"]) if shared_bytes(bm, bn, s) <= max_shared}
+    return {**{f"gemm_mma_{bm}x{bn}_w{wm}x{wn}_s{s}": gemm_mma(p["M"], p["N"], p["K"], bm, bn, wm, wn, s)
+               for bm, bn, wm, wn, s in configs(p["M"], p["N"]) if shared_bytes(bm, bn, s) <= max_shared},
+            **funcs}
 
 
 def gemm_mma(M: int, N: int, K: int, bm: int = 128, bn: int = 128, wm: int = 2, wn: int = 2, stages: int = 3,
@@ -205,4 +215,176 @@ def emulate(a: np.ndarray, b: np.ndarray, bm: int = 64, bn: int = 64, wm: int = 
                             col = col0 + wc * TN + n * 8 + c_cols
                             keep = (r < M) & (col < N)
                             out[r[keep], col[keep]] = acc[m, n][keep].astype(a.dtype)
+    return out
+
+
+# -- skinny GEMM (2 <= M <= 32): K split across the warps of a block, one kernel --------------------
+SKINNY_MAX_M = 32
+SKINNY_TILES = ((32, 4), (32, 8), (64, 4), (64, 8))  # (BN, warps)
+SKINNY_STAGES = (2, 3, 4)
+
+
+def skinny_applies(workload) -> bool:
+    p = workload.params
+    return (workload.family == "gemm" and p.get("dtype") == "float16" and p.get("accumulate") == "float32"
+            and 2 <= int(p["M"]) <= SKINNY_MAX_M and int(p["N"]) % 8 == 0 and int(p["K"]) % 8 == 0)
+
+
+def skinny_shared_bytes(M: int, bn: int, warps: int, stages: int) -> int:
+    mt = -(-M // 16)
+    pipeline = warps * stages * (16 * mt * (BK + PAD) + BK * (bn + PAD)) * 2
+    # The warps' partial tiles, summed at the end: TVM's merge of the shared.dyn buffers lets them
+    # reuse the pipeline's bytes, which are dead by then.
+    return max(pipeline, warps * 16 * mt * bn * 4)
+
+
+def skinny_funcs(workload, gpu=None) -> dict:
+    """{name: PrimFunc} of the skinny templates whose shared memory fits ``gpu`` (default 48 KiB)."""
+    if not skinny_applies(workload):
+        return {}
+    p = workload.params
+    max_shared = gpu.max_shared_memory_per_block if gpu is not None else 48 * 1024
+    return {f"gemm_mma_skinny_n{bn}_w{w}_s{s}": gemm_mma_skinny(p["M"], p["N"], p["K"], bn, w, s)
+            for bn, w in SKINNY_TILES for s in SKINNY_STAGES
+            if skinny_shared_bytes(p["M"], bn, w, s) <= max_shared}
+
+
+def gemm_mma_skinny(M: int, N: int, K: int, bn: int = 32, warps: int = 8, stages: int = 3, dtype: str = "float16"):
+    """Skinny GEMM in one kernel: a block per ``bn`` columns; its warps take interleaved k steps of 32,
+    each with its own cp.async pipeline of A (all M rows, zero-padded to 16s) and B tiles and its
+    own accumulators; the warps' partial tiles are summed through shared memory and stored once. No
+    second kernel and no global partials (the split-K families need both)."""
+    import tvm
+    from tvm.script import tirx as T
+
+    MT = -(-M // 16)
+    NT = bn // 8
+    W, ST = int(warps), int(stages)
+    THREADS = 32 * W
+    AP, BP = BK + PAD, bn + PAD
+    A_ROUNDS = -(-(16 * MT * (BK // 8)) // 32)  # 16-byte copies per lane for the warp's A tile
+    B_ROUNDS = -(-(BK * (bn // 8)) // 32)
+    KT = -(-K // BK)
+    STEPS = -(-KT // W)  # k steps per warp (the last ones of some warps past K: zero tiles)
+    GN = -(-N // bn)
+
+    def a_offset(address):
+        return address[0] * AP + address[1]
+
+    def b_offset(address):
+        return address[0] * BP + address[1]
+
+    @T.prim_func(s_tir=True)
+    def main(A: T.Buffer((M, K), dtype), B: T.Buffer((K, N), dtype), C: T.Buffer((M, N), dtype)):
+        T.func_attr({"global_symbol": "main", "tirx.noalias": True})
+        bx = T.env_thread("blockIdx.x")
+        tx = T.env_thread("threadIdx.x")
+        T.launch_thread(bx, GN)
+        T.launch_thread(tx, THREADS)
+        with T.sblock():
+            As = T.sblock_alloc_buffer((W, ST, 16 * MT, AP), dtype, scope="shared.dyn")
+            Bs = T.sblock_alloc_buffer((W, ST, BK, BP), dtype, scope="shared.dyn")
+            Part = T.sblock_alloc_buffer((W, 16 * MT, bn), "float32", scope="shared.dyn")
+            Af = T.sblock_alloc_buffer((MT * 8,), dtype, scope="local")
+            Bf = T.sblock_alloc_buffer((NT * 4,), dtype, scope="local")
+            Acc = T.sblock_alloc_buffer((MT * NT * 4,), "float32", scope="local")
+            Sum = T.sblock_alloc_buffer((1,), "float32", scope="local")
+            col0 = T.meta_var(bx * bn)
+            warp = T.meta_var(tx // 32)
+            lane = T.meta_var(tx % 32)
+            for i in T.unroll(MT * NT * 4):
+                Acc[i] = T.float32(0)
+            for u in T.serial(STEPS + ST - 1):
+                if u < STEPS:
+                    # the warp's k step u (global step u * W + warp) into its buffer u % ST
+                    for rnd in T.serial(A_ROUNDS):
+                        with T.attr("default", "async_scope", 1):
+                            for v in T.vectorized(8):
+                                if rnd * 32 + lane < 16 * MT * (BK // 8):
+                                    As[warp, u % ST, (rnd * 32 + lane) // (BK // 8), (rnd * 32 + lane) % (BK // 8) * 8 + v] = T.if_then_else(
+                                        tvm.tirx.all((rnd * 32 + lane) // (BK // 8) < M,
+                                                     (u * W + warp) * BK + (rnd * 32 + lane) % (BK // 8) * 8 < K),
+                                        A[T.min((rnd * 32 + lane) // (BK // 8), M - 1),
+                                          T.min((u * W + warp) * BK + (rnd * 32 + lane) % (BK // 8) * 8, K - 8) + v],
+                                        T.Cast(dtype, 0))
+                    for rnd in T.serial(B_ROUNDS):
+                        with T.attr("default", "async_scope", 1):
+                            for v in T.vectorized(8):
+                                if rnd * 32 + lane < BK * (bn // 8):
+                                    Bs[warp, u % ST, (rnd * 32 + lane) // (bn // 8), (rnd * 32 + lane) % (bn // 8) * 8 + v] = T.if_then_else(
+                                        tvm.tirx.all((u * W + warp) * BK + (rnd * 32 + lane) // (bn // 8) < K,
+                                                     col0 + (rnd * 32 + lane) % (bn // 8) * 8 < N),
+                                        B[T.min((u * W + warp) * BK + (rnd * 32 + lane) // (bn // 8), K - 1),
+                                          T.min(col0 + (rnd * 32 + lane) % (bn // 8) * 8, N - 8) + v],
+                                        T.Cast(dtype, 0))
+                T.evaluate(T.ptx.cp.async_.commit_group())
+                if u >= ST - 1:
+                    T.evaluate(T.ptx.cp.async_.wait_group(ST - 1))
+                    T.tvm_storage_sync("warp")
+                    for c in T.unroll(BK // 16):
+                        for m in T.unroll(MT):
+                            T.evaluate(T.ptx_legacy.ldmatrix(
+                                False, 4, ".b16", Af.data, m * 8, As.access_ptr("r"),
+                                (warp * ST + (u - (ST - 1)) % ST) * 16 * MT * AP
+                                + a_offset(a_ldmatrix_address(lane, m, c)), dtype=dtype))
+                        for p in T.unroll(NT // 2):
+                            T.evaluate(T.ptx_legacy.ldmatrix(
+                                True, 4, ".b16", Bf.data, p * 8, Bs.access_ptr("r"),
+                                (warp * ST + (u - (ST - 1)) % ST) * BK * BP
+                                + b_offset(b_ldmatrix_address(lane, c, p)), dtype=dtype))
+                        for m in T.unroll(MT):
+                            for n in T.unroll(NT):
+                                T.evaluate(T.ptx_legacy.mma(
+                                    "m16n8k16", "row", "col", "fp16", "fp16", "fp32", Af.data, m * 8, Bf.data,
+                                    n * 4, Acc.data, (m * NT + n) * 4, False, dtype="float32"))
+                    T.tvm_storage_sync("warp")
+            T.evaluate(T.ptx.cp.async_.wait_group(0))
+            for m in T.unroll(MT):
+                for n in T.unroll(NT):
+                    for i in T.unroll(4):
+                        Part[warp, m * 16 + c_fragment(lane, i)[0], n * 8 + c_fragment(lane, i)[1]] = Acc[(m * NT + n) * 4 + i]
+            T.tvm_storage_sync("shared")
+            for e in T.serial(-(-(16 * MT * bn) // THREADS)):
+                if tvm.tirx.all(e * THREADS + tx < 16 * MT * bn, (e * THREADS + tx) // bn < M,
+                                col0 + (e * THREADS + tx) % bn < N):
+                    Sum[0] = T.float32(0)
+                    for w in T.serial(W):
+                        Sum[0] = Sum[0] + Part[w, (e * THREADS + tx) // bn, (e * THREADS + tx) % bn]
+                    C[(e * THREADS + tx) // bn, col0 + (e * THREADS + tx) % bn] = T.Cast(dtype, Sum[0])
+
+    return main
+
+
+def emulate_skinny(a: np.ndarray, b: np.ndarray, bn: int = 32, warps: int = 4) -> np.ndarray:
+    """``gemm_mma_skinny``'s output computed as its warps do: interleaved k steps per warp, partial
+    tiles summed in fp32 at the end."""
+    M, K = a.shape
+    N = b.shape[1]
+    mt, nt = -(-M // 16), bn // 8
+    kt = -(-K // BK)
+    c_rows, c_cols = c_fragment(np.arange(32)[:, None], np.arange(4)[None, :])
+    out = np.zeros((M, N), a.dtype)
+    for col0 in range(0, N, bn):
+        part = np.zeros((warps, 16 * mt, bn), np.float32)
+        for w in range(warps):
+            acc = np.zeros((mt, nt, 32, 4), np.float32)
+            for step in range(w, kt, warps):
+                k0 = step * BK
+                at = np.zeros((16 * mt, BK + PAD), a.dtype)
+                bt = np.zeros((BK, bn + PAD), b.dtype)
+                ks = slice(k0, min(k0 + BK, K))
+                at[:M, :ks.stop - k0] = a[:, ks]
+                bt[:ks.stop - k0, :min(col0 + bn, N) - col0] = b[ks, col0:min(col0 + bn, N)]
+                for c in range(BK // 16):
+                    af = [emulate_ldmatrix(at, lambda lane: a_ldmatrix_address(lane, m, c), False) for m in range(mt)]
+                    bf = [emulate_ldmatrix(bt, lambda lane: b_ldmatrix_address(lane, c, p), True) for p in range(nt // 2)]
+                    for m in range(mt):
+                        for n in range(nt):
+                            acc[m, n] = emulate_mma(af[m], bf[n // 2][:, n % 2 * 4:n % 2 * 4 + 4], acc[m, n])
+            for m in range(mt):
+                for n in range(nt):
+                    part[w, m * 16 + c_rows, n * 8 + c_cols] = acc[m, n]
+        total = part.sum(axis=0)
+        width = min(col0 + bn, N) - col0
+        out[:, col0:col0 + width] = total[:M, :width].astype(a.dtype)
     return out

@@ -44,10 +44,11 @@ Nine rule sets, each a family of design spaces for the workloads it applies to:
   one per (warps, row tiles per warp, key tile, cp.async stages). Each template is already a complete
   schedule (threads bound, fragments laid out by hand), so its design space is one point: the
   choices are the templates, which sampling takes in turn. No rule touches them.
-- ``gemm_mma``: fp16 GEMM with fp32 accumulation, M >= 32, N and K multiples of 8, over etune's
-  thread-level mma.sync GEMM templates (kernels/gemm_mma.py: m16n8k16 with 64x64-class warp tiles
-  in registers, A and B by cp.async and ldmatrix), one per (block tile, warp grid, stages); one
-  point each, as ``flash_mma``.
+- ``gemm_mma``: fp16 GEMM with fp32 accumulation, N and K multiples of 8, over etune's thread-level
+  mma.sync GEMM templates (kernels/gemm_mma.py: m16n8k16, A and B by cp.async and ldmatrix): for
+  M >= 32 64x64-class warp tiles in registers, one template per (block tile, warp grid, stages);
+  for 2 <= M <= 32 K split across a block's warps and summed through shared memory, one kernel,
+  one template per (columns per block, warps, stages). One point each, as ``flash_mma``.
 """
 from __future__ import annotations
 

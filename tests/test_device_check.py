@@ -60,13 +60,14 @@ def test_the_dry_run_dataset_has_every_family_measured(dry_run):
     assert len(dataset.specs()) == WORKLOADS
     for spec in dataset.specs():
         mine = [r for r in candidates if r.spec == spec]
-        # every single-point design space (thread-level templates: prefill and the large GEMM) is in
-        # the pool once
+        # every single-point design space (thread-level templates: prefill, GEMM and skinny GEMM) is
+        # in the pool once
         workload, gpu = parse_spec(spec), gpu_spec(device_check.TARGET)
         templates = {**mma_prefill_funcs(workload, gpu), **gemm_mma_funcs(workload, gpu)}
         points = [r for r in mine if not any(i[0].startswith("Sample") for i in json.loads(r.candidate["trace"])[0])]
         assert len(points) == len(templates)
-        assert bool(templates) == (spec in (device_check.SURVEY["attention-prefill"], device_check.SURVEY["gemm"]))
+        assert bool(templates) == (spec in [device_check.SURVEY[name] for name in ("attention-prefill", "gemm",
+                                                                                   "gemm-skinny")])
         drawn = [r for r in mine if r.candidate["selected_by"] != "template"]
         assert len(drawn) == 6 and {r.candidate["selected_by"] for r in drawn} == {"random", "sim-best"}
         assert all(r.measured("latency") for r in mine)

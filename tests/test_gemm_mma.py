@@ -13,7 +13,8 @@ import tvm
 
 from etune.kernels import gemm_mma as gemm_mma_module
 from etune.kernels import parse_spec
-from etune.kernels.gemm_mma import BK, configs, emulate, gemm_mma, gemm_mma_funcs, shared_bytes
+from etune.kernels.gemm_mma import (BK, SKINNY_TILES, configs, emulate, emulate_skinny, gemm_mma, gemm_mma_funcs,
+                                    gemm_mma_skinny, shared_bytes, skinny_shared_bytes)
 from etune.search_space import ScheduleSpace, gpu_spec
 from etune.search_space.analysis import kernel_launches
 from etune.search_space.rules import rule_set_applies
@@ -39,21 +40,43 @@ def test_emulated_kernel_matches_the_reference(shape, tile):
     assert ok, error
 
 
+@pytest.mark.parametrize("shape, tile", [
+    ((16, 64, 256), (32, 4)),
+    ((5, 72, 200), (32, 4)),  # rows padded to 16, a column tail, K not a multiple of the warps' steps
+    ((20, 128, 96), (64, 8)),  # two m16 row tiles
+    ((32, 40, 64), (32, 4)),
+])
+def test_emulated_skinny_kernel_matches_the_reference(shape, tile):
+    M, N, K = shape
+    a, b = operands(M, N, K)
+    workload = parse_spec(f"gemm:{M},{N},{K}")
+    ok, error = workload.check([emulate_skinny(a, b, *tile)], workload.reference([a, b]))
+    assert ok, error
+
+
+@pytest.mark.parametrize("skinny", [False, True])
 @pytest.mark.parametrize("layout", ["a_ldmatrix_address", "b_ldmatrix_address"])
-def test_emulation_fails_when_a_layout_is_wrong(monkeypatch, layout):
+def test_emulation_fails_when_a_layout_is_wrong(monkeypatch, layout, skinny):
     correct = getattr(gemm_mma_module, layout)
     monkeypatch.setattr(gemm_mma_module, layout, lambda *args: (correct(*args)[0] ^ 1, correct(*args)[1]))
-    a, b = operands(64, 64, 64)
-    workload = parse_spec("gemm:64,64,64")
-    ok, _ = workload.check([emulate(a, b)], workload.reference([a, b]))
+    M = 16 if skinny else 64
+    a, b = operands(M, 64, 64)
+    workload = parse_spec(f"gemm:{M},64,64")
+    ok, _ = workload.check([emulate_skinny(a, b) if skinny else emulate(a, b)], workload.reference([a, b]))
     assert not ok
 
 
 def test_offered_for_fp16_gemm_with_room_for_its_tiles():
-    assert rule_set_applies("gemm_mma", parse_spec("gemm:4096,4096,4096"))
-    for spec in ("gemm:16,11008,4096", "gemm:1,4096,4096", "gemm:64,60,64", "gemm:64,64,64,accumulate=float16",
-                 "softmax:64,64"):
+    for spec in ("gemm:4096,4096,4096", "gemm:16,11008,4096", "gemm:2,64,64"):
+        assert rule_set_applies("gemm_mma", parse_spec(spec)), spec
+    for spec in ("gemm:1,4096,4096", "gemm:64,60,64", "gemm:64,64,64,accumulate=float16", "softmax:64,64"):
         assert not rule_set_applies("gemm_mma", parse_spec(spec)), spec
+    # block tiles from M = 32, skinny templates up to M = 32
+    h100 = gpu_spec("h100")
+    assert all("skinny" in name for name in gemm_mma_funcs(parse_spec("gemm:16,11008,4096"), h100))
+    assert not any("skinny" in name for name in gemm_mma_funcs(parse_spec("gemm:64,4096,4096"), h100))
+    both = gemm_mma_funcs(parse_spec("gemm:32,4096,4096"), h100)
+    assert any("skinny" in name for name in both) and not all("skinny" in name for name in both)
     # tiles no larger than the problem rounded up to 64; 48 KiB without the opt-in
     assert {(bm, bn) for bm, bn, *_ in configs(100, 100)} == {(64, 128), (64, 64), (128, 128)}
     small = gemm_mma_funcs(parse_spec("gemm:4096,4096,4096"))
@@ -77,12 +100,52 @@ def test_lowered_structure():
     assert launch.async_copy_bytes_in_flight == 3 * (128 * 32 + 32 * 128) * 2 / 128 * kt / (kt + 2)
 
 
+def test_skinny_lowered_structure_reads_the_weights_once():
+    M, N, K, bn, warps, stages = 16, 1024, 1000, 64, 4, 3
+    (launch,) = kernel_launches(tvm.IRModule({"main": gemm_mma_skinny(M, N, K, bn, warps, stages)}),
+                                gpu_spec("h100").tvm_target())
+    assert launch.grid == (N // bn, 1, 1) and launch.block == (32 * warps, 1, 1)
+    assert launch.shared_bytes == skinny_shared_bytes(M, bn, warps, stages)
+    # one kernel; every warp copies its k steps of A (16 rows) and B (bn columns), K rounded up to
+    # the warps' steps: B is read once, no global partials are written
+    steps = -(-(-(-K // BK)) // warps) * warps
+    assert launch.traffic.global_load_bytes == N // bn * steps * (16 * BK + BK * bn) * 2
+    assert launch.traffic.global_store_bytes == M * N * 2
+
+
+def test_sim_skinny_reads_the_weights_near_the_memory_bound():
+    """On sim (model outputs), gemm 16x11008x4096 (a 7B model's MLP at batch 16): a one-kernel
+    template within 1.3x the time to read the weights, using less energy than the vendor stand-in."""
+    from etune.measurements.sim import simulate, vendor_outcome
+
+    workload = parse_spec("gemm:16,11008,4096")
+    gpu = gpu_spec("h100")
+    space = ScheduleSpace(workload, gpu, rule_sets=["gemm_mma"])
+    outcomes = [simulate(c.launches, workload, gpu) for c in space.fixed_points()]
+    assert len(outcomes) == len(space.design_spaces) >= 9
+    bound = workload.min_bytes / gpu.memory_bandwidth
+    vendor = vendor_outcome(workload, gpu)
+    assert min(o.latency_s for o in outcomes) <= 1.3 * bound
+    assert min(o.energy_j for o in outcomes if o.latency_s <= 1.3 * bound) < vendor.energy_j
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("tile", sorted({c[:4] for c in configs(4096, 4096)}))
 def test_builds_for_sm_90_without_spills(tile, tmp_path):
     from etune.search_space.build import compile_module, nvcc_compile
 
     executable = compile_module(tvm.IRModule({"main": gemm_mma(200, 264, 104, *tile, 3)}), gpu_spec("h100"))
+    source = next(m for m in executable.mod.imports if m.kind == "cuda").inspect_source()
+    _, (resources,) = nvcc_compile(source, "sm_90", Path(tmp_path))
+    assert 0 < resources.registers <= 255 and resources.spill_store_bytes == resources.spill_load_bytes == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tile", SKINNY_TILES)
+def test_skinny_builds_for_sm_90_without_spills(tile, tmp_path):
+    from etune.search_space.build import compile_module, nvcc_compile
+
+    executable = compile_module(tvm.IRModule({"main": gemm_mma_skinny(20, 264, 104, *tile, 3)}), gpu_spec("h100"))
     source = next(m for m in executable.mod.imports if m.kind == "cuda").inspect_source()
     _, (resources,) = nvcc_compile(source, "sm_90", Path(tmp_path))
     assert 0 < resources.registers <= 255 and resources.spill_store_bytes == resources.spill_load_bytes == 0
@@ -112,7 +175,7 @@ def test_templates_match_the_reference_on_gpu(tmp_path):
     from etune.measurements.tvm_runner import run_and_check
     from etune.search_space import Builder
 
-    for spec in ("gemm:200,264,104", "gemm:1024,1024,1024"):
+    for spec in ("gemm:200,264,104", "gemm:1024,1024,1024", "gemm:20,264,104", "gemm:16,4096,4096"):
         local = ScheduleSpace(spec, "local", rule_sets=["gemm_mma"])
         candidates = local.fixed_points()
         assert len(candidates) == len(local.design_spaces)
