@@ -30,7 +30,7 @@ import math
 
 import numpy as np
 
-from .mma_fragments import LANES, a_fragment, c_fragment, emulate_ldmatrix, emulate_mma, scatter
+from .mma_fragments import LANES, a_fragment, c_fragment, copy_tile_async, emulate_ldmatrix, emulate_mma, scatter
 
 MMA_WARPS = (4, 8)
 MMA_ROW_TILES = (1, 2)  # m16 row tiles per warp
@@ -158,7 +158,6 @@ def flash_prefill_mma(batch: int, heads: int, q_len: int, kv_len: int, head_dim:
     KEY_PAIRS = N // 16  # pairs of n8 key tiles (QK^T) and k16 chunks of keys (P V)
     S_TILE, O_TILE = N // 8 * 4, D // 8 * 4  # fp32 accumulators per row tile
     ROW_VECTORS = D // 8  # 16-byte vectors per row
-    KV_ROUNDS = -(-(N * ROW_VECTORS) // THREADS)
     Q_ROUNDS = -(-(TQ * ROW_VECTORS) // THREADS)
     Q_IN_REGISTERS = M == 1
     scale = 1.0 / math.sqrt(D) * math.log2(math.e)
@@ -200,6 +199,9 @@ def flash_prefill_mma(batch: int, heads: int, q_len: int, kv_len: int, head_dim:
         tx = T.env_thread("threadIdx.x")
         T.launch_thread(bx, B * H * NQ)
         T.launch_thread(tx, THREADS)
+        # K and V as (batch x heads x keys) rows of head_dim: a head's rows start at head_row
+        K_rows = T.decl_buffer((B * H * KV, D), dtype, data=K.data)
+        V_rows = T.decl_buffer((B * H * KV, D), dtype, data=V.data)
         with T.sblock():
             Ks = T.sblock_alloc_buffer((ST, N, DP), dtype, scope="shared.dyn")
             Vs = T.sblock_alloc_buffer((ST, N, DP), dtype, scope="shared.dyn")
@@ -223,6 +225,7 @@ def flash_prefill_mma(batch: int, heads: int, q_len: int, kv_len: int, head_dim:
             warp_row = T.meta_var(qt * TQ + warp * 16 * M)  # first query row of the warp's row tiles
             tiles = T.meta_var(tiles_seen(qt))
             key_limit = T.meta_var(T.min(KV, tiles * N))
+            head_row = T.meta_var((b * H + h) * KV)
             if Q_IN_REGISTERS:
                 # Q straight into its A fragments (read once per block).
                 for c in T.unroll(CHUNKS):
@@ -246,23 +249,9 @@ def flash_prefill_mma(batch: int, heads: int, q_len: int, kv_len: int, head_dim:
                 Lr[r] = T.float32(0)
             for u in T.serial(ST + tiles - 1):
                 if u < tiles:
-                    # Tile u into buffer u % ST (cp.async; rows past the keys this block needs are
-                    # zero-filled without reading).
-                    for rnd in T.serial(KV_ROUNDS):
-                        with T.attr("default", "async_scope", 1):
-                            for v in T.vectorized(8):
-                                if rnd * THREADS + tx < N * ROW_VECTORS:
-                                    Ks[u % ST, loaded_row(rnd * THREADS + tx), loaded_column(rnd * THREADS + tx, v)] = T.if_then_else(
-                                        u * N + loaded_row(rnd * THREADS + tx) < key_limit,
-                                        K[b, h, T.min(u * N + loaded_row(rnd * THREADS + tx), KV - 1),
-                                          loaded_column(rnd * THREADS + tx, v)], zero)
-                        with T.attr("default", "async_scope", 1):
-                            for v in T.vectorized(8):
-                                if rnd * THREADS + tx < N * ROW_VECTORS:
-                                    Vs[u % ST, loaded_row(rnd * THREADS + tx), loaded_column(rnd * THREADS + tx, v)] = T.if_then_else(
-                                        u * N + loaded_row(rnd * THREADS + tx) < key_limit,
-                                        V[b, h, T.min(u * N + loaded_row(rnd * THREADS + tx), KV - 1),
-                                          loaded_column(rnd * THREADS + tx, v)], zero)
+                    # Tile u into buffer u % ST (rows past the keys this block needs: zeros).
+                    copy_tile_async(Ks, u % ST, K_rows, head_row + u * N, 0, N, D, head_row + key_limit, D, tx, THREADS)
+                    copy_tile_async(Vs, u % ST, V_rows, head_row + u * N, 0, N, D, head_row + key_limit, D, tx, THREADS)
                 T.evaluate(T.ptx.cp.async_.commit_group())
                 if u >= ST - 1:
                     t = T.meta_var(u - (ST - 1))  # the tile used now

@@ -19,8 +19,9 @@ merge kernel and global partials).
 from __future__ import annotations
 
 import numpy as np
+from tvm.script import tirx as T
 
-from .mma_fragments import c_fragment, emulate_ldmatrix, emulate_mma
+from .mma_fragments import c_fragment, copy_tile_async, emulate_ldmatrix, emulate_mma
 
 BK = 32  # k per stage: two k16 chunks
 PAD = 8  # fp16 elements (16 bytes) of padding per shared-memory row
@@ -44,6 +45,48 @@ def tiled_applies(workload) -> bool:
     p = workload.params
     return (workload.family == "gemm" and p.get("dtype") == "float16" and p.get("accumulate") == "float32"
             and int(p["N"]) % 8 == 0 and int(p["K"]) % 8 == 0 and int(p["M"]) >= 32)
+
+
+@T.macro
+def warp_tile_products(Af, Bf, Acc, As, a_base, a_pitch, Bs, b_base, b_pitch, row_tiles, col_tiles, lane):
+    """One k step of BK for a warp: the A fragments of its ``row_tiles`` m16 tiles (rows from
+    element ``a_base`` of ``As``) and the B fragments of its ``col_tiles`` n8 tiles (columns from
+    ``b_base`` of ``Bs``) by ldmatrix, then every product into the accumulators ``Acc``."""
+    for c in T.unroll(BK // 16):
+        for m in T.unroll(row_tiles):
+            T.evaluate(T.ptx_legacy.ldmatrix(
+                False, 4, ".b16", Af.data, m * 8, As.access_ptr("r"),
+                a_base + a_ldmatrix_address(lane, m, c)[0] * a_pitch + a_ldmatrix_address(lane, m, c)[1],
+                dtype="float16"))
+        for p in T.unroll(col_tiles // 2):
+            T.evaluate(T.ptx_legacy.ldmatrix(
+                True, 4, ".b16", Bf.data, p * 8, Bs.access_ptr("r"),
+                b_base + b_ldmatrix_address(lane, c, p)[0] * b_pitch + b_ldmatrix_address(lane, c, p)[1],
+                dtype="float16"))
+        for m in T.unroll(row_tiles):
+            for n in T.unroll(col_tiles):
+                T.evaluate(T.ptx_legacy.mma("m16n8k16", "row", "col", "fp16", "fp16", "fp32", Af.data, m * 8,
+                                            Bf.data, n * 4, Acc.data, (m * col_tiles + n) * 4, False, dtype="float32"))
+
+
+def shifted(address, *args, rows=0, cols=0):
+    """``address`` of a warp's tile moved by (rows, cols) within the block's tile."""
+    def moved(lane):
+        row, col = address(lane, *args)
+        return row + rows, col + cols
+    return moved
+
+
+def emulate_warp_tile_products(at: np.ndarray, bt: np.ndarray, row0: int, col0: int, acc: np.ndarray) -> None:
+    """``warp_tile_products`` in NumPy on the (row tiles, column tiles, 32, 4) accumulators ``acc``:
+    the warp's rows from ``row0`` of the A tile ``at``, its columns from ``col0`` of the B tile ``bt``."""
+    row_tiles, col_tiles = acc.shape[:2]
+    for c in range(BK // 16):
+        af = [emulate_ldmatrix(at, shifted(a_ldmatrix_address, m, c, rows=row0), False) for m in range(row_tiles)]
+        bf = [emulate_ldmatrix(bt, shifted(b_ldmatrix_address, c, p, cols=col0), True) for p in range(col_tiles // 2)]
+        for m in range(row_tiles):
+            for n in range(col_tiles):
+                acc[m, n] = emulate_mma(af[m], bf[n // 2][:, n % 2 * 4:n % 2 * 4 + 4], acc[m, n])
 
 
 def applies(workload) -> bool:
@@ -86,18 +129,9 @@ def gemm_mma(M: int, N: int, K: int, bm: int = 128, bn: int = 128, wm: int = 2, 
     MT, NT = TM // 16, TN // 8  # m16 and n8 tiles per warp
     THREADS = 32 * wm * wn
     AP, BP = BK + PAD, bn + PAD
-    A_VECTORS, B_VECTORS = BK // 8, bn // 8  # 16-byte vectors per row of the A and B tiles
-    A_ROUNDS = -(-(bm * A_VECTORS) // THREADS)
-    B_ROUNDS = -(-(BK * B_VECTORS) // THREADS)
     KT = -(-K // BK)
     GM, GN = -(-M // bm), -(-N // bn)
     ST = int(stages)
-
-    def a_offset(address):
-        return address[0] * AP + address[1]
-
-    def b_offset(address):
-        return address[0] * BP + address[1]
 
     @T.prim_func(s_tir=True)
     def main(A: T.Buffer((M, K), dtype), B: T.Buffer((K, N), dtype), C: T.Buffer((M, N), dtype)):
@@ -123,44 +157,14 @@ def gemm_mma(M: int, N: int, K: int, bm: int = 128, bn: int = 128, wm: int = 2, 
             for u in T.serial(KT + ST - 1):
                 if u < KT:
                     # k step u into buffer u % ST: A rows past M and k past K are zero-filled
-                    for rnd in T.serial(A_ROUNDS):
-                        with T.attr("default", "async_scope", 1):
-                            for v in T.vectorized(8):
-                                if rnd * THREADS + tx < bm * A_VECTORS:
-                                    As[u % ST, (rnd * THREADS + tx) // A_VECTORS, (rnd * THREADS + tx) % A_VECTORS * 8 + v] = T.if_then_else(
-                                        tvm.tirx.all(row0 + (rnd * THREADS + tx) // A_VECTORS < M,
-                                                     u * BK + (rnd * THREADS + tx) % A_VECTORS * 8 < K),
-                                        A[T.min(row0 + (rnd * THREADS + tx) // A_VECTORS, M - 1),
-                                          T.min(u * BK + (rnd * THREADS + tx) % A_VECTORS * 8, K - 8) + v], T.Cast(dtype, 0))
-                    for rnd in T.serial(B_ROUNDS):
-                        with T.attr("default", "async_scope", 1):
-                            for v in T.vectorized(8):
-                                if rnd * THREADS + tx < BK * B_VECTORS:
-                                    Bs[u % ST, (rnd * THREADS + tx) // B_VECTORS, (rnd * THREADS + tx) % B_VECTORS * 8 + v] = T.if_then_else(
-                                        tvm.tirx.all(u * BK + (rnd * THREADS + tx) // B_VECTORS < K,
-                                                     col0 + (rnd * THREADS + tx) % B_VECTORS * 8 < N),
-                                        B[T.min(u * BK + (rnd * THREADS + tx) // B_VECTORS, K - 1),
-                                          T.min(col0 + (rnd * THREADS + tx) % B_VECTORS * 8, N - 8) + v], T.Cast(dtype, 0))
+                    copy_tile_async(As, u % ST, A, row0, u * BK, bm, BK, M, K, tx, THREADS)
+                    copy_tile_async(Bs, u % ST, B, u * BK, col0, BK, bn, K, N, tx, THREADS)
                 T.evaluate(T.ptx.cp.async_.commit_group())
                 if u >= ST - 1:
                     T.evaluate(T.ptx.cp.async_.wait_group(ST - 1))
                     T.tvm_storage_sync("shared")
-                    for c in T.unroll(BK // 16):
-                        for m in T.unroll(MT):
-                            T.evaluate(T.ptx_legacy.ldmatrix(
-                                False, 4, ".b16", Af.data, m * 8, As.access_ptr("r"),
-                                (u - (ST - 1)) % ST * bm * AP + a_offset(a_ldmatrix_address(lane, 0, c))
-                                + (warp_row + m * 16) * AP, dtype=dtype))
-                        for p in T.unroll(NT // 2):
-                            T.evaluate(T.ptx_legacy.ldmatrix(
-                                True, 4, ".b16", Bf.data, p * 8, Bs.access_ptr("r"),
-                                (u - (ST - 1)) % ST * BK * BP + b_offset(b_ldmatrix_address(lane, c, 0))
-                                + warp_col + p * 16, dtype=dtype))
-                        for m in T.unroll(MT):
-                            for n in T.unroll(NT):
-                                T.evaluate(T.ptx_legacy.mma(
-                                    "m16n8k16", "row", "col", "fp16", "fp16", "fp32", Af.data, m * 8, Bf.data,
-                                    n * 4, Acc.data, (m * NT + n) * 4, False, dtype="float32"))
+                    warp_tile_products(Af, Bf, Acc, As, ((u - (ST - 1)) % ST * bm + warp_row) * AP, AP,
+                                       Bs, (u - (ST - 1)) % ST * BK * BP + warp_col, BP, MT, NT, lane)
                     T.tvm_storage_sync("shared")
             T.evaluate(T.ptx.cp.async_.wait_group(0))
             for m in T.unroll(MT):
@@ -172,14 +176,6 @@ def gemm_mma(M: int, N: int, K: int, bm: int = 128, bn: int = 128, wm: int = 2, 
                               col0 + warp_col + n * 8 + c_fragment(lane, i)[1]] = T.Cast(dtype, Acc[(m * NT + n) * 4 + i])
 
     return main
-
-
-def shifted(address, *args, rows=0, cols=0):
-    """``address`` of a warp's tile moved by (rows, cols) within the block's tile."""
-    def moved(lane):
-        row, col = address(lane, *args)
-        return row + rows, col + cols
-    return moved
 
 
 def emulate(a: np.ndarray, b: np.ndarray, bm: int = 64, bn: int = 64, wm: int = 2, wn: int = 2) -> np.ndarray:
@@ -201,14 +197,7 @@ def emulate(a: np.ndarray, b: np.ndarray, bm: int = 64, bn: int = 64, wm: int = 
                         rows, ks = slice(row0, min(row0 + bm, M)), slice(k0, min(k0 + BK, K))
                         at[:rows.stop - row0, :ks.stop - k0] = a[rows, ks]
                         bt[:ks.stop - k0, :min(col0 + bn, N) - col0] = b[ks, col0:min(col0 + bn, N)]
-                        for c in range(BK // 16):
-                            af = [emulate_ldmatrix(at, shifted(a_ldmatrix_address, 0, c, rows=wr * TM + m * 16), False)
-                                  for m in range(MT)]
-                            bf = [emulate_ldmatrix(bt, shifted(b_ldmatrix_address, c, 0, cols=wc * TN + p * 16), True)
-                                  for p in range(NT // 2)]
-                            for m in range(MT):
-                                for n in range(NT):
-                                    acc[m, n] = emulate_mma(af[m], bf[n // 2][:, n % 2 * 4:n % 2 * 4 + 4], acc[m, n])
+                        emulate_warp_tile_products(at, bt, wr * TM, wc * TN, acc)
                     for m in range(MT):
                         for n in range(NT):
                             r = row0 + wr * TM + m * 16 + c_rows
@@ -262,17 +251,9 @@ def gemm_mma_skinny(M: int, N: int, K: int, bn: int = 32, warps: int = 8, stages
     W, ST = int(warps), int(stages)
     THREADS = 32 * W
     AP, BP = BK + PAD, bn + PAD
-    A_ROUNDS = -(-(16 * MT * (BK // 8)) // 32)  # 16-byte copies per lane for the warp's A tile
-    B_ROUNDS = -(-(BK * (bn // 8)) // 32)
     KT = -(-K // BK)
     STEPS = -(-KT // W)  # k steps per warp (the last ones of some warps past K: zero tiles)
     GN = -(-N // bn)
-
-    def a_offset(address):
-        return address[0] * AP + address[1]
-
-    def b_offset(address):
-        return address[0] * BP + address[1]
 
     @T.prim_func(s_tir=True)
     def main(A: T.Buffer((M, K), dtype), B: T.Buffer((K, N), dtype), C: T.Buffer((M, N), dtype)):
@@ -282,8 +263,8 @@ def gemm_mma_skinny(M: int, N: int, K: int, bn: int = 32, warps: int = 8, stages
         T.launch_thread(bx, GN)
         T.launch_thread(tx, THREADS)
         with T.sblock():
-            As = T.sblock_alloc_buffer((W, ST, 16 * MT, AP), dtype, scope="shared.dyn")
-            Bs = T.sblock_alloc_buffer((W, ST, BK, BP), dtype, scope="shared.dyn")
+            As = T.sblock_alloc_buffer((W * ST, 16 * MT, AP), dtype, scope="shared.dyn")  # [warp * ST + stage]
+            Bs = T.sblock_alloc_buffer((W * ST, BK, BP), dtype, scope="shared.dyn")
             Part = T.sblock_alloc_buffer((W, 16 * MT, bn), "float32", scope="shared.dyn")
             Af = T.sblock_alloc_buffer((MT * 8,), dtype, scope="local")
             Bf = T.sblock_alloc_buffer((NT * 4,), dtype, scope="local")
@@ -297,46 +278,14 @@ def gemm_mma_skinny(M: int, N: int, K: int, bn: int = 32, warps: int = 8, stages
             for u in T.serial(STEPS + ST - 1):
                 if u < STEPS:
                     # the warp's k step u (global step u * W + warp) into its buffer u % ST
-                    for rnd in T.serial(A_ROUNDS):
-                        with T.attr("default", "async_scope", 1):
-                            for v in T.vectorized(8):
-                                if rnd * 32 + lane < 16 * MT * (BK // 8):
-                                    As[warp, u % ST, (rnd * 32 + lane) // (BK // 8), (rnd * 32 + lane) % (BK // 8) * 8 + v] = T.if_then_else(
-                                        tvm.tirx.all((rnd * 32 + lane) // (BK // 8) < M,
-                                                     (u * W + warp) * BK + (rnd * 32 + lane) % (BK // 8) * 8 < K),
-                                        A[T.min((rnd * 32 + lane) // (BK // 8), M - 1),
-                                          T.min((u * W + warp) * BK + (rnd * 32 + lane) % (BK // 8) * 8, K - 8) + v],
-                                        T.Cast(dtype, 0))
-                    for rnd in T.serial(B_ROUNDS):
-                        with T.attr("default", "async_scope", 1):
-                            for v in T.vectorized(8):
-                                if rnd * 32 + lane < BK * (bn // 8):
-                                    Bs[warp, u % ST, (rnd * 32 + lane) // (bn // 8), (rnd * 32 + lane) % (bn // 8) * 8 + v] = T.if_then_else(
-                                        tvm.tirx.all((u * W + warp) * BK + (rnd * 32 + lane) // (bn // 8) < K,
-                                                     col0 + (rnd * 32 + lane) % (bn // 8) * 8 < N),
-                                        B[T.min((u * W + warp) * BK + (rnd * 32 + lane) // (bn // 8), K - 1),
-                                          T.min(col0 + (rnd * 32 + lane) % (bn // 8) * 8, N - 8) + v],
-                                        T.Cast(dtype, 0))
+                    copy_tile_async(As, warp * ST + u % ST, A, 0, (u * W + warp) * BK, 16 * MT, BK, M, K, lane, 32)
+                    copy_tile_async(Bs, warp * ST + u % ST, B, (u * W + warp) * BK, col0, BK, bn, K, N, lane, 32)
                 T.evaluate(T.ptx.cp.async_.commit_group())
                 if u >= ST - 1:
                     T.evaluate(T.ptx.cp.async_.wait_group(ST - 1))
                     T.tvm_storage_sync("warp")
-                    for c in T.unroll(BK // 16):
-                        for m in T.unroll(MT):
-                            T.evaluate(T.ptx_legacy.ldmatrix(
-                                False, 4, ".b16", Af.data, m * 8, As.access_ptr("r"),
-                                (warp * ST + (u - (ST - 1)) % ST) * 16 * MT * AP
-                                + a_offset(a_ldmatrix_address(lane, m, c)), dtype=dtype))
-                        for p in T.unroll(NT // 2):
-                            T.evaluate(T.ptx_legacy.ldmatrix(
-                                True, 4, ".b16", Bf.data, p * 8, Bs.access_ptr("r"),
-                                (warp * ST + (u - (ST - 1)) % ST) * BK * BP
-                                + b_offset(b_ldmatrix_address(lane, c, p)), dtype=dtype))
-                        for m in T.unroll(MT):
-                            for n in T.unroll(NT):
-                                T.evaluate(T.ptx_legacy.mma(
-                                    "m16n8k16", "row", "col", "fp16", "fp16", "fp32", Af.data, m * 8, Bf.data,
-                                    n * 4, Acc.data, (m * NT + n) * 4, False, dtype="float32"))
+                    warp_tile_products(Af, Bf, Acc, As, (warp * ST + (u - (ST - 1)) % ST) * 16 * MT * AP, AP,
+                                       Bs, (warp * ST + (u - (ST - 1)) % ST) * BK * BP, BP, MT, NT, lane)
                     T.tvm_storage_sync("warp")
             T.evaluate(T.ptx.cp.async_.wait_group(0))
             for m in T.unroll(MT):
@@ -375,12 +324,7 @@ def emulate_skinny(a: np.ndarray, b: np.ndarray, bn: int = 32, warps: int = 4) -
                 ks = slice(k0, min(k0 + BK, K))
                 at[:M, :ks.stop - k0] = a[:, ks]
                 bt[:ks.stop - k0, :min(col0 + bn, N) - col0] = b[ks, col0:min(col0 + bn, N)]
-                for c in range(BK // 16):
-                    af = [emulate_ldmatrix(at, lambda lane: a_ldmatrix_address(lane, m, c), False) for m in range(mt)]
-                    bf = [emulate_ldmatrix(bt, lambda lane: b_ldmatrix_address(lane, c, p), True) for p in range(nt // 2)]
-                    for m in range(mt):
-                        for n in range(nt):
-                            acc[m, n] = emulate_mma(af[m], bf[n // 2][:, n % 2 * 4:n % 2 * 4 + 4], acc[m, n])
+                emulate_warp_tile_products(at, bt, 0, 0, acc)
             for m in range(mt):
                 for n in range(nt):
                     part[w, m * 16 + c_rows, n * 8 + c_cols] = acc[m, n]

@@ -1,6 +1,6 @@
-"""mma.sync m16n8k16 fragment layouts (PTX ISA, "Matrix fragments for mma.m16n8k16") and a NumPy
-emulation of ``ldmatrix`` and ``mma``, shared by the thread-level templates (kernels/attention_mma.py,
-kernels/gemm_mma.py) and their CPU checks.
+"""mma.sync m16n8k16 fragment layouts (PTX ISA, "Matrix fragments for mma.m16n8k16"), a NumPy
+emulation of ``ldmatrix`` and ``mma``, and the cp.async tile copy, shared by the thread-level
+templates (kernels/attention_mma.py, kernels/gemm_mma.py) and their CPU checks.
 
 A layout maps (lane, element i of the lane's fragment) to (row, column) of the matrix. The templates
 index their register fragments with these functions; their ``emulate`` functions run the same
@@ -10,8 +10,28 @@ without a GPU.
 from __future__ import annotations
 
 import numpy as np
+import tvm
+from tvm.script import tirx as T
 
 LANES = np.arange(32)
+
+
+@T.macro
+def copy_tile_async(dst, slot, src, row0, col0, rows, columns, valid_rows, valid_columns, thread, threads):
+    """cp.async of the ``rows`` x ``columns`` tile of the 2-D buffer ``src`` at (row0, col0) into
+    ``dst[slot]``, 16 bytes (8 fp16) per copy, ``threads`` threads taking the copies in turn. Rows
+    at or past ``valid_rows`` and columns past ``valid_columns`` are zero-filled without a read (the
+    predicated cp.async); the clamped address only keeps the operand in bounds."""
+    for rnd in T.serial(-(-(rows * columns // 8) // threads)):
+        with T.attr("default", "async_scope", 1):
+            for v in T.vectorized(8):
+                if rnd * threads + thread < rows * columns // 8:
+                    dst[slot, (rnd * threads + thread) // (columns // 8), (rnd * threads + thread) % (columns // 8) * 8 + v] = T.if_then_else(
+                        tvm.tirx.all(row0 + (rnd * threads + thread) // (columns // 8) < valid_rows,
+                                     col0 + (rnd * threads + thread) % (columns // 8) * 8 < valid_columns),
+                        src[T.min(row0 + (rnd * threads + thread) // (columns // 8), valid_rows - 1),
+                            T.min(col0 + (rnd * threads + thread) % (columns // 8) * 8, valid_columns - 8) + v],
+                        T.Cast(dst.dtype, 0))
 
 
 def a_fragment(lane, i):
