@@ -15,8 +15,9 @@ def gemv_space():
 
 
 def test_offered_only_for_skinny_gemm():
+    # (gemm_mma: its skinny one-kernel templates, from M = 2)
     assert {d.rule_set for d in ScheduleSpace("gemm:2,512,512").design_spaces} == {"tensorcore", "simt", "splitk",
-                                                                                  "splitk_tc"}
+                                                                                  "splitk_tc", "gemm_mma"}
     assert "splitk" not in {d.rule_set for d in ScheduleSpace("gemm:8,256,256").design_spaces}
     assert "splitk" not in {d.rule_set for d in ScheduleSpace("softmax:64,256").design_spaces}
 
