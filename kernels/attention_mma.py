@@ -67,10 +67,6 @@ def query_tile(warps: int, row_tiles: int = 1) -> int:
     return 16 * warps * row_tiles
 
 
-def mma_prefill_applies(q_len: int, kv_len: int, head_dim: int, dtype: str) -> bool:
-    return dtype == "float16" and head_dim % 16 == 0 and head_dim <= 256 and q_len > 1
-
-
 def mma_prefill_configs(q_len: int, kv_len: int, head_dim: int) -> list[tuple[int, int, int, int]]:
     """(warps, row tiles, key tile, stages) of the templates offered: query tiles up to 256 rows
     and no longer than q_len rounded up to 64, key tiles no longer than kv_len rounded up to 32,
@@ -107,12 +103,13 @@ def fits_registers(head_dim: int, row_tiles: int, key_tile: int) -> bool:
 
 
 def applies(workload) -> bool:
-    """Attention prefill (q_len past the split-KV decode's) in fp16 with head_dim a multiple of 16."""
+    """Attention prefill (q_len past the split-KV decode's) in fp16 with head_dim a multiple of 16,
+    up to 256."""
     from .attention_fused import DECODE_MAX_Q
 
     p = workload.params
-    return (workload.family == "attention" and p["q_len"] > DECODE_MAX_Q
-            and mma_prefill_applies(p["q_len"], p["kv_len"], p["head_dim"], p["dtype"]))
+    return (workload.family == "attention" and p["q_len"] > DECODE_MAX_Q and p["dtype"] == "float16"
+            and p["head_dim"] % 16 == 0 and p["head_dim"] <= 256)
 
 
 def mma_prefill_funcs(workload, gpu=None) -> dict:

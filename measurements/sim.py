@@ -279,8 +279,8 @@ def _kernel(k, occupancy, dram_bytes: float, gpu, params: SimParams) -> KernelOu
     l2_bytes = requested * sector_waste
     shared_bytes = t.shared_load_bytes + t.shared_store_bytes
     # Thread instructions: arithmetic, HMMA instructions (two per 16x16x16 wmma mma_sync, one per PTX
-    # m16n8k8 mma), shared accesses (analysis: one per ldmatrix, else per 4 bytes), global accesses, and one address/loop instruction per
-    # memory access.
+    # mma), shared accesses (one per ldmatrix, else one per 4 bytes), global accesses, and one
+    # address/loop instruction per memory access.
     memory_accesses = accesses + t.shared_instructions
     thread_instructions = t.arithmetic_ops + t.hmma_instructions + 2.0 * memory_accesses
     warp_instructions = thread_instructions / lanes

@@ -55,6 +55,36 @@ def build_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("builds")
 
 
+@pytest.fixture
+def built_templates(tmp_path):
+    """Build the one-point templates (thread-level rule sets) of design spaces with etune's builder:
+    ``built_templates(spaces, keep=...)`` -> [(template name, BuildResult)]."""
+    from etune.search_space import Builder
+
+    def build(spaces, keep=lambda template: True):
+        built = []
+        for space in spaces:
+            points = [c for c in space.fixed_points() if keep(space.design_spaces[c.design_space].template)]
+            results = Builder(space.gpu, workdir=tmp_path / str(len(built)), jobs=2).build(points)
+            built += [(space.design_spaces[c.design_space].template, r) for c, r in zip(points, results)]
+        return built
+
+    return build
+
+
+@pytest.fixture
+def no_spills():
+    """``no_spills(built)``: every build ok, one kernel each, within 255 registers, no spills."""
+    def check(built) -> None:
+        for template, result in built:
+            assert result.ok, (template, result.error)
+            (resources,) = result.kernels
+            assert 0 < resources.registers <= 255, template
+            assert resources.spill_store_bytes == resources.spill_load_bytes == 0, template
+
+    return check
+
+
 def _unusable_databases(root: Path) -> dict:
     """Files a user could point --db at by mistake, by name (other, empty, text, dir, newer,
     truncated), and ``good``: an etune database with one latency run of 200 candidates."""

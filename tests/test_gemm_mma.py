@@ -5,16 +5,14 @@ As for the FlashAttention-2 templates, the PrimFunc cannot run here: its data fl
 lowered structure and nvcc build (sm_90, no spills) directly, and its numbers on sim (model
 outputs). On a GPU, built templates are compared with the reference.
 """
-from pathlib import Path
-
 import numpy as np
 import pytest
 import tvm
 
 from etune.kernels import gemm_mma as gemm_mma_module
 from etune.kernels import parse_spec
-from etune.kernels.gemm_mma import (BK, SKINNY_TILES, configs, emulate, emulate_skinny, gemm_mma, gemm_mma_funcs,
-                                    gemm_mma_skinny, shared_bytes, skinny_shared_bytes)
+from etune.kernels.gemm_mma import (BK, SKINNY_STAGES, SKINNY_TILES, configs, emulate, emulate_skinny, gemm_mma,
+                                    gemm_mma_funcs, gemm_mma_skinny, shared_bytes, skinny_shared_bytes)
 from etune.search_space import ScheduleSpace, gpu_spec
 from etune.search_space.analysis import kernel_launches
 from etune.search_space.rules import rule_set_applies
@@ -25,32 +23,23 @@ def operands(M, N, K, seed=0):
     return rng.standard_normal((M, K)).astype("float16"), rng.standard_normal((K, N)).astype("float16")
 
 
-@pytest.mark.parametrize("shape, tile", [
-    ((64, 64, 64), (64, 64, 2, 2)),
-    ((70, 72, 40), (64, 64, 2, 2)),  # M, N and K past a tile: guarded rows and columns, a K tail
-    ((100, 136, 96), (64, 128, 2, 2)),
-    ((33, 64, 32), (64, 64, 2, 2)),
-    ((128, 128, 48), (128, 128, 2, 4)),
+@pytest.mark.parametrize("shape, skinny, tile", [
+    ((64, 64, 64), False, (64, 64, 2, 2)),
+    ((70, 72, 40), False, (64, 64, 2, 2)),  # M, N and K past a tile: guarded rows and columns, a K tail
+    ((100, 136, 96), False, (64, 128, 2, 2)),
+    ((33, 64, 32), False, (64, 64, 2, 2)),
+    ((128, 128, 48), False, (128, 128, 2, 4)),
+    ((16, 64, 256), True, (32, 4)),
+    ((5, 72, 200), True, (32, 4)),  # rows padded to 16, a column tail, K not a multiple of the warps' steps
+    ((20, 128, 96), True, (64, 8)),  # two m16 row tiles
+    ((32, 40, 64), True, (32, 4)),
 ])
-def test_emulated_kernel_matches_the_reference(shape, tile):
+def test_emulated_kernel_matches_the_reference(shape, skinny, tile):
     M, N, K = shape
     a, b = operands(M, N, K)
     workload = parse_spec(f"gemm:{M},{N},{K}")
-    ok, error = workload.check([emulate(a, b, *tile)], workload.reference([a, b]))
-    assert ok, error
-
-
-@pytest.mark.parametrize("shape, tile", [
-    ((16, 64, 256), (32, 4)),
-    ((5, 72, 200), (32, 4)),  # rows padded to 16, a column tail, K not a multiple of the warps' steps
-    ((20, 128, 96), (64, 8)),  # two m16 row tiles
-    ((32, 40, 64), (32, 4)),
-])
-def test_emulated_skinny_kernel_matches_the_reference(shape, tile):
-    M, N, K = shape
-    a, b = operands(M, N, K)
-    workload = parse_spec(f"gemm:{M},{N},{K}")
-    ok, error = workload.check([emulate_skinny(a, b, *tile)], workload.reference([a, b]))
+    out = emulate_skinny(a, b, *tile) if skinny else emulate(a, b, *tile)
+    ok, error = workload.check([out], workload.reference([a, b]))
     assert ok, error
 
 
@@ -130,25 +119,13 @@ def test_sim_skinny_reads_the_weights_near_the_memory_bound():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("tile", sorted({c[:4] for c in configs(4096, 4096)}))
-def test_builds_for_sm_90_without_spills(tile, tmp_path):
-    from etune.search_space.build import compile_module, nvcc_compile
-
-    executable = compile_module(tvm.IRModule({"main": gemm_mma(200, 264, 104, *tile, 3)}), gpu_spec("h100"))
-    source = next(m for m in executable.mod.imports if m.kind == "cuda").inspect_source()
-    _, (resources,) = nvcc_compile(source, "sm_90", Path(tmp_path))
-    assert 0 < resources.registers <= 255 and resources.spill_store_bytes == resources.spill_load_bytes == 0
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("tile", SKINNY_TILES)
-def test_skinny_builds_for_sm_90_without_spills(tile, tmp_path):
-    from etune.search_space.build import compile_module, nvcc_compile
-
-    executable = compile_module(tvm.IRModule({"main": gemm_mma_skinny(20, 264, 104, *tile, 3)}), gpu_spec("h100"))
-    source = next(m for m in executable.mod.imports if m.kind == "cuda").inspect_source()
-    _, (resources,) = nvcc_compile(source, "sm_90", Path(tmp_path))
-    assert 0 < resources.registers <= 255 and resources.spill_store_bytes == resources.spill_load_bytes == 0
+def test_builds_for_sm_90_without_spills(built_templates, no_spills):
+    """Every block tile (at 3 stages) and every skinny template (all depths)."""
+    built = built_templates([ScheduleSpace("gemm:200,264,104", rule_sets=["gemm_mma"]),
+                             ScheduleSpace("gemm:20,264,104", rule_sets=["gemm_mma"])],
+                            keep=lambda template: "skinny" in template or template.endswith("_s3"))
+    assert len(built) == len({c[:4] for c in configs(4096, 4096)}) + len(SKINNY_TILES) * len(SKINNY_STAGES)
+    no_spills(built)
 
 
 def test_sim_beats_the_wmma_space():
