@@ -83,6 +83,8 @@ LATENCY_CONSTANTS = (
     Constant("tensor_core_efficiency", 0.3, 0.9),
     Constant("simt_efficiency", 0.3, 1.0),
     Constant("loads_in_flight_per_thread", 0.25, 4.0, relative=True),
+    # how much a tensor-core warp's independent accumulators count for latency hiding (1: not at all)
+    Constant("max_warp_ilp", 1.0, 4.0),
 )
 # Power side: static power while a call runs and energy per operation (joules or watts, >= 0).
 POWER_CONSTANTS = tuple(Constant(name, 0.25, 4.0, relative=True) for name in (

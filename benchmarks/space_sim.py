@@ -12,6 +12,7 @@ model outputs, not measurements.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -26,8 +27,10 @@ from etune.search_space.rules import RULE_SETS, rule_set_applies  # noqa: E402
 
 
 def survey(spec: str, samples: int, gpu: str = "h100", seed: int = 0, rule_sets=RULE_SETS,
-           max_shared_kib: int | None = None) -> dict:
+           max_shared_kib: int | None = None, max_warp_ilp: float | None = None) -> dict:
     sim = SimBackend(gpu)
+    if max_warp_ilp is not None:  # another model of latency hiding (1: warps only, before 2026-12-01)
+        sim = SimBackend(gpu, params=dataclasses.replace(sim.params, max_warp_ilp=max_warp_ilp))
     target = gpu_spec(gpu).with_shared_limit(max_shared_kib)  # the preset, or another shared-memory limit
     rows = {}
     vendor = None
@@ -62,6 +65,7 @@ def survey(spec: str, samples: int, gpu: str = "h100", seed: int = 0, rule_sets=
         }
     bound_us = as_workload(spec).min_bytes / sim.gpu.memory_bandwidth * 1e6
     return {"spec": spec, "gpu": gpu, "max_shared_kib": max_shared_kib, "backend": "sim (model output)",
+            "sim_max_warp_ilp": sim.params.max_warp_ilp,
             "memory_bound_us": bound_us,
             "vendor": {"latency_us": vendor.latency_s * 1e6, "energy_mj": vendor.energy_j * 1e3}, "rule_sets": rows}
 
@@ -102,11 +106,17 @@ def main(argv=None) -> int:
     parser.add_argument("--rule-sets", nargs="+", default=list(RULE_SETS), choices=RULE_SETS)
     parser.add_argument("--max-shared-kib", type=int, default=None,
                         help="build the design spaces for the preset with this per-block shared memory limit")
+    parser.add_argument("--sim-max-warp-ilp", type=float, default=None,
+                        help="survey with this cap on a warp's accumulator ILP in sim's latency hiding "
+                             "(1: the model before 2026-12-01)")
     parser.add_argument("--out")
     args = parser.parse_args(argv)
+    if args.tune and args.sim_max_warp_ilp is not None:
+        parser.error("--tune runs on the default sim model; survey another one without --tune")
     results = []
     for spec in args.specs:
-        result = survey(spec, args.samples, args.gpu, rule_sets=args.rule_sets, max_shared_kib=args.max_shared_kib)
+        result = survey(spec, args.samples, args.gpu, rule_sets=args.rule_sets, max_shared_kib=args.max_shared_kib,
+                        max_warp_ilp=args.sim_max_warp_ilp)
         if args.out:  # the survey stays if the tuning run fails
             Path(args.out).write_text(json.dumps(results + [result], indent=1))
         if args.tune:

@@ -80,7 +80,7 @@ FEATURE_NAMES: tuple[str, ...] = (
     "shared_time_s", "issue_time_s", "lsu_time_s",  # other per-SM pipes at their peak rates
     "memory_parallelism_time_s",     # Little's law: global bytes / (bytes in flight / memory latency)
     "bottleneck_time_s",             # max over all pipes and memory, with SM fill, waves and launches
-    "est_warps_hiding",              # resident warps per SM scheduler (latency hiding), time-weighted
+    "est_warps_hiding",              # resident warps x ILP per SM scheduler (latency hiding), time-weighted
     # launch shape: time-weighted mean over kernels ...
     "threads_per_block", "blocks_log2", "total_threads_log2", "waves", "wave_efficiency", "sm_fill",
     "busy_sm_fraction",              # share of SM-time holding blocks when blocks are dealt round-robin
@@ -228,7 +228,8 @@ def _kernel_numbers(launch, resources, gpu) -> dict:
     # (a grid smaller than one wave is charged once, through sm_fill, not again as a partial wave).
     tail = wave_efficiency if waves >= 1 else 1.0
     est = roofline / max(sm_fill, 1e-3) / max(tail, 1e-3) + KERNEL_LAUNCH_S
-    hiding = min(1.0, resident_warps / 16.0)  # 4 schedulers want ~4 warps each
+    # 4 schedulers want ~4 independent instruction streams each: warps, or fewer warps with ILP
+    hiding = min(1.0, resident_warps * launch.warp_ilp() / 16.0)
     simt_s = t.arithmetic_ops / gpu.peak_fp32_flops / lane_utilisation
     # Little's law: an SM keeps (resident threads x bytes per access x loads in flight) on the way to
     # memory for one memory latency; few or narrow threads cannot fill the memory pipe.

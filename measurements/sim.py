@@ -15,7 +15,8 @@ The model, per kernel of a module (kernels run one after another, each after a l
   quantisation): 133 blocks of one-per-SM cost two rounds on the busiest SM.
 * SM time of a block: tensor-core flops, SIMT operations, shared bytes, issued warp instructions and
   L1<->L2 bytes against per-SM rates, combined by a soft maximum (they overlap, not perfectly), and
-  slowed when few warps are resident to hide latency. Idle lanes of partial warps cost their slots.
+  slowed when few independent instruction streams (resident warps, times the independent
+  accumulator tiles of tensor-core warps, up to 2) are there to hide latency. Idle lanes of partial warps cost their slots.
 * memory time: DRAM bytes (the compulsory bytes of the workload plus re-reads and intermediates the
   50 MB L2 cannot keep) against HBM bandwidth; all global traffic (in 32-byte sectors) against L2
   bandwidth; and Little's law: a thread keeps only a few accesses in flight, so a block streams
@@ -68,10 +69,13 @@ class SimParams:
     tensor_core_efficiency: float = 0.62
     # SIMT pipes: dependent chains and address arithmetic keep real kernels below the fp32 peak.
     simt_efficiency: float = 0.85
-    # Resident warps per SM for full latency hiding (4 schedulers x 4 warps); with fewer, SM-side
-    # throughput falls as (warps / 16) ** 0.6.
+    # Independent instruction streams per SM for full latency hiding (4 schedulers x 4 warps of one
+    # chain each); with fewer, SM-side throughput falls as (warps x ILP / 16) ** 0.6, where a
+    # tensor-core warp's ILP is its independent accumulator tiles, up to ``max_warp_ilp``
+    # (KernelLaunch.warp_ilp; 1 gives the model before 2026-12-01, which counted warps only).
     warps_for_full_issue: float = 16.0
     latency_hiding_exponent: float = 0.6
+    max_warp_ilp: float = 2.0  # search_space.analysis.MAX_WARP_ILP, which says why (sim loads without TVM)
     # Per-SM pipes: 32 banks x 4 B of shared memory, 4 schedulers issuing one warp instruction each,
     # 64 B/clk between L1 and L2.
     shared_bytes_per_clk: float = 128.0
@@ -302,7 +306,7 @@ def _kernel(k, occupancy, dram_bytes: float, gpu, params: SimParams) -> KernelOu
         total = 0.0
         while n > 0:
             resident = min(n, per_sm)
-            hiding = min(1.0, resident * warps / params.warps_for_full_issue) ** params.latency_hiding_exponent
+            hiding = min(1.0, resident * warps * k.warp_ilp(params.max_warp_ilp) / params.warps_for_full_issue) ** params.latency_hiding_exponent
             total += resident * block_work / hiding
             n -= resident
         return total

@@ -20,6 +20,12 @@ from .targets import PASS_CONFIG, GpuSpec
 # Registers every thread needs besides its local arrays (indices, addresses, loop counters).
 REGISTER_BASE = 32
 MAX_REGISTERS_PER_THREAD = 255
+# Independent tensor-core accumulator tiles a warp can count on to hide latency (instruction-level
+# parallelism). A warp with two or more issues its next mma while the last is in the pipe, so two such
+# warps per scheduler keep it busy: the 8-warp SMs of CUTLASS's sm80 GEMMs and FlashAttention-2 run
+# near mma.sync's peak. Capped at 2 because between k steps a warp still waits on its fragment loads
+# and barriers, which more accumulators do not hide.
+MAX_WARP_ILP = 2.0
 
 
 def estimate_registers(local_bytes_per_thread: int, threads_per_block: int, gpu, base: int = REGISTER_BASE,
@@ -61,6 +67,14 @@ class KernelLaunch:
     # Bytes per thread that cp.async keeps on the way: the copies of one commit group times the groups
     # a software pipeline lets be in flight (``async_wait_inflight_count`` + 1); 0 without cp.async.
     async_copy_bytes_in_flight: float = 0.0
+    # Independent tensor-core accumulator tiles per thread (m16n8 shares of 4 elements: a wmma 16x16
+    # fp32 fragment is two); 0 for kernels without tensor cores.
+    accumulator_tiles: float = 0.0
+
+    def warp_ilp(self, cap: float = MAX_WARP_ILP) -> float:
+        """Independent instruction chains a warp offers the scheduler: its accumulator tiles, at least
+        1 and at most ``cap`` (sim's latency hiding and the features count warps times this)."""
+        return min(cap, max(1.0, self.accumulator_tiles))
 
     @property
     def static_shared_bytes(self) -> int:
@@ -337,6 +351,12 @@ def analyse_kernel(name: str, func) -> KernelLaunch:
     groups: list[float] = []
     inflight = 0
     explicit = {"copied": 0.0, "commits": 0.0}
+    # Local arrays with their elements per thread, the elements of wmma accumulator fragments, and
+    # the buffers PTX mma calls accumulate into (the walk is not in program order, so they are
+    # matched at the end).
+    local_arrays: list = []
+    accumulator_elements = 0.0
+    mma_accumulators: list = []
     for node, trips in _nodes(func.body):
         kind = type(node).__name__
         if kind == "AttrStmt" and node.attr_key == "async_commit_queue_scope":
@@ -362,9 +382,12 @@ def analyse_kernel(name: str, func) -> KernelLaunch:
                     dynamic_shared += nbytes
             elif scope == "local":
                 local += nbytes
+                local_arrays.append((buffer, math.prod(int(e) for e in buffer.shape)))
             elif scope.startswith("wmma."):
                 # wmma fragments are declared per warp and live in its threads' registers
                 local += nbytes // _WARP
+                if scope == "wmma.accumulator":
+                    accumulator_elements += math.prod(int(e) for e in buffer.shape) / _WARP
         elif kind in ("BufferStore", "TensorLoad", "BufferLoad"):  # 0.27 calls a load TensorLoad
             store = kind == "BufferStore"
             dtype = _dtype(node.value if store else node)
@@ -423,6 +446,7 @@ def analyse_kernel(name: str, func) -> KernelLaunch:
                 a_bits, b_bits, c_bits = (_type_bits(t) for t in node.args[3:6])
                 totals["local_access_bytes"] += trips * (m * k * a_bits + k * n * b_bits
                                                          + 2 * m * n * c_bits) / 8 / _WARP
+                mma_accumulators.append(_pointed_buffer(node.args[10]))
             elif ptx == "ldmatrix":
                 # ldmatrix(trans, num, ".b16", ...): num 8x8 matrices of 16-bit elements from shared
                 # memory into a warp's registers: num x 128 B per warp, num x 4 B per thread
@@ -447,8 +471,19 @@ def analyse_kernel(name: str, func) -> KernelLaunch:
         # pipeline's drain commits empty groups, which lowers the mean a little)
         groups.append(explicit["copied"] / explicit["commits"])
     in_flight = max(groups) * (inflight + 1) if groups else 0.0
+    accumulator_elements += sum(elements for buffer, elements in local_arrays
+                                if any(buffer.same_as(b) for b in mma_accumulators if b is not None))
+    # an m16n8 accumulator tile is 4 elements per thread
+    accumulator_tiles = accumulator_elements / 4.0
     return KernelLaunch(name, tuple(grid), tuple(block), shared, local, tensor_cores, lanes, gather_lanes,
-                        Traffic(**totals), dynamic_shared, in_flight)
+                        Traffic(**totals), dynamic_shared, in_flight, accumulator_tiles)
+
+
+def _pointed_buffer(expr):
+    """The buffer of a pointer argument ``buf.data`` (in 0.27 the call ``buffer_data(buf)``), else None."""
+    if type(expr).__name__ == "Call" and getattr(expr.op, "name", "").endswith("buffer_data"):
+        return expr.args[0]
+    return None
 
 
 def _cp_async_bytes(call) -> int:

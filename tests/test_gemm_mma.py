@@ -80,6 +80,8 @@ def test_lowered_structure():
                                 gpu_spec("h100").tvm_target())
     assert launch.grid == (2 * 3, 1, 1) and launch.block == (128, 1, 1)
     assert launch.shared_bytes == shared_bytes(128, 128, 3) and launch.uses_tensor_cores
+    # a 64x64 warp tile keeps 32 independent m16n8 accumulators: ILP for latency hiding
+    assert launch.accumulator_tiles == 32 and launch.warp_ilp() == 2
     # every product of the padded tiles, once: no operand re-read from global memory per warp
     assert launch.traffic.tensor_core_flops == 2 * 256 * 384 * (-(-K // BK) * BK)
     assert launch.traffic.global_load_bytes == 6 * (128 + 128) * 4 * BK * 2

@@ -109,6 +109,9 @@ def test_wmma_space_keeps_its_static_accumulator_store():
         k = c.launches[0]
         assert 0 < k.static_shared_bytes <= 48 * 1024 and k.dynamic_shared_bytes > 0
         assert launch_problem(c.launches, space.gpu) is None
+        # its fp32 accumulator fragments, 16x16 each (two m16n8 tiles), are part of the local bytes
+        assert k.accumulator_tiles >= 2 and k.accumulator_tiles % 2 == 0
+        assert 16 * k.accumulator_tiles <= k.local_bytes_per_thread
 
 
 def test_sim_counts_the_tensor_core_work_and_the_copies(candidates):
@@ -129,6 +132,8 @@ def test_sim_counts_the_tensor_core_work_and_the_copies(candidates):
         # k step), the accumulator by plain loads.
         assert t.shared_load_bytes >= compulsory + 512 * 512 * 4
         assert t.global_store_bytes == 512 * 512 * 2  # the fp16 result
+        # the fp32 accumulators mma writes into: m16n8 tiles of 4 values per thread
+        assert k.accumulator_tiles >= 1 and 16 * k.accumulator_tiles <= k.local_bytes_per_thread
         outcome = sim.outcome(c)
         energy = outcome.breakdown["energy_by_component_j"]
         assert outcome.breakdown["throttle_stretch"] == 1.0

@@ -8,10 +8,10 @@ import pytest
 
 from etune.kernels import parse_spec
 from etune.measurements import make_backend
-from etune.measurements.sim import SimBackend, simulate, vendor_outcome
+from etune.measurements.sim import SimBackend, SimParams, simulate, vendor_outcome
 from etune.search_space.analysis import estimate_registers
 from etune.search_space import BuildResult, ScheduleSpace, gpu_spec
-from etune.search_space.analysis import KernelLaunch, Traffic
+from etune.search_space.analysis import MAX_WARP_ILP, KernelLaunch, Traffic
 
 H100 = gpu_spec("h100")
 GEMM_4096 = parse_spec("gemm:4096,4096,4096")
@@ -61,6 +61,25 @@ def test_more_work_costs_more_time_and_energy():
     two = simulate([stream(64e6), stream(64e6)])
     assert two.latency_s == pytest.approx(2 * small.latency_s)
     assert two.breakdown["kernels"] == 2
+
+
+def test_independent_accumulators_hide_latency_like_warps():
+    # One 256-thread block per SM (shared memory): 8 warps. Warps with one accumulator chain leave
+    # the SM short of independent instructions; two chains each make up for it, as 16 warps would.
+    def gemm(block, tiles):
+        k = tensor_core_gemm()
+        # big tiles: a tenth of the global traffic, so that the SM side sets the time
+        traffic = dataclasses.replace(k.traffic, global_load_bytes=2.1e8, global_load_instructions=2.1e8 / 16)
+        return dataclasses.replace(k, block=(block, 1, 1), shared_bytes=160 * 1024, accumulator_tiles=tiles,
+                                   traffic=traffic)
+    one_chain, two_chains, many = (simulate([gemm(256, t)]).latency_s for t in (0.0, 2.0, 32.0))
+    assert one_chain > 1.3 * two_chains
+    assert many == two_chains  # counted up to two chains per warp
+    assert simulate([gemm(512, 0.0)]).latency_s == pytest.approx(two_chains, rel=0.02)
+    assert gemm(256, 0.0).warp_ilp() == 1.0 and gemm(256, 3.0).warp_ilp() == 2.0
+    assert SimParams().max_warp_ilp == MAX_WARP_ILP  # the features' cap is sim's
+    # the model before it counted ILP: warps only
+    assert simulate([gemm(256, 32.0)], params=SimParams(max_warp_ilp=1.0)).latency_s == pytest.approx(one_chain)
 
 
 def test_power_capped_kernel_sits_at_the_cap():
