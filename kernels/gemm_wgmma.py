@@ -47,8 +47,8 @@ The accumulator (ISA "Matrix Fragments for wgmma.mma_async", D of m64nNk16 in fp
 
 Pipeline (``stages`` S >= 2): a prologue puts k steps 0 .. S - 2 on their way (one cp.async group
 each); then per k step u: wait for this thread's copies of step u (``cp.async.wait_group S - 2``),
-``fence.proxy.async`` (the copies are generic-proxy writes that wgmma, an async-proxy read, must
-see), barrier, ``wgmma.fence``, the MT x 4 wgmmas of step u, ``wgmma.commit_group``, then the
+``fence.proxy.async.shared::cta`` (the copies are generic-proxy writes that wgmma, an async-proxy
+read, must see), barrier, ``wgmma.fence``, the MT x 4 wgmmas of step u, ``wgmma.commit_group``, then the
 copies of step u + S - 1 into the buffer step u - 1 used (every warpgroup waited for its wgmmas of
 step u - 1 before the barrier), ``cp.async.commit_group`` and ``wgmma.wait_group 0``. The copies
 overlap the tensor cores; wgmma groups do not overlap each other (one in flight). The wait is
@@ -144,7 +144,8 @@ def gemm_wgmma_funcs(workload, gpu=None) -> dict:
         return {}
     p = workload.params
     return {f"gemm_wgmma_{bm}x{bn}_g{g}x{mt}_s{s}": gemm_wgmma(p["M"], p["N"], p["K"], bm, bn, g, mt, s)
-            for bm, bn, g, mt, s in configs(p["M"], p["N"]) if shared_bytes(bm, bn, s) <= gpu.max_shared_memory_per_block}
+            for bm, bn, g, mt, s in configs(p["M"], p["N"])
+            if shared_bytes(bm, bn, s) <= gpu.max_shared_memory_per_block}
 
 
 def gemm_wgmma(M: int, N: int, K: int, bm: int = 128, bn: int = 128, warpgroups: int = 2, m_tiles: int = 1,
@@ -219,7 +220,7 @@ def gemm_wgmma(M: int, N: int, K: int, bm: int = 128, bn: int = 128, warpgroups:
             for v in T.serial(KT):
                 # step v: this thread's copies done, made visible to the async proxy, then everyone's
                 T.ptx.cp.async_.wait_group(ST - 2)
-                T.ptx.fence.proxy.async_()
+                T.ptx.fence.proxy.async_.shared__cta()
                 T.tvm_storage_sync("shared")
                 T.ptx.wgmma.fence.sync.aligned()
                 for kk in T.unroll(BK // 16):
@@ -284,7 +285,8 @@ def isa_accumulator(n: int) -> tuple[np.ndarray, np.ndarray]:
     return rows, cols
 
 
-def emulate(a: np.ndarray, b: np.ndarray, bm: int = 128, bn: int = 128, warpgroups: int = 2, m_tiles: int = 1) -> np.ndarray:
+def emulate(a: np.ndarray, b: np.ndarray, bm: int = 128, bn: int = 128, warpgroups: int = 2,
+            m_tiles: int = 1) -> np.ndarray:
     """``gemm_wgmma``'s output computed as its warpgroups do: the copies by ``a_chunk``/``b_chunk``,
     each wgmma's operands read through its descriptor (``emulate_descriptor_read``, the ISA's
     definition), the products accumulated in fp32 per thread and register as the ISA lays them out
@@ -319,7 +321,8 @@ def emulate(a: np.ndarray, b: np.ndarray, bm: int = 128, bn: int = 128, warpgrou
                     bop = emulate_descriptor_read(b_stage, b_operand_start(kk, bn), b_lbo, b_sbo, bn, False)
                     for g in range(G):
                         for m in range(MT):
-                            aop = emulate_descriptor_read(a_stage, a_operand_start(g * MT + m, kk), a_lbo, a_sbo, 64, True)
+                            aop = emulate_descriptor_read(a_stage, a_operand_start(g * MT + m, kk), a_lbo, a_sbo,
+                                                          64, True)
                             d = aop.astype(np.float32) @ bop.astype(np.float32)
                             acc[g, m] += d[d_rows, d_cols]  # the hardware's fragment
             for g in range(G):
