@@ -59,12 +59,18 @@ def _row_off(layout):
     return moved
 
 
+def _next_row(start):
+    return lambda *args: start(*args) + 8
+
+
 @pytest.mark.parametrize("name, wrong", [
     ("a_strides", _swapped),  # A's LBO and SBO exchanged
     ("b_strides", _swapped),  # B's LBO and SBO exchanged
     ("a_chunk", _row_off),  # a copy's row off by one
     ("b_chunk", _row_off),  # a copy's k off by one
     ("acc_fragment", _row_off),  # an accumulator's row off by one
+    ("a_operand_start", _next_row),  # an A descriptor's start one 16-byte row on
+    ("b_operand_start", _next_row),  # a B descriptor's start one 16-byte row on
 ])
 def test_emulation_fails_when_a_layout_is_wrong(monkeypatch, name, wrong):
     monkeypatch.setattr(wgmma_module, name, wrong(getattr(wgmma_module, name)))
