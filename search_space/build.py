@@ -106,8 +106,25 @@ def find_nvcc() -> str:
     raise BuildError("nvcc not found: install the CUDA toolkit or put nvcc on PATH (or set CUDA_HOME)")
 
 
+# PTX instructions that exist only for the architecture-specific target of their arch ("sm_90a"):
+# ptxas refuses them for plain sm_90 ("Instruction 'wgmma.fence' not supported on .target 'sm_90'").
+_ARCH_SPECIFIC = {"sm_90": ("wgmma.", "setmaxnreg.")}
+
+
+def arch_for_source(source: str, arch: str) -> str:
+    """The arch nvcc compiles ``source`` for: ``arch`` with the "a" suffix (sm_90 -> sm_90a) where the
+    source uses an instruction only that target has (wgmma), else ``arch``. TVM 0.27 emits the same
+    CUDA for the sm_90 and sm_90a targets, so only nvcc's -arch tells them apart; an sm_90a cubin
+    runs on compute capability 9.0 (H100, H200) and nowhere else."""
+    if any(instruction in source for instruction in _ARCH_SPECIFIC.get(arch, ())):
+        return arch + "a"
+    return arch
+
+
 def nvcc_compile(source: str, arch: str, workdir: Path) -> tuple[bytes, list[KernelResources]]:
-    """CUDA source to a cubin for ``arch``, with ptxas' per-kernel resource report."""
+    """CUDA source to a cubin for ``arch`` (``arch_for_source``), with ptxas' per-kernel resource
+    report."""
+    arch = arch_for_source(source, arch)
     src = workdir / "kernel.cu"
     cubin = workdir / "kernel.cubin"
     src.write_text(source)

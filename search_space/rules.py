@@ -49,6 +49,13 @@ Nine rule sets, each a family of design spaces for the workloads it applies to:
   M >= 32 64x64-class warp tiles in registers, one template per (block tile, warp grid, stages);
   for 2 <= M <= 32 K split across a block's warps and summed through shared memory, one kernel,
   one template per (columns per block, warps, stages). One point each, as ``flash_mma``.
+- ``gemm_wgmma`` (opt-in, not in ``RULE_SETS``): fp16 GEMM with fp32 accumulation, M >= 64, N and K
+  multiples of 8, on sm_90 targets only, over etune's thread-level Hopper templates
+  (kernels/gemm_wgmma.py: ``wgmma.mma_async`` m64nNk16 with A and B from shared memory through
+  matrix descriptors, cp.async stages), one template per (block tile, warpgroups, stages), built
+  for sm_90a. One point each, as ``gemm_mma``. Opt-in because etune's analysis does not count
+  wgmma yet (no tensor-core flops, no shared reads): on sim such a kernel would look nearly free.
+  Name it in ``rule_sets`` to get it.
 """
 from __future__ import annotations
 
@@ -58,13 +65,16 @@ import sys
 
 from tvm.s_tir.meta_schedule import schedule_rule as sr
 
-from etune.kernels import attention_mma, gemm_mma, gemm_splitk
+from etune.kernels import attention_mma, gemm_mma, gemm_splitk, gemm_wgmma
 
 from . import splitk
 
 RULE_SETS = ("tensorcore", "mma", "simt", "fused", "splitk", "rowsoftmax", "splitk_tc", "flash_mma", "gemm_mma")
+# Rule sets a space gets only when named (``ScheduleSpace(rule_sets=...)``): not in the default.
+OPT_IN_RULE_SETS = ("gemm_wgmma",)
+ALL_RULE_SETS = (*RULE_SETS, *OPT_IN_RULE_SETS)
 # Rule sets over thread-level templates: complete schedules, each a design space of one point.
-THREAD_LEVEL_RULE_SETS = ("flash_mma", "gemm_mma")
+THREAD_LEVEL_RULE_SETS = ("flash_mma", "gemm_mma", "gemm_wgmma")
 # Rule sets whose design spaces allocate shared.dyn, and so may use the opt-in shared-memory limit;
 # the others allocate static shared memory only, and VerifyGPUCode checks them against 48 KiB.
 # (``fused``: the flash prefill templates hold their tiles in shared.dyn where the target allows more.)
@@ -85,6 +95,8 @@ def rule_set_applies(rule_set: str, workload) -> bool:
         return attention_mma.applies(workload)
     if rule_set == "gemm_mma":
         return gemm_mma.applies(workload)
+    if rule_set == "gemm_wgmma":  # the target (sm_90) is checked where the templates are made
+        return gemm_wgmma.applies(workload)
     if rule_set == "mma":
         # TVM 0.27's mma path tiles exactly three loops (i, j, k) and generates no design space unless
         # M and N are multiples of 32 (M = 16, 48 or 100, N = 16 or 48 fail in its tiling: "the factor
@@ -355,4 +367,4 @@ def schedule_rules(rule_set: str, cross_thread_reduction: bool = True) -> list:
         register()
         tensor_intrinsics()  # TuneContext imports it otherwise, without the fast path (~30 s)
         return [sr.ApplyCustomRule()]
-    raise ValueError(f"unknown rule set {rule_set!r}; known: {', '.join(RULE_SETS)}")
+    raise ValueError(f"unknown rule set {rule_set!r}; known: {', '.join(ALL_RULE_SETS)}")

@@ -39,6 +39,7 @@ from etune.kernels import Workload, as_workload
 from etune.kernels.attention_fused import fused_prim_funcs
 from etune.kernels.attention_mma import mma_prefill_funcs
 from etune.kernels.gemm_mma import gemm_mma_funcs
+from etune.kernels.gemm_wgmma import gemm_wgmma_funcs
 from etune.kernels.gemm_splitk import split_k_prim_funcs
 from etune.kernels.softmax_fused import softmax_prim_funcs
 
@@ -50,11 +51,12 @@ from .targets import GpuSpec, gpu_spec
 # Postprocessors and mutators per rule set, as TVM's defaults pair them.
 _DEFAULT_KIND = {"tensorcore": "cuda-tensorcore", "mma": "cuda-tensorcore", "splitk_tc": "cuda-tensorcore",
                  "simt": "cuda", "fused": "cuda", "splitk": "cuda", "rowsoftmax": "cuda", "flash_mma": "cuda",
-                 "gemm_mma": "cuda"}
+                 "gemm_mma": "cuda", "gemm_wgmma": "cuda"}
 # Rule sets over etune's TIR templates instead of the workload's TE chain:
 # {rule set: (workload, GpuSpec) -> the templates that apply, {name: PrimFunc}}.
 _TEMPLATES = {"fused": fused_prim_funcs, "rowsoftmax": lambda workload, gpu: softmax_prim_funcs(workload),
-              "splitk_tc": split_k_prim_funcs, "flash_mma": mma_prefill_funcs, "gemm_mma": gemm_mma_funcs}
+              "splitk_tc": split_k_prim_funcs, "flash_mma": mma_prefill_funcs, "gemm_mma": gemm_mma_funcs,
+              "gemm_wgmma": gemm_wgmma_funcs}
 
 
 # TVM 0.27 raises plain Python exceptions across its FFI (no TVMError any more).
@@ -350,6 +352,8 @@ class ScheduleSpace:
             if rule_set in _TEMPLATES:  # one module per template that applies
                 modules = [(name, tvm.IRModule({"main": func}))
                            for name, func in _TEMPLATES[rule_set](self.workload, self.gpu).items()]
+                if not modules:
+                    self.notes.append(f"{rule_set}: no template for {self.workload.spec} on {self.gpu.name}")
             else:
                 modules = [(None, self.mod)]
             for template, mod in modules:
