@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from etune.kernels import parse_spec, suite  # noqa: E402
 from etune.search_space import Builder, ScheduleSpace, gpu_spec  # noqa: E402
-from etune.search_space.rules import ALL_RULE_SETS  # noqa: E402
+from etune.search_space.rules import RULE_SETS  # noqa: E402
 
 
 def gpu_present() -> bool:
@@ -41,7 +41,7 @@ def main() -> int:
     parser.add_argument("--target", default="h100")
     parser.add_argument("--jobs", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--rule-sets", nargs="+", default=None, choices=ALL_RULE_SETS,
+    parser.add_argument("--rule-sets", nargs="+", default=None, choices=RULE_SETS,
                         help="sample these rule sets' design spaces only (default: all that apply)")
     parser.add_argument("--out", default="out/check_builds")
     parser.add_argument("--workdir", default=None, help="build artifacts (default: OUT/builds)")

@@ -103,8 +103,8 @@ def select_pool(spec: str, random_n: int, best_n: int, sim_trials: int, seed: in
     """``random_n`` random samples and the ``best_n`` best that sim finds (by sim energy within 5 % of
     the fastest, and the fastest), distinct. ``sim_trials`` > 0: a short energy@0.05 tuning run on
     sim; 0: the best of a 4 x ``best_n`` random sample ranked by sim (cheap, for the dry run). Then
-    every design space that is a single point (the thread-level ``flash_mma`` and ``gemm_mma``
-    templates): hand-laid-out fragments are checked against the reference only on a GPU, so each is
+    every design space that is a single point (the thread-level ``flash_mma``, ``gemm_mma`` and
+    ``gemm_wgmma`` templates): hand-laid-out fragments are checked against the reference only on a GPU, so each is
     measured."""
     from etune.measurements.sim import SimBackend
     from etune.search_space import ScheduleSpace

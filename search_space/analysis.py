@@ -106,8 +106,12 @@ class Traffic:
     shared_store_bytes: float = 0.0
     arithmetic_ops: float = 0.0  # scalar floating-point operations outside tensor cores
     tensor_core_flops: float = 0.0
+    # Of those, the flops of Hopper's asynchronous warpgroup instruction (wgmma), which runs at a
+    # higher rate than mma.sync.
+    wgmma_flops: float = 0.0
     # Tensor-core (HMMA) instructions, per thread: two per 16x16x16 wmma ``mma_sync`` (nvcc splits it
-    # into two m16n8k16 ones), one per PTX ``mma`` (m16n8k8: a quarter of a wmma one's flops).
+    # into two m16n8k16 ones), one per PTX ``mma`` (m16n8k8: a quarter of a wmma one's flops), one
+    # per ``wgmma`` (an HGMMA per warp).
     tensor_core_instructions: float = 0.0
     # Bytes of per-thread local arrays and tensor-core fragments that threads read and write,
     # operands of mma/ldmatrix/wmma calls included: what spilled registers turn into local-memory
@@ -274,7 +278,11 @@ def _mean_extent(expr, extents: dict) -> float:
 
 
 # Calls whose buffer arguments are addresses (ldmatrix's source operand), not loads.
-_ADDRESS_CALLS = ("tirx.address_of", "tir.address_of")
+# Calls whose buffer arguments name addresses, where no access happens (a wgmma descriptor holds
+# the shared-memory address its instruction reads from; the read is counted at the wgmma).
+_ADDRESS_CALLS = ("tirx.address_of", "tir.address_of", "tirx.cuda.wgmma_encode_matrix_descriptor")
+_WGMMA_SYNC = ("wgmma_fence", "wgmma_commit_group", "wgmma_wait_group")
+_WARPGROUP = 128
 
 
 def walk(node, visit) -> None:
@@ -321,12 +329,14 @@ def _string(expr) -> str:
 
 
 def _ptx_op(op: str) -> str | None:
-    """'mma', 'ldmatrix', 'cp_async', 'commit_group' or 'wait_group' for TVM's PTX intrinsics
-    (``ptx_legacy.mma``, ``ptx_mma``, ``s_tir.cp_async_raw``, ``ptx.cp_async_wait_group``, ...),
-    else None."""
+    """'mma', 'wgmma', 'ldmatrix', 'cp_async', 'commit_group' or 'wait_group' for TVM's PTX intrinsics
+    (``ptx_legacy.mma``, ``ptx_mma``, ``ptx.wgmma_f16_ss``, ``s_tir.cp_async_raw``,
+    ``ptx.cp_async_wait_group``, ...), else None (wgmma's fence, commit and wait among them)."""
     tail = op.rpartition(".")[2].removeprefix("ptx_")
     if tail == "mma" and "ptx" in op:
         return "mma"
+    if tail.startswith("wgmma_") and "ptx" in op and tail not in _WGMMA_SYNC:
+        return "wgmma"
     if tail == "ldmatrix":
         return "ldmatrix"
     if tail in ("cp_async_commit_group", "cp_async_wait_group"):
@@ -447,6 +457,23 @@ def analyse_kernel(name: str, func) -> KernelLaunch:
                 totals["local_access_bytes"] += trips * (m * k * a_bits + k * n * b_bits
                                                          + 2 * m * n * c_bits) / 8 / _WARP
                 mma_accumulators.append(_pointed_buffer(node.args[10]))
+            elif ptx == "wgmma":
+                # wgmma.mma_async(accumulators..., descriptors or A registers, scale-d, immediates,
+                # "mma_async", "sync", "aligned", "m64nNk16", dtypes...): 2*m*n*k flops by a warpgroup
+                # of 128 threads, counted once per thread; the descriptor operands (``_ss``: A and B,
+                # ``_rs``: B) read shared memory without load instructions
+                shape = next(_PTX_MMA_SHAPE.fullmatch(a.value) for a in node.args
+                             if type(a).__name__ == "StringImm" and _PTX_MMA_SHAPE.fullmatch(a.value))
+                m, n, k = (int(v) for v in shape.groups())
+                flops = trips * 2 * m * n * k / _WARPGROUP
+                totals["tensor_core_flops"] += flops
+                totals["wgmma_flops"] += flops
+                totals["tensor_core_instructions"] += trips
+                operand_bytes = (m * k + k * n) * 2 if op.endswith("_ss") else k * n * 2
+                totals["shared_load_bytes"] += trips * operand_bytes / _WARPGROUP
+                # the accumulators are loads of a float array (the descriptors are uint64 ones)
+                mma_accumulators.extend(b for b in map(_loaded_buffer, node.args)
+                                        if b is not None and b.dtype.startswith("float"))
             elif ptx == "ldmatrix":
                 # ldmatrix(trans, num, ".b16", ...): num 8x8 matrices of 16-bit elements from shared
                 # memory into a warp's registers: num x 128 B per warp, num x 4 B per thread
@@ -477,6 +504,12 @@ def analyse_kernel(name: str, func) -> KernelLaunch:
     accumulator_tiles = accumulator_elements / 4.0
     return KernelLaunch(name, tuple(grid), tuple(block), shared, local, tensor_cores, lanes, gather_lanes,
                         Traffic(**totals), dynamic_shared, in_flight, accumulator_tiles)
+
+
+def _loaded_buffer(expr):
+    """The buffer a load reads (0.27 calls a load TensorLoad, with ``source``), else None."""
+    kind = type(expr).__name__
+    return expr.source if kind == "TensorLoad" else expr.buffer if kind == "BufferLoad" else None
 
 
 def _pointed_buffer(expr):

@@ -1,6 +1,6 @@
 """MetaSchedule schedule rules for CUDA, spelled out so etune can fix what TVM 0.27's defaults break.
 
-Nine rule sets, each a family of design spaces for the workloads it applies to:
+Ten rule sets, each a family of design spaces for the workloads it applies to:
 - ``tensorcore``: TVM's DefaultCUDATensorCore, except that the wmma accumulator is staged through
   *static* shared memory. With the default ("shared.dyn" for loads and the store), the pass that merges
   dynamic shared allocations types the merged pool with the first buffer's element type (fp16), and the
@@ -49,13 +49,10 @@ Nine rule sets, each a family of design spaces for the workloads it applies to:
   M >= 32 64x64-class warp tiles in registers, one template per (block tile, warp grid, stages);
   for 2 <= M <= 32 K split across a block's warps and summed through shared memory, one kernel,
   one template per (columns per block, warps, stages). One point each, as ``flash_mma``.
-- ``gemm_wgmma`` (opt-in, not in ``RULE_SETS``): fp16 GEMM with fp32 accumulation, M >= 64, N and K
-  multiples of 8, on sm_90 targets only, over etune's thread-level Hopper templates
-  (kernels/gemm_wgmma.py: ``wgmma.mma_async`` m64nNk16 with A and B from shared memory through
-  matrix descriptors, cp.async stages), one template per (block tile, warpgroups, stages), built
-  for sm_90a. One point each, as ``gemm_mma``. Opt-in because etune's analysis does not count
-  wgmma yet (no tensor-core flops, no shared reads): on sim such a kernel would look nearly free.
-  Name it in ``rule_sets`` to get it.
+- ``gemm_wgmma``: fp16 GEMM with fp32 accumulation, M >= 64, N and K multiples of 8, on sm_90 targets
+  only, over etune's thread-level Hopper templates (kernels/gemm_wgmma.py: ``wgmma.mma_async``
+  m64nNk16 with A and B from shared memory through matrix descriptors, cp.async stages), one
+  template per (block tile, warpgroups, stages), built for sm_90a. One point each, as ``gemm_mma``.
 """
 from __future__ import annotations
 
@@ -69,10 +66,8 @@ from etune.kernels import attention_mma, gemm_mma, gemm_splitk, gemm_wgmma
 
 from . import splitk
 
-RULE_SETS = ("tensorcore", "mma", "simt", "fused", "splitk", "rowsoftmax", "splitk_tc", "flash_mma", "gemm_mma")
-# Rule sets a space gets only when named (``ScheduleSpace(rule_sets=...)``): not in the default.
-OPT_IN_RULE_SETS = ("gemm_wgmma",)
-ALL_RULE_SETS = (*RULE_SETS, *OPT_IN_RULE_SETS)
+RULE_SETS = ("tensorcore", "mma", "simt", "fused", "splitk", "rowsoftmax", "splitk_tc", "flash_mma", "gemm_mma",
+             "gemm_wgmma")
 # Rule sets over thread-level templates: complete schedules, each a design space of one point.
 THREAD_LEVEL_RULE_SETS = ("flash_mma", "gemm_mma", "gemm_wgmma")
 # Rule sets whose design spaces allocate shared.dyn, and so may use the opt-in shared-memory limit;
@@ -367,4 +362,4 @@ def schedule_rules(rule_set: str, cross_thread_reduction: bool = True) -> list:
         register()
         tensor_intrinsics()  # TuneContext imports it otherwise, without the fast path (~30 s)
         return [sr.ApplyCustomRule()]
-    raise ValueError(f"unknown rule set {rule_set!r}; known: {', '.join(ALL_RULE_SETS)}")
+    raise ValueError(f"unknown rule set {rule_set!r}; known: {', '.join(RULE_SETS)}")

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 from etune.kernels import parse_spec
 from etune.kernels.attention_mma import mma_prefill_funcs
 from etune.kernels.gemm_mma import gemm_mma_funcs
+from etune.kernels.gemm_wgmma import gemm_wgmma_funcs
 from etune.measurements.dataset import load_dataset
 from etune.search_space import gpu_spec
 from etune.tuner.cli import app
@@ -63,7 +64,8 @@ def test_the_dry_run_dataset_has_every_family_measured(dry_run):
         # every single-point design space (thread-level templates: prefill, GEMM and skinny GEMM) is
         # in the pool once
         workload, gpu = parse_spec(spec), gpu_spec(device_check.TARGET)
-        templates = {**mma_prefill_funcs(workload, gpu), **gemm_mma_funcs(workload, gpu)}
+        templates = {**mma_prefill_funcs(workload, gpu), **gemm_mma_funcs(workload, gpu),
+                     **gemm_wgmma_funcs(workload, gpu)}
         points = [r for r in mine if not any(i[0].startswith("Sample") for i in json.loads(r.candidate["trace"])[0])]
         assert len(points) == len(templates)
         assert bool(templates) == (spec in [device_check.SURVEY[name] for name in ("attention-prefill", "gemm",

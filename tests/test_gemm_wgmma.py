@@ -5,6 +5,7 @@ wgmma's operands read through its descriptor as the PTX ISA defines it, the accu
 the generated code and the sm_90a build (ptxas: no spills) directly. On a GPU, built templates are
 compared with the reference (``gpu`` test).
 """
+import dataclasses
 import re
 import subprocess
 from pathlib import Path
@@ -16,6 +17,7 @@ import tvm
 from etune.kernels import gemm_wgmma as wgmma_module
 from etune.kernels import parse_spec
 from etune.kernels.gemm_wgmma import BK, STAGES, TILES, configs, emulate, gemm_wgmma, gemm_wgmma_funcs, shared_bytes
+from etune.measurements.sim import SimParams, simulate
 from etune.search_space import ScheduleSpace, gpu_spec
 from etune.search_space.analysis import kernel_launches
 from etune.search_space.build import arch_for_source, find_nvcc
@@ -93,7 +95,7 @@ def test_descriptor_read_follows_the_isa_core_matrices():
 
 def test_offered_for_fp16_gemm_on_sm_90_only():
     h100, a100 = gpu_spec("h100"), gpu_spec("a100")
-    assert "gemm_wgmma" not in RULE_SETS  # opt-in: sim cannot count wgmma yet
+    assert "gemm_wgmma" in RULE_SETS  # in the default space where it applies
     for spec in ("gemm:4096,4096,4096", "gemm:64,64,64", "gemm:100,136,40"):
         assert rule_set_applies("gemm_wgmma", parse_spec(spec)), spec
         assert gemm_wgmma_funcs(parse_spec(spec), h100), spec
@@ -127,12 +129,28 @@ def test_lowered_structure():
     assert launch.traffic.global_load_bytes == 6 * (128 + 128) * -(-K // BK) * BK * 2
 
 
-@pytest.mark.xfail(strict=True, reason="search_space/analysis.py does not count wgmma.mma_async yet")
-def test_analysis_counts_wgmma_flops():
+def test_analysis_counts_wgmma_flops_and_operand_reads():
     M, N, K = 200, 264, 104
     (launch,) = kernel_launches(tvm.IRModule({"main": gemm_wgmma(M, N, K, 128, 128, 2, 1, 3)}),
                                 gpu_spec("h100").tvm_target())
-    assert launch.traffic.tensor_core_flops == 2 * 256 * 384 * (-(-K // BK) * BK)
+    t = launch.traffic
+    k_padded = -(-K // BK) * BK
+    assert t.tensor_core_flops == t.wgmma_flops == 2 * 256 * 384 * k_padded
+    # one HGMMA per warp and m64n128k16: per thread, one per call
+    wgmmas_per_block = 2 * k_padded // 16
+    assert t.tensor_core_instructions == 6 * wgmmas_per_block * 256 / 2
+    # the descriptors' operands, 64x16 of A and 16x128 of B per call, read from shared memory (no
+    # load instructions), beside the copies' and the epilogue's own accesses
+    operands = 6 * wgmmas_per_block / 2 * (64 * 16 + 16 * 128) * 2
+    assert t.shared_load_bytes >= operands
+    assert t.shared_store_bytes == t.global_load_bytes  # cp.async: every copied byte lands in shared
+    # 64 fp32 accumulators per thread: 16 independent m16n8 tiles, counted up to 2 for hiding
+    assert launch.accumulator_tiles == 16 and launch.warp_ilp() == 2
+    # sim runs these flops at wgmma's rate, not mma.sync's
+    params = SimParams()
+    as_mma_sync = dataclasses.replace(params, wgmma_efficiency=params.tensor_core_efficiency)
+    tensor_s = [simulate([launch], params=p).kernels[0].times["tensor"] for p in (params, as_mma_sync)]
+    assert tensor_s[0] * params.wgmma_efficiency == pytest.approx(tensor_s[1] * params.tensor_core_efficiency)
 
 
 def _nvcc(cuda: Path, *flags: str) -> subprocess.CompletedProcess:
