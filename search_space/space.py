@@ -352,8 +352,6 @@ class ScheduleSpace:
             if rule_set in _TEMPLATES:  # one module per template that applies
                 modules = [(name, tvm.IRModule({"main": func}))
                            for name, func in _TEMPLATES[rule_set](self.workload, self.gpu).items()]
-                if not modules:
-                    self.notes.append(f"{rule_set}: no template for {self.workload.spec} on {self.gpu.name}")
             else:
                 modules = [(None, self.mod)]
             for template, mod in modules:
