@@ -73,6 +73,26 @@ def built_templates(tmp_path):
 
 
 @pytest.fixture
+def templates_match_on_gpu(built_templates):
+    """``templates_match_on_gpu(rule_set, specs)``: every template of ``rule_set`` for each spec, built
+    for this machine's GPU and run against the reference (``gpu`` tests only)."""
+    from etune.measurements.tvm_runner import run_and_check
+    from etune.search_space import ScheduleSpace
+
+    def check(rule_set, specs) -> None:
+        for spec in specs:
+            local = ScheduleSpace(spec, "local", rule_sets=[rule_set])
+            built = built_templates([local])
+            assert len(built) == len(local.design_spaces)
+            for i, (template, build) in enumerate(built):
+                assert build.ok, (template, build.error)
+                ok, error = run_and_check(local.workload, build.library, seed=i)
+                assert ok, f"{spec} {template}: relative error {error}"
+
+    return check
+
+
+@pytest.fixture
 def no_spills():
     """``no_spills(built)``: every build ok, one kernel each, within 255 registers, no spills."""
     def check(built) -> None:

@@ -147,16 +147,5 @@ def test_sim_prefill_beats_the_wmma_templates():
 
 
 @pytest.mark.gpu
-def test_templates_match_the_reference_on_gpu(tmp_path):
-    from etune.measurements.tvm_runner import run_and_check
-    from etune.search_space import Builder
-
-    for spec in ("attention:1,2,200,300,128,causal", "attention:2,2,130,130,64"):
-        local = ScheduleSpace(spec, "local", rule_sets=["flash_mma"])
-        # sampling takes the design spaces in turn, and a template's space is its one point
-        candidates = local.sample(len(local.design_spaces), seed=3)
-        assert len(candidates) == len(local.design_spaces)
-        for i, build in enumerate(Builder(local.gpu, workdir=tmp_path).build(candidates)):
-            assert build.ok, build.error
-            ok, error = run_and_check(local.workload, build.library, seed=i)
-            assert ok, f"{spec} {local.design_spaces[candidates[i].design_space].template}: relative error {error}"
+def test_templates_match_the_reference_on_gpu(templates_match_on_gpu):
+    templates_match_on_gpu("flash_mma", ("attention:1,2,200,300,128,causal", "attention:2,2,130,130,64"))

@@ -150,18 +150,9 @@ def test_sim_beats_the_wmma_space():
 
 
 @pytest.mark.gpu
-def test_templates_match_the_reference_on_gpu(tmp_path):
-    from etune.measurements.tvm_runner import run_and_check
-    from etune.search_space import Builder
-
-    for spec in ("gemm:200,264,104", "gemm:1024,1024,1024", "gemm:20,264,104", "gemm:16,4096,4096"):
-        local = ScheduleSpace(spec, "local", rule_sets=["gemm_mma"])
-        candidates = local.fixed_points()
-        assert len(candidates) == len(local.design_spaces)
-        for i, build in enumerate(Builder(local.gpu, workdir=tmp_path).build(candidates)):
-            assert build.ok, build.error
-            ok, error = run_and_check(local.workload, build.library, seed=i)
-            assert ok, f"{spec} {local.design_spaces[candidates[i].design_space].template}: relative error {error}"
+def test_templates_match_the_reference_on_gpu(templates_match_on_gpu):
+    templates_match_on_gpu("gemm_mma", ("gemm:200,264,104", "gemm:1024,1024,1024", "gemm:20,264,104",
+                                        "gemm:16,4096,4096"))
 
 
 def test_default_space_samples_each_template_once():

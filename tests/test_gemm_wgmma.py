@@ -186,15 +186,5 @@ def test_builds_for_sm_90a_without_spills(built_templates, no_spills, tmp_path):
 
 
 @pytest.mark.gpu
-def test_templates_match_the_reference_on_gpu(tmp_path):
-    from etune.measurements.tvm_runner import run_and_check
-    from etune.search_space import Builder
-
-    for spec in ("gemm:200,264,104", "gemm:1024,1024,1024", "gemm:64,64,64"):
-        local = ScheduleSpace(spec, "local", rule_sets=["gemm_wgmma"])
-        candidates = local.fixed_points()
-        assert len(candidates) == len(local.design_spaces)
-        for i, build in enumerate(Builder(local.gpu, workdir=tmp_path).build(candidates)):
-            assert build.ok, build.error
-            ok, error = run_and_check(local.workload, build.library, seed=i)
-            assert ok, f"{spec} {local.design_spaces[candidates[i].design_space].template}: relative error {error}"
+def test_templates_match_the_reference_on_gpu(templates_match_on_gpu):
+    templates_match_on_gpu("gemm_wgmma", ("gemm:200,264,104", "gemm:1024,1024,1024", "gemm:64,64,64"))
