@@ -44,6 +44,7 @@ def emulated_ok(shape, tile):
     ((130, 256, 72), (128, 256, 2, 1)),
     ((190, 136, 200), (128, 128, 1, 2)),  # one warpgroup, two m64 tiles
     ((300, 136, 200), (256, 128, 2, 2)),
+    ((250, 264, 136), (192, 256, 3, 1)),  # three warpgroups: 5 1/3 rounds of B copies per thread
 ])
 def test_emulated_kernel_matches_the_reference(shape, tile):
     ok, error = emulated_ok(shape, tile)
