@@ -70,7 +70,7 @@ BK = 64  # k per stage: four k16 wgmma steps
 WG_THREADS = 128
 # (BM, BN, warpgroups over M, m64 tiles per warpgroup); BN is the N of the wgmma instruction.
 # 192x256 (three warpgroups, 168 registers a thread at most) reads 22 % less from L2 per flop than
-# 128x256, the most a block gets without clusters.
+# 128x256: the least of any tile whose accumulators fit one SM's registers.
 TILES = ((128, 128, 2, 1), (128, 256, 2, 1), (64, 128, 1, 1), (64, 256, 1, 1), (128, 128, 1, 2), (256, 128, 2, 2),
          (192, 256, 3, 1))
 STAGES = (2, 3, 4)
