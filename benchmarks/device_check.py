@@ -17,12 +17,16 @@ starts, so a call killed at its limit still returns what it measured:
 2. correctness: two candidates of every survey workload run against the float64 reference, and a
    kernel that faults between two good ones (the isolated runner must record the fault and measure
    the next one in a fresh worker);
-3. acceptance: torch.matmul fp16 4096^3, etune's protocol 5 times against one 10 s window run with
+3. tma: kernels.hopper_tma's four checks of TMA loads (plain and 128-byte swizzled), cluster
+   multicast and a warp-specialised mbarrier ring, each against its exact expected output in a
+   worker with a short time-out (a wrong barrier phase hangs rather than fails) -- what a TMA GEMM
+   template would rest on;
+4. acceptance: torch.matmul fp16 4096^3, etune's protocol 5 times against one 10 s window run with
    another launch batch size, with the same window's sampled power integrated as a second reference
    (a wrong per-call divisor or idle gaps between launches would show up as a difference);
-4. survey: every pool candidate's latency, then energy round-robin over the workloads (sim's best
+5. survey: every pool candidate's latency, then energy round-robin over the workloads (sim's best
    first), at least 64 energy measurements over the 6 workloads if the time allows;
-5. vendor: torch.matmul, torch.softmax and SDPA (causal and decode too) by the same protocol.
+6. vendor: torch.matmul, torch.softmax and SDPA (causal and decode too) by the same protocol.
 
 ``dry-run`` runs the same phases on ``sim`` on a CPU machine, with a small pool and no builds, and
 writes the same dataset format (labelled sim); CI runs it.
@@ -65,7 +69,9 @@ VENDOR_FIRST = list(SURVEY.values())  # the survey's own references first, then 
 ACCEPTANCE_SPEC = "gemm:4096,4096,4096"
 
 # Planned seconds per phase on the GPU (the survey takes what the others leave).
-PLAN_S = {"facts": 10, "correctness": 45, "acceptance": 60, "survey": 190, "vendor": 50}
+PLAN_S = {"facts": 10, "correctness": 45, "tma": 20, "acceptance": 60, "survey": 170, "vendor": 50}
+# A TMA check runs in microseconds; its worker needs a few seconds for CUDA and the library.
+TMA_CHECK_TIMEOUT_S = 10
 BUDGET_S = 360  # the whole measuring call, within the device tool's limit with room for a retry
 # Survey energy: windows of 0.5 s, 3 of them (the counter steps every ~100 ms on an H100, so edge
 # detection adds ~0.4 % per window); the acceptance phase checks etune's default 1 s protocol.
@@ -259,10 +265,29 @@ def prepare(args) -> None:
         (pack / "libs" / "faulting").mkdir()
         shutil.copy2(result.library, pack / "libs" / "faulting" / "lib.so")
         manifest["faulting"] = {"spec": fault.workload.spec, "library": "libs/faulting/lib.so"}
+    manifest["tma_checks"] = _build_tma_checks(pack, gpu, args)
     (pack / "manifest.json").write_text(json.dumps(finite(manifest)))
     _runtime_pack(pack)
     log(f"prepared in {time.monotonic() - started:.0f} s")
     print_plan(pack)
+
+
+def _build_tma_checks(pack: Path, gpu, args) -> dict:
+    """kernels.hopper_tma's checks built into the pack: {check name: library path in the pack}."""
+    from etune.kernels import hopper_tma
+    from etune.search_space import Builder
+
+    checks = hopper_tma.check_candidates()
+    libraries = {}
+    for check, build in zip(checks, Builder(gpu, workdir=args.workdir / "tma", jobs=args.jobs).build(checks)):
+        if not (build.ok and build.runnable):
+            log(f"  {check.structural_hash} not runnable: {build.error or build.status}")
+            continue
+        (pack / "libs" / check.structural_hash).mkdir()
+        shutil.copy2(build.library, pack / "libs" / check.structural_hash / "lib.so")
+        libraries[check.structural_hash.removeprefix("tma_")] = f"libs/{check.structural_hash}/lib.so"
+    log(f"TMA checks: {len(libraries)}/{len(checks)} runnable")
+    return libraries
 
 
 def _tracked_bytes() -> int:
@@ -439,6 +464,36 @@ def _isolation(session: Session) -> str:
     return f"isolation {'passed' if passed else 'FAILED'} ({errors[1]})"
 
 
+def _tma(session: Session, deadline: float) -> str:
+    """kernels.hopper_tma's checks, one isolated worker each time-out; a row per check."""
+    from etune.kernels import hopper_tma
+    from etune.measurements.runner import IsolatedRunner
+
+    if session.dry_run:
+        for name in hopper_tma.CHECKS:
+            session.writer.write({"type": "check", "check": f"tma:{name}", "passed": None, "note": "sim runs no code"})
+        return "sim runs no code"
+    libraries = session.manifest.get("tma_checks") or {}
+    passed = []
+    with IsolatedRunner(timeout_s=TMA_CHECK_TIMEOUT_S) as runner:
+        for name in hopper_tma.CHECKS:
+            if time.monotonic() > deadline:
+                break
+            row = {"type": "check", "check": f"tma:{name}"}
+            if name not in libraries:
+                row.update(passed=None, note="not built")
+            else:
+                result = runner.run(hopper_tma.run_check, (name, str(session.pack / libraries[name])))
+                if result.ok:
+                    row.update(result.value, note=f"{result.value['mismatches']} of {result.value['of']} elements wrong")
+                else:
+                    row.update(passed=False, errors=[f"{result.status}: {result.error}"])
+            session.writer.write(row)
+            log(f"   tma:{name}: {row.get('passed')} {row.get('note') or row.get('errors')}")
+            passed.append(row.get("passed") is True)
+    return f"{sum(passed)}/{len(hopper_tma.CHECKS)} passed" + ("" if len(passed) == len(hopper_tma.CHECKS) else " (deadline)")
+
+
 def _acceptance(session: Session, deadline: float) -> str:
     """benchmarks/energy_acceptance.py's check (etune's protocol 5 times vs one 10 s window)."""
     import energy_acceptance
@@ -509,7 +564,7 @@ def _vendor(session: Session, deadline: float) -> str:
     return f"{len(done)}/{len(specs)} vendor kernels"
 
 
-PHASES = {"facts": _facts, "correctness": _correctness, "acceptance": _acceptance, "survey": _survey,
+PHASES = {"facts": _facts, "correctness": _correctness, "tma": _tma, "acceptance": _acceptance, "survey": _survey,
           "vendor": _vendor}
 
 

@@ -38,12 +38,14 @@ def dry_run(tmp_path_factory):
 def test_the_dry_run_prints_its_plan_and_runs_every_phase(dry_run):
     out, stdout = dry_run
     assert "Planned seconds per phase on the GPU" in stdout
-    for phase in ("facts", "correctness", "acceptance", "survey", "vendor"):
+    for phase in ("facts", "correctness", "tma", "acceptance", "survey", "vendor"):
         assert f"| {phase} | ok |" in stdout
     dataset = load_dataset(out / "dataset.jsonl")
     assert dataset.backend == "sim" and dataset.header["target"] == "h200" and dataset.header["dry_run"]
-    assert [r["phase"] for r in dataset.of_type("phase")] == ["facts", "correctness", "acceptance", "survey",
+    assert [r["phase"] for r in dataset.of_type("phase")] == ["facts", "correctness", "tma", "acceptance", "survey",
                                                               "vendor"]
+    tma = {r["check"]: r for r in dataset.of_type("check") if r["check"].startswith("tma:")}
+    assert len(tma) == 4 and all(r["passed"] is None and r["note"] == "sim runs no code" for r in tma.values())
     assert all(r["status"] == "ok" for r in dataset.of_type("phase"))
     (isolation,) = [r for r in dataset.of_type("check") if r["check"] == "isolation"]
     assert isolation["passed"] and "SIGABRT" in isolation["errors"][1]
@@ -178,8 +180,11 @@ def test_the_gpu_run_orchestrates_every_phase_from_a_pack(dry_run, tmp_path):
     candidates = [{**{k: r[k] for k in ("spec", "family", "design_space", "trace", "structural_hash", "features",
                                         "build", "selected_by")}, "library": f"libs/{r['structural_hash']}/lib.so"}
                   for r in rows]
+    # TMA check libraries that are not there: each check's worker must fail it in one line, and the
+    # phase go on (no GPU here either way)
     manifest = {"target": "h200", "survey": device_check.SURVEY, "candidates": candidates,
-                "faulting": {"spec": "softmax:256,256", "library": "libs/faulting/lib.so"}}
+                "faulting": {"spec": "softmax:256,256", "library": "libs/faulting/lib.so"},
+                "tma_checks": {"tile_copy": "libs/tma_tile_copy/lib.so", "ring": "libs/tma_ring/lib.so"}}
     (pack / "manifest.json").write_text(json.dumps(manifest))
     backend = FakeGpuBackend()
     args = types.SimpleNamespace(pack=pack, out=tmp_path / "out", budget_s=300.0)
@@ -188,7 +193,11 @@ def test_the_gpu_run_orchestrates_every_phase_from_a_pack(dry_run, tmp_path):
     dataset = load_dataset(args.out / "dataset.jsonl")
     assert dataset.backend == "nvml" and dataset.gpu == "Fake H200" and backend.closed
     assert all(r["status"] == "ok" for r in dataset.of_type("phase")), list(dataset.of_type("phase"))
-    checks = {(r["check"], r.get("spec")): r["passed"] for r in dataset.of_type("check")}
+    tma = {r["check"]: r for r in dataset.of_type("check") if r["check"].startswith("tma:")}
+    assert {name: r["passed"] for name, r in tma.items()} == {
+        "tma:tile_copy": False, "tma:tile_copy_swizzle128": None, "tma:multicast": None, "tma:ring": False}
+    assert tma["tma:ring"]["errors"][0].startswith("error: RuntimeError")
+    checks = {(r["check"], r.get("spec")): r["passed"] for r in dataset.of_type("check") if r["check"] not in tma}
     assert checks[("isolation", None)] and all(checks.values()) and len(checks) == 1 + WORKLOADS
     (acceptance,) = dataset.of_type("acceptance")
     assert acceptance["passed"] and acceptance["difference_sampled_power"] == pytest.approx(1 / 1.001 - 1)

@@ -1,0 +1,288 @@
+"""Hopper's Tensor Memory Accelerator (TMA), mbarriers and thread-block clusters from TVM 0.27 TIRx,
+and the checks a lent GPU runs on them before a TMA GEMM template is built on them.
+
+``gemm_wgmma`` moves its tiles with cp.async (every thread copies 16-byte chunks) and reads each
+tile from L2 once per block. The way past that (docs/sim_results.md, issue 16's big GEMMs) is TMA:
+one thread asks the copy engine for a whole tile, an mbarrier counts the bytes that land, and with
+``.multicast::cluster`` one load fills the shared memory of every block of a cluster, so blocks that
+share a B (or A) tile read it from L2 once. What TVM 0.27 offers for it (TIRx script, all building
+for sm_90a with nvcc 13.0; checked 2026-12-02):
+
+- the load: ``T.ptx["cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes"]``
+  ``(dst, T.address_of(map), x, y, mbar)`` (coordinates innermost first), ``+ ".multicast::cluster"``
+  with a trailing u16 CTA mask;
+- the host side: ``T.tvm_stack_alloca("tensormap", 1)`` and ``T.call_packed("runtime.cuTensorMapEncodeTiled",
+  map, dtype, rank, ptr, dims..., byte strides..., box..., element strides..., interleave, swizzle,
+  L2 promotion, OOB fill)`` in the PrimFunc's host part: TVM's runtime encodes the 128-byte
+  CUtensorMap per call and passes it as a ``const __grid_constant__ CUtensorMap`` kernel parameter,
+  so callers still pass plain tensors;
+- mbarriers: ``T.ptx.mbarrier.init/arrive/arrive.expect_tx/...``, ``T.cuda.mbarrier_wait(addr, parity)``;
+- clusters: a ``clusterCtaIdx.x`` thread binding (TVM launches with ``cuLaunchKernelEx`` and a
+  cluster dimension; in a 1-D cluster the variable is ``%cluster_ctarank``),
+  ``T.ptx.barrier.cluster.arrive/wait``, ``T.cuda.cluster_sync()``, ``T.ptx.mapa`` for a peer's
+  shared memory;
+- warp specialisation: ``T.cuda.elect_sync()``, ``T.ptx.setmaxnreg.inc|dec.sync.aligned.u32(n)``,
+  which ptxas ignores (warning C7508) unless the kernel has ``__launch_bounds__(threads, 1)``:
+  ``T.attr({"tirx.launch_bounds_min_blocks_per_sm": 1})`` inside the device region gives it (in
+  ``T.func_attr`` it is dropped).
+
+What a compiler cannot say is whether these do on the GPU what the ISA says, with TVM's runtime in
+between: the tensor map TVM encodes, the 128-byte swizzle (which a wgmma descriptor must match), the
+byte count and phase parity of the mbarriers, multicast into a peer's shared memory, and a
+producer/consumer ring across a cluster. ``CHECKS`` are four small kernels that answer that with
+exact integer data; ``run_check`` runs one on a GPU against ``expected`` (benchmarks/device_check.py,
+phase ``tma``). Not yet run on a GPU.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+M, N = 256, 512  # the fp16 matrix every check reads
+BM, BN = 64, 64  # the TMA box: 64 rows of 128 bytes (the widest box the 128-byte swizzle allows)
+TILE_BYTES = BM * BN * 2
+CLUSTER = 2
+RING_STAGES = 2  # the ring's shared-memory slots; N / BN = 8 tiles pass through each of them 4 times
+SWIZZLE_NONE, SWIZZLE_128B = 0, 3  # CUtensorMapSwizzle
+TMA_LOAD = "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes"
+TMA_LOAD_MULTICAST = TMA_LOAD + ".multicast::cluster"
+
+
+def _encode_args(swizzle: int) -> list:
+    """runtime.cuTensorMapEncodeTiled's arguments after the pointer, for the M x N row-major matrix
+    and a BM x BN box."""
+    return [N, M, N * 2, BN, BM, 1, 1, 0, swizzle, 0, 0]
+
+
+def swizzle_128b(tile: np.ndarray) -> np.ndarray:
+    """A BM x 64 fp16 tile as TMA's 128-byte swizzle stores it (shared memory 1024-byte aligned):
+    16-byte chunk c of row r lands at chunk c ^ (r % 8) of the same row."""
+    rows, cols = tile.shape
+    chunks = tile.reshape(rows, cols // 8, 8)
+    out = np.empty_like(chunks)
+    for r in range(rows):
+        out[r, np.arange(cols // 8) ^ (r % 8)] = chunks[r]
+    return out.reshape(rows, cols)
+
+
+def tile_copy(swizzle: int = SWIZZLE_NONE):
+    """Every BM x BN tile through TMA into shared memory, then shared memory copied out as it lies
+    (element i of the buffer to element i of the tile): the identity without swizzle, the swizzled
+    tile with it."""
+    from tvm.script import tirx as T  # here: the GPU host's runtime-only TVM has no TVMScript
+
+
+    @T.prim_func(s_tir=True)
+    def main(A: T.Buffer((M, N), "float16"), B: T.Buffer((M, N), "float16")):
+        T.func_attr({"global_symbol": "main", "tirx.noalias": True})
+        A_map: T.let[T.handle("tensormap")] = T.tvm_stack_alloca("tensormap", 1)
+        T.call_packed("runtime.cuTensorMapEncodeTiled", A_map, "float16", 2, A.data, *_encode_args(swizzle))
+        bx = T.env_thread("blockIdx.x")
+        tx = T.env_thread("threadIdx.x")
+        T.launch_thread(bx, (M // BM) * (N // BN))
+        T.launch_thread(tx, 128)
+        with T.sblock():
+            As = T.sblock_alloc_buffer((BM * BN,), "float16", scope="shared.dyn", align=1024)
+            Bar = T.sblock_alloc_buffer((1,), "uint64", scope="shared", align=8)
+            row0 = T.meta_var(bx // (N // BN) * BM)
+            col0 = T.meta_var(bx % (N // BN) * BN)
+            if tx == 0:
+                T.ptx.mbarrier.init.shared.b64(T.address_of(Bar[0]), T.uint32(1))
+                T.ptx.fence.proxy.async_.shared__cta()
+            T.tvm_storage_sync("shared")
+            if tx == 0:
+                T.ptx.mbarrier.arrive.expect_tx.shared.b64(T.address_of(Bar[0]), T.uint32(TILE_BYTES))
+                T.ptx[TMA_LOAD](As.data, T.address_of(A_map), col0, row0, T.address_of(Bar[0]))
+            T.cuda.mbarrier_wait(T.address_of(Bar[0]), 0)
+            for i in T.serial(BM * BN // 128):
+                B[row0 + (i * 128 + tx) // BN, col0 + (i * 128 + tx) % BN] = As[i * 128 + tx]
+
+    return main
+
+
+def multicast():
+    """Clusters of two blocks: rank 0 loads each tile once with ``.multicast::cluster`` (mask 0b11)
+    and both blocks write what arrived in their own shared memory to their half of the output."""
+    from tvm.script import tirx as T  # here: the GPU host's runtime-only TVM has no TVMScript
+
+
+    @T.prim_func(s_tir=True)
+    def main(A: T.Buffer((M, N), "float16"), B: T.Buffer((CLUSTER, M, N), "float16")):
+        T.func_attr({"global_symbol": "main", "tirx.noalias": True})
+        A_map: T.let[T.handle("tensormap")] = T.tvm_stack_alloca("tensormap", 1)
+        T.call_packed("runtime.cuTensorMapEncodeTiled", A_map, "float16", 2, A.data, *_encode_args(SWIZZLE_NONE))
+        rank = T.env_thread("clusterCtaIdx.x")
+        bx = T.env_thread("blockIdx.x")
+        tx = T.env_thread("threadIdx.x")
+        T.launch_thread(rank, CLUSTER)
+        T.launch_thread(bx, (M // BM) * (N // BN) * CLUSTER)
+        T.launch_thread(tx, 128)
+        with T.sblock():
+            As = T.sblock_alloc_buffer((BM * BN,), "float16", scope="shared.dyn", align=1024)
+            Bar = T.sblock_alloc_buffer((1,), "uint64", scope="shared", align=8)
+            tile = T.meta_var(bx // CLUSTER)
+            row0 = T.meta_var(tile // (N // BN) * BM)
+            col0 = T.meta_var(tile % (N // BN) * BN)
+            if tx == 0:
+                T.ptx.mbarrier.init.shared.b64(T.address_of(Bar[0]), T.uint32(1))
+                T.ptx.fence.mbarrier_init.release.cluster()
+            # a peer's multicast must not signal a barrier that is not initialised yet
+            T.cuda.cluster_sync()
+            if tx == 0:
+                T.ptx.mbarrier.arrive.expect_tx.shared.b64(T.address_of(Bar[0]), T.uint32(TILE_BYTES))
+                if rank == 0:
+                    T.ptx[TMA_LOAD_MULTICAST](As.data, T.address_of(A_map), col0, row0, T.address_of(Bar[0]),
+                                              T.uint16((1 << CLUSTER) - 1))
+            T.cuda.mbarrier_wait(T.address_of(Bar[0]), 0)
+            for i in T.serial(BM * BN // 128):
+                B[rank, row0 + (i * 128 + tx) // BN, col0 + (i * 128 + tx) % BN] = As[i * 128 + tx]
+            T.cuda.cluster_sync()
+
+    return main
+
+
+def ring():
+    """A warp-specialised producer/consumer ring across a cluster of two, the shape of a TMA GEMM's
+    main loop: warpgroup 0 produces (``setmaxnreg.dec``, one elected thread; rank 0 multicasts the
+    row block's N / BN tiles, one per step, through ``RING_STAGES`` slots), warpgroup 1 consumes
+    (``setmaxnreg.inc``; waits on the slot's full barrier with the step's phase parity, sums the
+    tile into one float per thread, then releases the slot in both blocks with a remote arrive).
+    Block b writes its 128 sums plus its rank to row b of the output."""
+    from tvm.script import tirx as T  # here: the GPU host's runtime-only TVM has no TVMScript
+
+    steps = N // BN
+
+    @T.prim_func(s_tir=True)
+    def main(A: T.Buffer((M, N), "float16"), B: T.Buffer((M // BM * CLUSTER, 128), "float32")):
+        T.func_attr({"global_symbol": "main", "tirx.noalias": True})
+        A_map: T.let[T.handle("tensormap")] = T.tvm_stack_alloca("tensormap", 1)
+        T.call_packed("runtime.cuTensorMapEncodeTiled", A_map, "float16", 2, A.data, *_encode_args(SWIZZLE_NONE))
+        rank = T.env_thread("clusterCtaIdx.x")
+        bx = T.env_thread("blockIdx.x")
+        tx = T.env_thread("threadIdx.x")
+        T.launch_thread(rank, CLUSTER)
+        T.launch_thread(bx, M // BM * CLUSTER)
+        T.launch_thread(tx, 256)
+        T.attr({"tirx.launch_bounds_min_blocks_per_sm": 1})  # else ptxas ignores setmaxnreg (C7508)
+        with T.sblock():
+            As = T.sblock_alloc_buffer((RING_STAGES * BM * BN,), "float16", scope="shared.dyn", align=1024)
+            Full = T.sblock_alloc_buffer((RING_STAGES,), "uint64", scope="shared", align=8)
+            Empty = T.sblock_alloc_buffer((RING_STAGES,), "uint64", scope="shared", align=8)
+            Acc = T.sblock_alloc_buffer((1,), "float32", scope="local")
+            Remote = T.sblock_alloc_buffer((1,), "uint32", scope="local")
+            if tx == 0:
+                for s in T.serial(RING_STAGES):
+                    T.ptx.mbarrier.init.shared.b64(T.address_of(Full[s]), T.uint32(1))
+                    T.ptx.mbarrier.init.shared.b64(T.address_of(Empty[s]), T.uint32(CLUSTER))
+                T.ptx.fence.mbarrier_init.release.cluster()
+            T.cuda.cluster_sync()
+            if tx < 128:  # producer
+                T.ptx.setmaxnreg.dec.sync.aligned.u32(40)
+                if tx < 32:
+                    if T.cuda.elect_sync() != T.uint32(0):
+                        for k in T.serial(steps):
+                            # a fresh barrier's preceding phase counts as complete: parity 1 passes
+                            T.cuda.mbarrier_wait(T.address_of(Empty[k % RING_STAGES]), (k // RING_STAGES + 1) % 2)
+                            T.ptx.mbarrier.arrive.expect_tx.shared.b64(T.address_of(Full[k % RING_STAGES]),
+                                                                      T.uint32(TILE_BYTES))
+                            if rank == 0:
+                                T.ptx[TMA_LOAD_MULTICAST](
+                                    T.address_of(As[k % RING_STAGES * BM * BN]), T.address_of(A_map), k * BN,
+                                    bx // CLUSTER * BM, T.address_of(Full[k % RING_STAGES]),
+                                    T.uint16((1 << CLUSTER) - 1))
+            else:  # consumer
+                T.ptx.setmaxnreg.inc.sync.aligned.u32(232)
+                Acc[0] = T.float32(0)
+                for k in T.serial(steps):
+                    T.cuda.mbarrier_wait(T.address_of(Full[k % RING_STAGES]), k // RING_STAGES % 2)
+                    for i in T.serial(BM * BN // 128):
+                        Acc[0] = Acc[0] + T.Cast("float32", As[k % RING_STAGES * BM * BN + i * 128 + tx - 128])
+                    T.cuda.warpgroup_sync(1)
+                    if tx == 128:
+                        for r in T.serial(CLUSTER):  # the slot is free again in every block of the cluster
+                            T.ptx.mapa.shared__cluster.u32(
+                                Remote[0], T.cuda.cvta_generic_to_shared(T.address_of(Empty[k % RING_STAGES])),
+                                T.uint32(r))
+                            T.ptx.mbarrier.arrive.release.cluster.shared__cluster.b64(Remote[0])
+                B[bx, tx - 128] = Acc[0] + T.Cast("float32", rank)
+            T.cuda.cluster_sync()
+
+    return main
+
+
+# -- what each check must produce --------------------------------------------------------------------
+def _tiles(a: np.ndarray):
+    for r in range(0, M, BM):
+        for c in range(0, N, BN):
+            yield r, c, a[r:r + BM, c:c + BN]
+
+
+def expected(name: str, a: np.ndarray) -> np.ndarray:
+    """The output check ``name`` must produce from ``a`` (M x N fp16)."""
+    if name == "tile_copy":
+        return a.copy()
+    if name == "tile_copy_swizzle128":
+        out = np.empty_like(a)
+        for r, c, tile in _tiles(a):
+            out[r:r + BM, c:c + BN] = swizzle_128b(tile)
+        return out
+    if name == "multicast":
+        return np.stack([a] * CLUSTER)
+    if name == "ring":
+        out = np.empty((M // BM * CLUSTER, 128), np.float32)
+        for block in range(out.shape[0]):
+            rows = a[block // CLUSTER * BM:(block // CLUSTER + 1) * BM].astype(np.float32)
+            # consumer thread j sums element i * 128 + j of every tile's row-major 64 x 64 box
+            boxes = rows.reshape(BM, N // BN, BN).transpose(1, 0, 2).reshape(N // BN, BM * BN // 128, 128)
+            out[block] = boxes.sum(axis=(0, 1)) + block % CLUSTER
+        return out
+    raise KeyError(name)
+
+
+CHECKS = {
+    "tile_copy": lambda: tile_copy(SWIZZLE_NONE),
+    "tile_copy_swizzle128": lambda: tile_copy(SWIZZLE_128B),
+    "multicast": multicast,
+    "ring": ring,
+}
+
+
+def check_candidates() -> list:
+    """The checks as etune's Builder takes them (module, workload spec and flops, name ``tma_<check>``)."""
+    import types
+
+    import tvm
+
+    return [types.SimpleNamespace(workload=types.SimpleNamespace(spec="tma-checks", flops=0),
+                                  mod=tvm.IRModule({"main": build()}), structural_hash=f"tma_{name}")
+            for name, build in CHECKS.items()]
+
+
+def check_input(seed: int = 0) -> np.ndarray:
+    """Small integers as fp16: every sum the checks form is exact in fp32, so outputs compare exactly."""
+    return np.random.default_rng(seed).integers(-8, 9, size=(M, N)).astype(np.float16)
+
+
+def compare(name: str, a: np.ndarray, out: np.ndarray) -> dict:
+    """{"passed", "mismatches", "of"} of an output against ``expected``."""
+    want = expected(name, a)
+    wrong = int(np.count_nonzero(~(out == want)))  # NaN (never written) counts as wrong
+    return {"passed": wrong == 0 and out.shape == want.shape, "mismatches": wrong, "of": int(want.size)}
+
+
+def run_check(name: str, library: str, device_index: int = 0) -> dict:
+    """Run check ``name`` from its built ``library`` on the GPU (TVM runtime) and compare."""
+    import tvm
+
+    from etune.measurements.tvm_runner import cuda_runtime_problem
+
+    problem = cuda_runtime_problem()
+    if problem:
+        raise RuntimeError(problem)
+    device = tvm.cuda(device_index)
+    function = tvm.runtime.load_module(library)["main"]
+    a = check_input()
+    want = expected(name, a)
+    out = tvm.runtime.tensor(np.full(want.shape, np.nan, want.dtype), device)
+    function(tvm.runtime.tensor(a, device), out)
+    device.sync()
+    return compare(name, a, out.numpy())

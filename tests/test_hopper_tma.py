@@ -1,0 +1,79 @@
+"""kernels.hopper_tma: the TMA, cluster-multicast and mbarrier-ring checks build for sm_90a, and the
+outputs they are held to are the ISA's (the 128-byte swizzle, the ring's sums)."""
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from etune.kernels import hopper_tma
+from etune.kernels.hopper_tma import BM, BN, CLUSTER, M, N, check_input, compare, expected, swizzle_128b
+from etune.search_space import Builder, gpu_spec
+from etune.search_space.build import find_nvcc
+
+
+def test_swizzle_128b_moves_chunk_c_of_row_r_to_chunk_c_xor_r_mod_8():
+    tile = np.arange(BM * BN, dtype=np.float32).reshape(BM, BN)
+    out = swizzle_128b(tile)
+    assert np.array_equal(out[0], tile[0]) and np.array_equal(out[8], tile[8])  # rows 0 mod 8 stay
+    assert np.array_equal(out[1, 8:16], tile[1, 0:8]) and np.array_equal(out[1, 0:8], tile[1, 8:16])
+    assert np.array_equal(out[7, 0:8], tile[7, 56:64]) and np.array_equal(out[13, 16:24], tile[13, 56:64])  # 7 ^ 5 = 2
+    assert all(sorted(out[r]) == sorted(tile[r]) for r in range(BM))  # a permutation within each row
+
+
+def test_the_ring_sums_what_each_consumer_thread_reads():
+    """expected("ring") against the kernel's own indexing, written out for two blocks: consumer thread
+    j adds element i * 128 + j of every step's row-major 64 x 64 box, then its cluster rank."""
+    a = check_input()
+    want = expected("ring", a)
+    assert want.shape == (M // BM * CLUSTER, 128)
+    for block in (0, 5):
+        rows = a[block // CLUSTER * BM:(block // CLUSTER + 1) * BM].astype(np.float32)
+        for j in (0, 77, 127):
+            total = sum(float(rows[(i * 128 + j) // BN, k * BN + (i * 128 + j) % BN])
+                        for k in range(N // BN) for i in range(BM * BN // 128))
+            assert want[block, j] == total + block % CLUSTER
+
+
+def test_compare_counts_wrong_and_unwritten_elements():
+    a = check_input()
+    assert compare("multicast", a, np.stack([a, a])) == {"passed": True, "mismatches": 0, "of": 2 * M * N}
+    half_missing = np.stack([a, np.full_like(a, np.nan)])
+    assert compare("multicast", a, half_missing)["mismatches"] == M * N
+    swizzled = expected("tile_copy_swizzle128", a)
+    assert not compare("tile_copy", a, swizzled)["passed"]  # the swizzle is not the identity on this data
+    assert compare("tile_copy_swizzle128", a, swizzled)["passed"]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    candidates = hopper_tma.check_candidates()
+    results = Builder(gpu_spec("h200"), workdir=tmp_path_factory.mktemp("tma"), jobs=2).build(candidates)
+    return {c.structural_hash.removeprefix("tma_"): r for c, r in zip(candidates, results)}
+
+
+def test_every_check_builds_for_sm_90a(built, tmp_path):
+    """The TMA load (with the swizzle asked for), the multicast with its cluster launch, and the
+    ring's setmaxnreg honoured by ptxas (it ignores it without __launch_bounds__(256, 1))."""
+    assert set(built) == set(hopper_tma.CHECKS)
+    sources = {}
+    for name, result in built.items():
+        assert result.ok, (name, result.error)
+        assert all(k.spill_store_bytes == 0 for k in result.kernels), name
+        sources[name] = next(Path(result.artifact_dir).glob("*.cu")).read_text()
+        assert "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes" in sources[name]
+        assert "const __grid_constant__ CUtensorMap A_map" in sources[name]
+    for name in ("multicast", "ring"):
+        assert ".multicast::cluster" in sources[name] and "%cluster_ctarank" in sources[name]
+    assert "__launch_bounds__(256, 1)" in sources["ring"]
+    cuda = next(Path(built["ring"].artifact_dir).glob("*.cu"))
+    report = subprocess.run([find_nvcc(), "-arch=sm_90a", "-cubin", "-Xptxas", "-v", "-o", str(tmp_path / "k.cubin"),
+                             str(cuda)], check=True, capture_output=True, text=True).stderr
+    assert "C7508" not in report and "ignored" not in report, report
+    assert "232 registers" in report  # the consumer's setmaxnreg.inc sets the kernel's register count
+
+
+@pytest.mark.gpu
+def test_checks_pass_on_gpu(built):
+    for name, result in built.items():
+        assert hopper_tma.run_check(name, result.library)["passed"], name
