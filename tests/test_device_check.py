@@ -229,3 +229,20 @@ def test_measure_on_replay_answers_recorded_candidates_and_refuses_others(dry_ru
                           capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 2 and "is not in the replay dataset" in proc.stderr, proc.stdout + proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_prepare_packs_the_tma_checks_as_runnable_libraries(tmp_path, monkeypatch):
+    """What `prepare` carries for the tma phase: every check built with TVM's CUDA runtime enabled
+    (the stand-in driver), so the library holds a cubin the GPU host can load."""
+    import types
+
+    from etune.kernels import hopper_tma
+
+    stub = device_check.cuda_stub(tmp_path / "stub")
+    monkeypatch.setenv("LD_LIBRARY_PATH", f"{stub.parent}:{os.environ.get('LD_LIBRARY_PATH', '')}")
+    pack = tmp_path / "pack"
+    (pack / "libs").mkdir(parents=True)
+    libraries = device_check._build_tma_checks(pack, gpu_spec("h200"),
+                                               types.SimpleNamespace(workdir=tmp_path / "builds", jobs=2))
+    assert set(libraries) == set(hopper_tma.CHECKS)
+    assert all((pack / path).stat().st_size > 10_000 for path in libraries.values())
