@@ -70,7 +70,6 @@ def tile_copy(swizzle: int = SWIZZLE_NONE):
     tile with it."""
     from tvm.script import tirx as T  # here: the GPU host's runtime-only TVM has no TVMScript
 
-
     @T.prim_func(s_tir=True)
     def main(A: T.Buffer((M, N), "float16"), B: T.Buffer((M, N), "float16")):
         T.func_attr({"global_symbol": "main", "tirx.noalias": True})
@@ -103,7 +102,6 @@ def multicast():
     """Clusters of two blocks: rank 0 loads each tile once with ``.multicast::cluster`` (mask 0b11)
     and both blocks write what arrived in their own shared memory to their half of the output."""
     from tvm.script import tirx as T  # here: the GPU host's runtime-only TVM has no TVMScript
-
 
     @T.prim_func(s_tir=True)
     def main(A: T.Buffer((M, N), "float16"), B: T.Buffer((CLUSTER, M, N), "float16")):
