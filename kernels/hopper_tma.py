@@ -29,7 +29,7 @@ for sm_90a with nvcc 13.0; checked 2026-12-02):
 What a compiler cannot say is whether these do on the GPU what the ISA says, with TVM's runtime in
 between: the tensor map TVM encodes, the 128-byte swizzle (which a wgmma descriptor must match), the
 byte count and phase parity of the mbarriers, multicast into a peer's shared memory, and a
-producer/consumer ring across a cluster. ``CHECKS`` are four small kernels that answer that with
+producer/consumer ring across a cluster. ``CHECKS`` are five small kernels that answer that with
 exact integer data; ``run_check`` runs one on a GPU against ``expected`` (benchmarks/device_check.py,
 phase ``tma``). Not yet run on a GPU.
 """
@@ -207,6 +207,61 @@ def ring():
     return main
 
 
+def wgmma_swizzle128():
+    """The operand path of a TMA GEMM: a 64 x 64 A tile and a 64 x 64 W tile (both K-major: rows m or
+    n, 64 k = 128 bytes) loaded by TMA with the 128-byte swizzle, and one warpgroup's four
+    ``wgmma.mma_async.m64n64k16`` reading them through swizzled descriptors (layout type 128B, SBO
+    1024 bytes = 8 rows of 128, LBO unused for K-major), the k16 step advancing the start address by
+    32 bytes inside the swizzle atom as CUTLASS does. D = A W^T in fp32, stored by gemm_wgmma's
+    accumulator layout."""
+    from tvm.script import tirx as T  # here: the GPU host's runtime-only TVM has no TVMScript
+
+    from .gemm_wgmma import acc_fragment
+
+    wgmma = T.ptx.wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16
+
+    @T.prim_func(s_tir=True)
+    def main(A: T.Buffer((M, N), "float16"), D: T.Buffer((64, 64), "float32")):
+        T.func_attr({"global_symbol": "main", "tirx.noalias": True})
+        A_map: T.let[T.handle("tensormap")] = T.tvm_stack_alloca("tensormap", 1)
+        T.call_packed("runtime.cuTensorMapEncodeTiled", A_map, "float16", 2, A.data, *_encode_args(SWIZZLE_128B))
+        bx = T.env_thread("blockIdx.x")
+        tx = T.env_thread("threadIdx.x")
+        T.launch_thread(bx, 1)
+        T.launch_thread(tx, 128)
+        with T.sblock():
+            Ts = T.sblock_alloc_buffer((2 * BM * BN,), "float16", scope="shared.dyn", align=1024)
+            Bar = T.sblock_alloc_buffer((1,), "uint64", scope="shared", align=8)
+            Acc = T.sblock_alloc_buffer((32,), "float32", scope="local")
+            DescA = T.sblock_alloc_buffer((1,), "uint64", scope="local")
+            DescW = T.sblock_alloc_buffer((1,), "uint64", scope="local")
+            if tx == 0:
+                T.ptx.mbarrier.init.shared.b64(T.address_of(Bar[0]), T.uint32(1))
+                T.ptx.fence.proxy.async_.shared__cta()
+            T.tvm_storage_sync("shared")
+            if tx == 0:
+                T.ptx.mbarrier.arrive.expect_tx.shared.b64(T.address_of(Bar[0]), T.uint32(2 * TILE_BYTES))
+                T.ptx[TMA_LOAD](Ts.data, T.address_of(A_map), 0, 0, T.address_of(Bar[0]))  # A: rows 0-63
+                T.ptx[TMA_LOAD](T.address_of(Ts[BM * BN]), T.address_of(A_map), 0, BM, T.address_of(Bar[0]))  # W
+            for i in T.unroll(32):
+                Acc[i] = T.float32(0)
+            T.cuda.mbarrier_wait(T.address_of(Bar[0]), 0)
+            T.ptx.wgmma.fence.sync.aligned()
+            for kk in T.unroll(BN // 16):
+                T.cuda.wgmma.encode_matrix_descriptor(T.address_of(DescA[0]), Ts.access_ptr("r", offset=kk * 16),
+                                                      1, 1024 // 16, SWIZZLE_128B)
+                T.cuda.wgmma.encode_matrix_descriptor(T.address_of(DescW[0]),
+                                                      Ts.access_ptr("r", offset=BM * BN + kk * 16),
+                                                      1, 1024 // 16, SWIZZLE_128B)
+                wgmma(*[Acc[i] for i in range(32)], DescA[0], DescW[0], True, 1, 1, 0, 0)
+            T.ptx.wgmma.commit_group.sync.aligned()
+            T.ptx.wgmma.wait_group.sync.aligned(0)
+            for i in T.unroll(32):
+                D[acc_fragment(tx, i)[0], acc_fragment(tx, i)[1]] = Acc[i]
+
+    return main
+
+
 # -- what each check must produce --------------------------------------------------------------------
 def _tiles(a: np.ndarray):
     for r in range(0, M, BM):
@@ -223,6 +278,8 @@ def expected(name: str, a: np.ndarray) -> np.ndarray:
         for r, c, tile in _tiles(a):
             out[r:r + BM, c:c + BN] = swizzle_128b(tile)
         return out
+    if name == "wgmma_swizzle128":
+        return a[:BM, :BN].astype(np.float32) @ a[BM:2 * BM, :BN].astype(np.float32).T
     if name == "multicast":
         return np.stack([a] * CLUSTER)
     if name == "ring":
@@ -239,6 +296,7 @@ def expected(name: str, a: np.ndarray) -> np.ndarray:
 CHECKS = {
     "tile_copy": lambda: tile_copy(SWIZZLE_NONE),
     "tile_copy_swizzle128": lambda: tile_copy(SWIZZLE_128B),
+    "wgmma_swizzle128": wgmma_swizzle128,
     "multicast": multicast,
     "ring": ring,
 }

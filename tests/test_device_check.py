@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from etune.kernels import parse_spec
+from etune.kernels import hopper_tma, parse_spec
 from etune.kernels.attention_mma import mma_prefill_funcs
 from etune.kernels.gemm_mma import gemm_mma_funcs
 from etune.kernels.gemm_wgmma import gemm_wgmma_funcs
@@ -45,7 +45,7 @@ def test_the_dry_run_prints_its_plan_and_runs_every_phase(dry_run):
     assert [r["phase"] for r in dataset.of_type("phase")] == ["facts", "correctness", "tma", "acceptance", "survey",
                                                               "vendor"]
     tma = {r["check"]: r for r in dataset.of_type("check") if r["check"].startswith("tma:")}
-    assert len(tma) == 4 and all(r["passed"] is None and r["note"] == "sim runs no code" for r in tma.values())
+    assert len(tma) == len(hopper_tma.CHECKS) and all(r["passed"] is None and r["note"] == "sim runs no code" for r in tma.values())
     assert all(r["status"] == "ok" for r in dataset.of_type("phase"))
     (isolation,) = [r for r in dataset.of_type("check") if r["check"] == "isolation"]
     assert isolation["passed"] and "SIGABRT" in isolation["errors"][1]
@@ -195,7 +195,8 @@ def test_the_gpu_run_orchestrates_every_phase_from_a_pack(dry_run, tmp_path):
     assert all(r["status"] == "ok" for r in dataset.of_type("phase")), list(dataset.of_type("phase"))
     tma = {r["check"]: r for r in dataset.of_type("check") if r["check"].startswith("tma:")}
     assert {name: r["passed"] for name, r in tma.items()} == {
-        "tma:tile_copy": False, "tma:tile_copy_swizzle128": None, "tma:multicast": None, "tma:ring": False}
+        "tma:tile_copy": False, "tma:tile_copy_swizzle128": None, "tma:wgmma_swizzle128": None, "tma:multicast": None,
+        "tma:ring": False}
     assert tma["tma:ring"]["errors"][0].startswith("error: RuntimeError")
     checks = {(r["check"], r.get("spec")): r["passed"] for r in dataset.of_type("check") if r["check"] not in tma}
     assert checks[("isolation", None)] and all(checks.values()) and len(checks) == 1 + WORKLOADS
@@ -235,8 +236,6 @@ def test_prepare_packs_the_tma_checks_as_runnable_libraries(tmp_path, monkeypatc
     """What `prepare` carries for the tma phase: every check built with TVM's CUDA runtime enabled
     (the stand-in driver), so the library holds a cubin the GPU host can load."""
     import types
-
-    from etune.kernels import hopper_tma
 
     stub = device_check.cuda_stub(tmp_path / "stub")
     monkeypatch.setenv("LD_LIBRARY_PATH", f"{stub.parent}:{os.environ.get('LD_LIBRARY_PATH', '')}")

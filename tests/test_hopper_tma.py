@@ -1,5 +1,6 @@
 """kernels.hopper_tma: the TMA, cluster-multicast and mbarrier-ring checks build for sm_90a, and the
 outputs they are held to are the ISA's (the 128-byte swizzle, the ring's sums)."""
+import re
 import subprocess
 from pathlib import Path
 
@@ -66,6 +67,12 @@ def test_every_check_builds_for_sm_90a(built, tmp_path):
     for name in ("multicast", "ring"):
         assert ".multicast::cluster" in sources[name] and "%cluster_ctarank" in sources[name]
     assert "__launch_bounds__(256, 1)" in sources["ring"]
+    # K-major operands with the 128-byte swizzle: LBO 1 (unused), SBO 1024 B >> 4, CUtensorMapSwizzle 3;
+    # the four k16 steps 32 bytes (16 halves) apart in A's tile and in W's, 8 KiB further
+    assert "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16" in sources["wgmma_swizzle128"]
+    starts = re.findall(r"ptx_wgmma_encode_matrix_descriptor\(\(&\(Desc\w+\[0\]\)\), \(&\(Ts_ptr\[(\d+)\]\)\), 1, 64, 3\);",
+                        sources["wgmma_swizzle128"])
+    assert sorted(map(int, starts)) == [0, 16, 32, 48, 4096, 4112, 4128, 4144]
     cuda = next(Path(built["ring"].artifact_dir).glob("*.cu"))
     report = subprocess.run([find_nvcc(), "-arch=sm_90a", "-cubin", "-Xptxas", "-v", "-o", str(tmp_path / "k.cubin"),
                              str(cuda)], check=True, capture_output=True, text=True).stderr
