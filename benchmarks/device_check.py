@@ -17,8 +17,8 @@ starts, so a call killed at its limit still returns what it measured:
 2. correctness: two candidates of every survey workload run against the float64 reference, and a
    kernel that faults between two good ones (the isolated runner must record the fault and measure
    the next one in a fresh worker);
-3. tma: kernels.hopper_tma's five checks of TMA loads (plain and 128-byte swizzled), wgmma reading
-   swizzled tiles through descriptors, cluster multicast and a warp-specialised mbarrier ring, each against its exact expected output in a
+3. tma: kernels.hopper_tma's six checks of TMA loads (plain and 128-byte swizzled), wgmma reading
+   swizzled K-major and MN-major tiles through descriptors, cluster multicast and a warp-specialised mbarrier ring, each against its exact expected output in a
    worker with a short time-out (a wrong barrier phase hangs rather than fails) -- what a TMA GEMM
    template would rest on;
 4. acceptance: torch.matmul fp16 4096^3, etune's protocol 5 times against one 10 s window run with

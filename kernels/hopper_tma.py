@@ -29,7 +29,7 @@ for sm_90a with nvcc 13.0; checked 2026-12-02):
 What a compiler cannot say is whether these do on the GPU what the ISA says, with TVM's runtime in
 between: the tensor map TVM encodes, the 128-byte swizzle (which a wgmma descriptor must match), the
 byte count and phase parity of the mbarriers, multicast into a peer's shared memory, and a
-producer/consumer ring across a cluster. ``CHECKS`` are five small kernels that answer that with
+producer/consumer ring across a cluster. ``CHECKS`` are six small kernels that answer that with
 exact integer data; ``run_check`` runs one on a GPU against ``expected`` (benchmarks/device_check.py,
 phase ``tma``). Not yet run on a GPU.
 """
@@ -207,21 +207,32 @@ def ring():
     return main
 
 
-def wgmma_swizzle128():
-    """The operand path of a TMA GEMM: a 64 x 64 A tile and a 64 x 64 W tile (both K-major: rows m or
-    n, 64 k = 128 bytes) loaded by TMA with the 128-byte swizzle, and one warpgroup's four
-    ``wgmma.mma_async.m64n64k16`` reading them through swizzled descriptors (layout type 128B, SBO
-    1024 bytes = 8 rows of 128, LBO unused for K-major), the k16 step advancing the start address by
-    32 bytes inside the swizzle atom as CUTLASS does. D = A W^T in fp32, stored by gemm_wgmma's
-    accumulator layout."""
+def wgmma_swizzle128(b_k_major: bool = True):
+    """The operand path of a TMA GEMM: tiles loaded by TMA with the 128-byte swizzle and one
+    warpgroup's four k16 ``wgmma.mma_async`` steps reading them through swizzled descriptors
+    (layout type 128B; the matrix's rows are 128 bytes, so 8-row groups are 1 KiB apart).
+
+    - A (64 x 64, rows 0-63 of the matrix): K-major; SBO 1 KiB between 8-row groups of m, LBO unused;
+      the k16 step moves the start address 32 bytes inside the swizzle atom, as CUTLASS does.
+    - ``b_k_major``: W = rows 64-127, columns 0-63, K-major like A (``imm-trans-b`` 0), m64n64k16,
+      D = A W^T. Otherwise B = rows 64-127, columns 0-127 as a row-major K x N operand (MN-major,
+      ``imm-trans-b`` 1, what a GEMM's B is): two 64-column boxes 8 KiB apart, m64n128k16, D = A B,
+      with CUTLASS's MN-major convention: LBO 8 KiB between the 64-column chunks, SBO 1 KiB between
+      8-row groups of k, the k16 step 2 KiB.
+
+    D is stored by gemm_wgmma's accumulator layout."""
     from tvm.script import tirx as T  # here: the GPU host's runtime-only TVM has no TVMScript
 
     from .gemm_wgmma import acc_fragment
 
-    wgmma = T.ptx.wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16
+    n = BN if b_k_major else 2 * BN
+    nacc = n // 2
+    wgmma = getattr(T.ptx.wgmma.mma_async.sync.aligned, f"m64n{n}k16").f32.f16.f16
+    b_boxes = 1 if b_k_major else 2
+    b_lbo, b_sbo, b_step = (16, 1024, 32) if b_k_major else (BM * BN * 2, 1024, 2048)  # bytes (K-major LBO: unused)
 
     @T.prim_func(s_tir=True)
-    def main(A: T.Buffer((M, N), "float16"), D: T.Buffer((64, 64), "float32")):
+    def main(A: T.Buffer((M, N), "float16"), D: T.Buffer((64, n), "float32")):
         T.func_attr({"global_symbol": "main", "tirx.noalias": True})
         A_map: T.let[T.handle("tensormap")] = T.tvm_stack_alloca("tensormap", 1)
         T.call_packed("runtime.cuTensorMapEncodeTiled", A_map, "float16", 2, A.data, *_encode_args(SWIZZLE_128B))
@@ -230,33 +241,35 @@ def wgmma_swizzle128():
         T.launch_thread(bx, 1)
         T.launch_thread(tx, 128)
         with T.sblock():
-            Ts = T.sblock_alloc_buffer((2 * BM * BN,), "float16", scope="shared.dyn", align=1024)
+            Ts = T.sblock_alloc_buffer(((1 + b_boxes) * BM * BN,), "float16", scope="shared.dyn", align=1024)
             Bar = T.sblock_alloc_buffer((1,), "uint64", scope="shared", align=8)
-            Acc = T.sblock_alloc_buffer((32,), "float32", scope="local")
+            Acc = T.sblock_alloc_buffer((nacc,), "float32", scope="local")
             DescA = T.sblock_alloc_buffer((1,), "uint64", scope="local")
-            DescW = T.sblock_alloc_buffer((1,), "uint64", scope="local")
+            DescB = T.sblock_alloc_buffer((1,), "uint64", scope="local")
             if tx == 0:
                 T.ptx.mbarrier.init.shared.b64(T.address_of(Bar[0]), T.uint32(1))
                 T.ptx.fence.proxy.async_.shared__cta()
             T.tvm_storage_sync("shared")
             if tx == 0:
-                T.ptx.mbarrier.arrive.expect_tx.shared.b64(T.address_of(Bar[0]), T.uint32(2 * TILE_BYTES))
-                T.ptx[TMA_LOAD](Ts.data, T.address_of(A_map), 0, 0, T.address_of(Bar[0]))  # A: rows 0-63
-                T.ptx[TMA_LOAD](T.address_of(Ts[BM * BN]), T.address_of(A_map), 0, BM, T.address_of(Bar[0]))  # W
-            for i in T.unroll(32):
+                T.ptx.mbarrier.arrive.expect_tx.shared.b64(T.address_of(Bar[0]), T.uint32((1 + b_boxes) * TILE_BYTES))
+                T.ptx[TMA_LOAD](Ts.data, T.address_of(A_map), 0, 0, T.address_of(Bar[0]))
+                for box in T.unroll(b_boxes):  # B's 64-column chunks, 8 KiB apart
+                    T.ptx[TMA_LOAD](T.address_of(Ts[(1 + box) * BM * BN]), T.address_of(A_map), box * BN, BM,
+                                    T.address_of(Bar[0]))
+            for i in T.unroll(nacc):
                 Acc[i] = T.float32(0)
             T.cuda.mbarrier_wait(T.address_of(Bar[0]), 0)
             T.ptx.wgmma.fence.sync.aligned()
-            for kk in T.unroll(BN // 16):
+            for kk in T.unroll(4):
                 T.cuda.wgmma.encode_matrix_descriptor(T.address_of(DescA[0]), Ts.access_ptr("r", offset=kk * 16),
                                                       1, 1024 // 16, SWIZZLE_128B)
-                T.cuda.wgmma.encode_matrix_descriptor(T.address_of(DescW[0]),
-                                                      Ts.access_ptr("r", offset=BM * BN + kk * 16),
-                                                      1, 1024 // 16, SWIZZLE_128B)
-                wgmma(*[Acc[i] for i in range(32)], DescA[0], DescW[0], True, 1, 1, 0, 0)
+                T.cuda.wgmma.encode_matrix_descriptor(
+                    T.address_of(DescB[0]), Ts.access_ptr("r", offset=BM * BN + kk * b_step // 2),
+                    b_lbo // 16, b_sbo // 16, SWIZZLE_128B)
+                wgmma(*[Acc[i] for i in range(nacc)], DescA[0], DescB[0], True, 1, 1, 0, 0 if b_k_major else 1)
             T.ptx.wgmma.commit_group.sync.aligned()
             T.ptx.wgmma.wait_group.sync.aligned(0)
-            for i in T.unroll(32):
+            for i in T.unroll(nacc):
                 D[acc_fragment(tx, i)[0], acc_fragment(tx, i)[1]] = Acc[i]
 
     return main
@@ -280,6 +293,8 @@ def expected(name: str, a: np.ndarray) -> np.ndarray:
         return out
     if name == "wgmma_swizzle128":
         return a[:BM, :BN].astype(np.float32) @ a[BM:2 * BM, :BN].astype(np.float32).T
+    if name == "wgmma_mn_major_swizzle128":
+        return a[:BM, :BN].astype(np.float32) @ a[BM:2 * BM, :2 * BN].astype(np.float32)
     if name == "multicast":
         return np.stack([a] * CLUSTER)
     if name == "ring":
@@ -297,6 +312,7 @@ CHECKS = {
     "tile_copy": lambda: tile_copy(SWIZZLE_NONE),
     "tile_copy_swizzle128": lambda: tile_copy(SWIZZLE_128B),
     "wgmma_swizzle128": wgmma_swizzle128,
+    "wgmma_mn_major_swizzle128": lambda: wgmma_swizzle128(b_k_major=False),
     "multicast": multicast,
     "ring": ring,
 }
@@ -321,8 +337,13 @@ def check_input(seed: int = 0) -> np.ndarray:
 def compare(name: str, a: np.ndarray, out: np.ndarray) -> dict:
     """{"passed", "mismatches", "of"} of an output against ``expected``."""
     want = expected(name, a)
-    wrong = int(np.count_nonzero(~(out == want)))  # NaN (never written) counts as wrong
-    return {"passed": wrong == 0 and out.shape == want.shape, "mismatches": wrong, "of": int(want.size)}
+    if out.shape != want.shape:
+        return {"passed": False, "mismatches": int(want.size), "of": int(want.size), "first_wrong": None}
+    bad = ~(out == want)  # NaN (never written) counts as wrong
+    first = [int(i) for i in np.argwhere(bad)[0]] if bad.any() else None
+    return {"passed": not bad.any(), "mismatches": int(bad.sum()), "of": int(want.size),
+            # where a layout slip shows: the index, what came and what was due
+            "first_wrong": None if first is None else [first, float(out[tuple(first)]), float(want[tuple(first)])]}
 
 
 def run_check(name: str, library: str, device_index: int = 0) -> dict:

@@ -195,7 +195,8 @@ def test_the_gpu_run_orchestrates_every_phase_from_a_pack(dry_run, tmp_path):
     assert all(r["status"] == "ok" for r in dataset.of_type("phase")), list(dataset.of_type("phase"))
     tma = {r["check"]: r for r in dataset.of_type("check") if r["check"].startswith("tma:")}
     assert {name: r["passed"] for name, r in tma.items()} == {
-        "tma:tile_copy": False, "tma:tile_copy_swizzle128": None, "tma:wgmma_swizzle128": None, "tma:multicast": None,
+        "tma:tile_copy": False, "tma:tile_copy_swizzle128": None, "tma:wgmma_swizzle128": None,
+        "tma:wgmma_mn_major_swizzle128": None, "tma:multicast": None,
         "tma:ring": False}
     assert tma["tma:ring"]["errors"][0].startswith("error: RuntimeError")
     checks = {(r["check"], r.get("spec")): r["passed"] for r in dataset.of_type("check") if r["check"] not in tma}

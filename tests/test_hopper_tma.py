@@ -38,9 +38,12 @@ def test_the_ring_sums_what_each_consumer_thread_reads():
 
 def test_compare_counts_wrong_and_unwritten_elements():
     a = check_input()
-    assert compare("multicast", a, np.stack([a, a])) == {"passed": True, "mismatches": 0, "of": 2 * M * N}
+    assert compare("multicast", a, np.stack([a, a])) == {"passed": True, "mismatches": 0, "of": 2 * M * N,
+                                                         "first_wrong": None}
     half_missing = np.stack([a, np.full_like(a, np.nan)])
-    assert compare("multicast", a, half_missing)["mismatches"] == M * N
+    result = compare("multicast", a, half_missing)
+    assert result["mismatches"] == M * N and result["first_wrong"][0] == [1, 0, 0]
+    assert not compare("multicast", a, a)["passed"]  # the wrong shape
     swizzled = expected("tile_copy_swizzle128", a)
     assert not compare("tile_copy", a, swizzled)["passed"]  # the swizzle is not the identity on this data
     assert compare("tile_copy_swizzle128", a, swizzled)["passed"]
@@ -70,9 +73,15 @@ def test_every_check_builds_for_sm_90a(built, tmp_path):
     # K-major operands with the 128-byte swizzle: LBO 1 (unused), SBO 1024 B >> 4, CUtensorMapSwizzle 3;
     # the four k16 steps 32 bytes (16 halves) apart in A's tile and in W's, 8 KiB further
     assert "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16" in sources["wgmma_swizzle128"]
-    starts = re.findall(r"ptx_wgmma_encode_matrix_descriptor\(\(&\(Desc\w+\[0\]\)\), \(&\(Ts_ptr\[(\d+)\]\)\), 1, 64, 3\);",
+    starts = re.findall(r"ptx_wgmma_encode_matrix_descriptor\(\(&\(Desc[AB]_ptr\[0\]\)\), \(&\(Ts_ptr\[(\d+)\]\)\), 1, 64, 3\);",
                         sources["wgmma_swizzle128"])
     assert sorted(map(int, starts)) == [0, 16, 32, 48, 4096, 4112, 4128, 4144]
+    # the MN-major B (a GEMM's row-major B): LBO 8 KiB between 64-column chunks, SBO 1 KiB, k16 steps 2 KiB
+    mn = sources["wgmma_mn_major_swizzle128"]
+    assert "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16" in mn
+    starts = re.findall(r"ptx_wgmma_encode_matrix_descriptor\(\(&\(DescB_ptr\[0\]\)\), \(&\(Ts_ptr\[(\d+)\]\)\), 512, 64, 3\);",
+                        mn)
+    assert sorted(map(int, starts)) == [4096, 5120, 6144, 7168]
     cuda = next(Path(built["ring"].artifact_dir).glob("*.cu"))
     report = subprocess.run([find_nvcc(), "-arch=sm_90a", "-cubin", "-Xptxas", "-v", "-o", str(tmp_path / "k.cubin"),
                              str(cuda)], check=True, capture_output=True, text=True).stderr
