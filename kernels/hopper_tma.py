@@ -207,6 +207,17 @@ def ring():
     return main
 
 
+# The wgmma checks' descriptors (bytes): A K-major, 8-row groups 1 KiB apart, k16 steps 32 bytes.
+A_LBO, A_SBO, A_K_STEP = 16, 1024, 32  # K-major LBO is unused (encoded 1, as CUTLASS does)
+
+
+def wgmma_b_operand(b_k_major: bool) -> tuple:
+    """(N of the wgmma, 64-column TMA boxes of B, (LBO, SBO, k16 step) in bytes) of a wgmma check."""
+    if b_k_major:
+        return BN, 1, (A_LBO, A_SBO, A_K_STEP)
+    return 2 * BN, 2, (BM * BN * 2, 1024, 2048)  # chunks 8 KiB apart, 8-row k groups 1 KiB, k16 = 2 KiB
+
+
 def wgmma_swizzle128(b_k_major: bool = True):
     """The operand path of a TMA GEMM: tiles loaded by TMA with the 128-byte swizzle and one
     warpgroup's four k16 ``wgmma.mma_async`` steps reading them through swizzled descriptors
@@ -225,11 +236,9 @@ def wgmma_swizzle128(b_k_major: bool = True):
 
     from .gemm_wgmma import acc_fragment
 
-    n = BN if b_k_major else 2 * BN
+    n, b_boxes, (b_lbo, b_sbo, b_step) = wgmma_b_operand(b_k_major)
     nacc = n // 2
     wgmma = getattr(T.ptx.wgmma.mma_async.sync.aligned, f"m64n{n}k16").f32.f16.f16
-    b_boxes = 1 if b_k_major else 2
-    b_lbo, b_sbo, b_step = (16, 1024, 32) if b_k_major else (BM * BN * 2, 1024, 2048)  # bytes (K-major LBO: unused)
 
     @T.prim_func(s_tir=True)
     def main(A: T.Buffer((M, N), "float16"), D: T.Buffer((64, n), "float32")):
@@ -261,8 +270,9 @@ def wgmma_swizzle128(b_k_major: bool = True):
             T.cuda.mbarrier_wait(T.address_of(Bar[0]), 0)
             T.ptx.wgmma.fence.sync.aligned()
             for kk in T.unroll(4):
-                T.cuda.wgmma.encode_matrix_descriptor(T.address_of(DescA[0]), Ts.access_ptr("r", offset=kk * 16),
-                                                      1, 1024 // 16, SWIZZLE_128B)
+                T.cuda.wgmma.encode_matrix_descriptor(T.address_of(DescA[0]),
+                                                      Ts.access_ptr("r", offset=kk * A_K_STEP // 2),
+                                                      A_LBO // 16, A_SBO // 16, SWIZZLE_128B)
                 T.cuda.wgmma.encode_matrix_descriptor(
                     T.address_of(DescB[0]), Ts.access_ptr("r", offset=BM * BN + kk * b_step // 2),
                     b_lbo // 16, b_sbo // 16, SWIZZLE_128B)
@@ -273,6 +283,51 @@ def wgmma_swizzle128(b_k_major: bool = True):
                 D[acc_fragment(tx, i)[0], acc_fragment(tx, i)[1]] = Acc[i]
 
     return main
+
+
+# -- the ISA's view of those tiles (NumPy) -------------------------------------------------------------
+def swizzle_address(byte: np.ndarray) -> np.ndarray:
+    """Where the 128-byte swizzle puts a byte offset of a 1 KiB-aligned buffer: bits 4-6 (the 16-byte
+    chunk in a 128-byte row) XOR bits 7-9 (the row in an 8-row group), CUTLASS's Swizzle<3,4,3>;
+    what TMA writes and a 128B-swizzle descriptor reads."""
+    return byte ^ (((byte >> 7) & 7) << 4)
+
+
+def tma_place(smem: np.ndarray, byte_start: int, box: np.ndarray) -> None:
+    """A 128B-swizzled TMA box (rows of 64 halves = 128 bytes) written to ``smem`` (fp16) at
+    ``byte_start`` (a multiple of 1 KiB)."""
+    r, c = np.indices(box.shape)
+    smem[swizzle_address(byte_start + r * 128 + c * 2) // 2] = box
+
+
+def descriptor_operand(smem: np.ndarray, byte_start: int, lbo: int, sbo: int, rows: int, k_major: bool) -> np.ndarray:
+    """The operand a 128B-swizzle descriptor names (CUTLASS's canonical layouts, in bytes): K-major,
+    element (m, k) of a rows x 16 operand at start + (m // 8) SBO + (m % 8) 128 + 2k; MN-major,
+    element (k, n) of a 16 x rows operand at start + (n // 64) LBO + (k // 8) SBO + (k % 8) 128
+    + 2 (n % 64); then swizzled. Returned as (m, k), or (k, n)."""
+    if k_major:
+        m, k = np.indices((rows, 16))
+        return smem[swizzle_address(byte_start + m // 8 * sbo + m % 8 * 128 + k * 2) // 2]
+    k, n = np.indices((16, rows))
+    return smem[swizzle_address(byte_start + n // 64 * lbo + k // 8 * sbo + k % 8 * 128 + n % 64 * 2) // 2]
+
+
+def emulate_wgmma_check(a: np.ndarray, b_k_major: bool, b_operand: tuple | None = None) -> np.ndarray:
+    """What ``wgmma_swizzle128`` computes if the hardware does what ``swizzle_address`` and
+    ``descriptor_operand`` say: the TMA boxes placed as the kernel places them, each k16 step's
+    operands read through the kernel's descriptors (``b_operand``: another (N, boxes, (LBO, SBO,
+    step)) to show what a wrong one gives)."""
+    n, boxes, (lbo, sbo, step) = b_operand or wgmma_b_operand(b_k_major)
+    smem = np.zeros((1 + boxes) * BM * BN, a.dtype)
+    tma_place(smem, 0, a[:BM, :BN])
+    for box in range(boxes):
+        tma_place(smem, (1 + box) * TILE_BYTES, a[BM:2 * BM, box * BN:(box + 1) * BN])
+    d = np.zeros((64, n), np.float32)
+    for kk in range(4):
+        a_op = descriptor_operand(smem, kk * A_K_STEP, A_LBO, A_SBO, 64, True).astype(np.float32)
+        b_op = descriptor_operand(smem, TILE_BYTES + kk * step, lbo, sbo, n, b_k_major).astype(np.float32)
+        d += a_op @ (b_op.T if b_k_major else b_op)
+    return d
 
 
 # -- what each check must produce --------------------------------------------------------------------

@@ -93,3 +93,27 @@ def test_every_check_builds_for_sm_90a(built, tmp_path):
 def test_checks_pass_on_gpu(built):
     for name, result in built.items():
         assert hopper_tma.run_check(name, result.library)["passed"], name
+
+
+@pytest.mark.parametrize("b_k_major", [True, False])
+def test_the_wgmma_checks_descriptors_read_what_tma_wrote(b_k_major):
+    """On the ISA's semantics (the 128-byte swizzle of TMA and of the descriptors, CUTLASS's
+    canonical layouts), the kernel's descriptors name exactly the A and B tiles its TMA boxes hold;
+    with LBO and SBO swapped they do not (so the emulation can tell)."""
+    a = check_input()
+    name = "wgmma_swizzle128" if b_k_major else "wgmma_mn_major_swizzle128"
+    assert np.array_equal(hopper_tma.emulate_wgmma_check(a, b_k_major), expected(name, a))
+    n, boxes, (lbo, sbo, step) = hopper_tma.wgmma_b_operand(b_k_major)
+    if not b_k_major:
+        swapped = hopper_tma.emulate_wgmma_check(a, b_k_major, (n, boxes, (sbo, lbo, step)))
+        assert not np.array_equal(swapped, expected(name, a))
+    wrong_step = hopper_tma.emulate_wgmma_check(a, b_k_major, (n, boxes, (lbo, sbo, step // 2)))
+    assert not np.array_equal(wrong_step, expected(name, a))
+
+
+def test_the_swizzle_address_is_tmas_chunk_permutation():
+    """swizzle_address on a 1 KiB-aligned 64 x 64 fp16 tile is swizzle_128b's chunk c -> c ^ (r % 8)."""
+    tile = np.arange(BM * BN, dtype=np.float32).reshape(BM, BN)
+    smem = np.zeros(BM * BN, np.float32)
+    hopper_tma.tma_place(smem, 0, tile)
+    assert np.array_equal(smem.reshape(BM, BN), swizzle_128b(tile))
