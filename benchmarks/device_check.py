@@ -18,9 +18,9 @@ starts, so a call killed at its limit still returns what it measured:
    kernel that faults between two good ones (the isolated runner must record the fault and measure
    the next one in a fresh worker);
 3. tma: kernels.hopper_tma's six checks of TMA loads (plain and 128-byte swizzled), wgmma reading
-   swizzled K-major and MN-major tiles through descriptors, cluster multicast and a warp-specialised mbarrier ring, each against its exact expected output in a
-   worker with a short time-out (a wrong barrier phase hangs rather than fails) -- what a TMA GEMM
-   template would rest on;
+   swizzled K-major and MN-major tiles through descriptors, cluster multicast and a warp-specialised
+   mbarrier ring, each against its exact expected output in a worker with a short time-out (a wrong
+   barrier phase hangs rather than fails) -- what a TMA GEMM template would rest on;
 4. acceptance: torch.matmul fp16 4096^3, etune's protocol 5 times against one 10 s window run with
    another launch batch size, with the same window's sampled power integrated as a second reference
    (a wrong per-call divisor or idle gaps between launches would show up as a difference);
@@ -465,7 +465,7 @@ def _isolation(session: Session) -> str:
 
 
 def _tma(session: Session, deadline: float) -> str:
-    """kernels.hopper_tma's checks, one isolated worker each time-out; a row per check."""
+    """kernels.hopper_tma's checks in an isolated worker, each with its own time-out; a row per check."""
     from etune.kernels import hopper_tma
     from etune.measurements.runner import IsolatedRunner
 

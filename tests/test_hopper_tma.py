@@ -109,11 +109,3 @@ def test_the_wgmma_checks_descriptors_read_what_tma_wrote(b_k_major):
         assert not np.array_equal(swapped, expected(name, a))
     wrong_step = hopper_tma.emulate_wgmma_check(a, b_k_major, (n, boxes, (lbo, sbo, step // 2)))
     assert not np.array_equal(wrong_step, expected(name, a))
-
-
-def test_the_swizzle_address_is_tmas_chunk_permutation():
-    """swizzle_address on a 1 KiB-aligned 64 x 64 fp16 tile is swizzle_128b's chunk c -> c ^ (r % 8)."""
-    tile = np.arange(BM * BN, dtype=np.float32).reshape(BM, BN)
-    smem = np.zeros(BM * BN, np.float32)
-    hopper_tma.tma_place(smem, 0, tile)
-    assert np.array_equal(smem.reshape(BM, BN), swizzle_128b(tile))
