@@ -19,13 +19,15 @@ starts, so a call killed at its limit still returns what it measured:
    the next one in a fresh worker);
 3. tma: kernels.hopper_tma's six checks of TMA loads (plain and 128-byte swizzled), wgmma reading
    swizzled K-major and MN-major tiles through descriptors, cluster multicast and a warp-specialised
-   mbarrier ring, each against its exact expected output in a worker with a short time-out (a wrong
-   barrier phase hangs rather than fails) -- what a TMA GEMM template would rest on;
+   mbarrier ring, then the TMA GEMM template (kernels.gemm_tma, clusters of 2 and 4) at a small shape
+   with every tail, each against its exact expected output in a worker with a short time-out (a
+   wrong barrier phase hangs rather than fails);
 4. acceptance: torch.matmul fp16 4096^3, etune's protocol 5 times against one 10 s window run with
    another launch batch size, with the same window's sampled power integrated as a second reference
    (a wrong per-call divisor or idle gaps between launches would show up as a difference);
-5. survey: every pool candidate's latency, then energy round-robin over the workloads (sim's best
-   first), at least 64 energy measurements over the 6 workloads if the time allows;
+5. survey: every pool candidate's latency (the TMA GEMM templates only if the tma phase passed
+   their checks), then energy round-robin over the workloads (sim's best first), at least 64
+   energy measurements over the 6 workloads if the time allows;
 6. vendor: torch.matmul, torch.softmax and SDPA (causal and decode too) by the same protocol.
 
 ``dry-run`` runs the same phases on ``sim`` on a CPU machine, with a small pool and no builds, and
@@ -103,6 +105,7 @@ def log(message: str) -> None:
 class PoolEntry:
     candidate: object  # search_space.Candidate
     selected_by: str  # random | sim-best | template
+    template: str | None = None  # the thread-level template's name (selected_by "template")
 
 
 def select_pool(spec: str, random_n: int, best_n: int, sim_trials: int, seed: int = 0) -> list[PoolEntry]:
@@ -140,7 +143,7 @@ def select_pool(spec: str, random_n: int, best_n: int, sim_trials: int, seed: in
     for candidate in space.fixed_points():
         if candidate.structural_hash not in seen:
             seen.add(candidate.structural_hash)
-            entries.append(PoolEntry(candidate, "template"))
+            entries.append(PoolEntry(candidate, "template", space.design_spaces[candidate.design_space].template))
     return entries
 
 
@@ -250,7 +253,7 @@ def prepare(args) -> None:
             c = entry.candidate
             manifest["candidates"].append({
                 "spec": spec, "family": c.workload.family, "design_space": c.design_space, "trace": c.trace_json(),
-                "structural_hash": c.structural_hash, "selected_by": entry.selected_by,
+                "structural_hash": c.structural_hash, "selected_by": entry.selected_by, "template": entry.template,
                 "features": candidate_features(c, gpu, build=build),
                 "build": {"status": build.status, "seconds": build.seconds, "error": None,
                           "kernels": [dataclasses.asdict(k) for k in build.kernels]},
@@ -329,6 +332,8 @@ class Session:
         self.pool: dict[str, dict[str, Member]] = {}  # spec -> structural hash -> member
         self.measured: set = set()  # (spec, hash, kind) measured so far
         self.latency: dict = {}  # (spec, hash) -> seconds, or None when it failed
+        # the tma phase's verdict on the TMA GEMM template: the survey runs its templates only then
+        self.tma_gemm_passed = False
         self.start = time.monotonic()
         self.end = self.start + budget_s
         device = backend.device()
@@ -474,7 +479,7 @@ def _tma(session: Session, deadline: float) -> str:
             session.writer.write({"type": "check", "check": f"tma:{name}", "passed": None, "note": "sim runs no code"})
         return "sim runs no code"
     libraries = session.manifest.get("tma_checks") or {}
-    passed = []
+    passed, gemm_passed = [], []
     with IsolatedRunner(timeout_s=TMA_CHECK_TIMEOUT_S) as runner:
         for name in hopper_tma.CHECKS:
             if time.monotonic() > deadline:
@@ -491,6 +496,8 @@ def _tma(session: Session, deadline: float) -> str:
             session.writer.write(row)
             log(f"   tma:{name}: {row.get('passed')} {row.get('note') or row.get('errors')}")
             passed.append(row.get("passed") is True)
+            gemm_passed.append(row.get("passed") is True and name in hopper_tma.GEMM_CHECKS)
+    session.tma_gemm_passed = sum(gemm_passed) == len(hopper_tma.GEMM_CHECKS)
     return f"{sum(passed)}/{len(hopper_tma.CHECKS)} passed" + ("" if len(passed) == len(hopper_tma.CHECKS) else " (deadline)")
 
 
@@ -519,14 +526,26 @@ def _acceptance(session: Session, deadline: float) -> str:
             + (f" (integrated power {power:+.2%})" if power is not None else "") + f", CV {verdict['cv']:.2%}")
 
 
+def _is_tma(member: Member) -> bool:
+    return (member.template or "").startswith("gemm_tma")
+
+
 def _survey(session: Session, deadline: float) -> str:
-    # Latency of every candidate, workload by workload (cheap), then energy round-robin.
+    # Latency of every candidate, workload by workload (cheap), then energy round-robin. The TMA
+    # templates only after the tma phase ran their GEMM checks right, one at a time and last: a
+    # kernel that hangs costs the backend's whole time-out, so the first failure stops the rest.
+    tma_failed = False
     for spec, pool in session.pool.items():
-        todo = [h for h in pool if (spec, h, "latency") not in session.measured]
+        todo = [h for h in pool if (spec, h, "latency") not in session.measured and not _is_tma(pool[h])]
         for start in range(0, len(todo), 4):
             if time.monotonic() > deadline - 30:
                 break
             _measure(session, spec, todo[start:start + 4], "latency", phase="survey")
+        for h in [h for h in pool if _is_tma(pool[h])] if session.tma_gemm_passed else []:
+            if tma_failed or time.monotonic() > deadline - 30:
+                break
+            (result,) = _measure(session, spec, [h], "latency", phase="survey")
+            tma_failed = not result.ok
     # Energy: sim's best first, then the fastest measured (their energy is what tuning cares about).
     order = {}
     for spec, pool in session.pool.items():
@@ -573,6 +592,7 @@ class Member:
     candidate: object
     build: object
     selected_by: str
+    template: str | None = None
 
 
 def _workload(spec: str):
@@ -613,7 +633,7 @@ def run(args, backend=None) -> None:
             session.writer.write({"type": "candidate", **{k: v for k, v in c.items() if k != "library"}})
             candidate = types.SimpleNamespace(workload=_workload(c["spec"]), structural_hash=c["structural_hash"])
             session.pool.setdefault(c["spec"], {})[c["structural_hash"]] = Member(
-                candidate, _build(c["structural_hash"], pack / c["library"]), c["selected_by"])
+                candidate, _build(c["structural_hash"], pack / c["library"]), c["selected_by"], c.get("template"))
         run_phases(session)
 
 
@@ -631,8 +651,9 @@ def dry_run(args) -> None:
         entries = select_pool(spec, args.random, args.best, args.sim_trials, seed=args.seed)
         for e in entries:
             session.writer.candidate(e.candidate, features=candidate_features(e.candidate, gpu),
-                                     selected_by=e.selected_by)
-            session.pool.setdefault(spec, {})[e.candidate.structural_hash] = Member(e.candidate, None, e.selected_by)
+                                     selected_by=e.selected_by, template=e.template)
+            session.pool.setdefault(spec, {})[e.candidate.structural_hash] = Member(e.candidate, None, e.selected_by,
+                                                                                    e.template)
         log(f"{spec}: {len(entries)} candidates in {time.monotonic() - started:.0f} s")
     session.start = time.monotonic()  # the phases' clock starts when the GPU call would
     session.end = session.start + args.budget_s

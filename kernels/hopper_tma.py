@@ -31,7 +31,8 @@ between: the tensor map TVM encodes, the 128-byte swizzle (which a wgmma descrip
 byte count and phase parity of the mbarriers, multicast into a peer's shared memory, and a
 producer/consumer ring across a cluster. ``CHECKS`` are six small kernels that answer that with
 exact integer data; ``run_check`` runs one on a GPU against ``expected`` (benchmarks/device_check.py,
-phase ``tma``). Not yet run on a GPU.
+phase ``tma``). Two more run the TMA GEMM template built on them (kernels.gemm_tma, clusters of 2
+and 4) against the exact product. Not yet run on a GPU.
 """
 from __future__ import annotations
 
@@ -360,6 +361,19 @@ def expected(name: str, a: np.ndarray) -> np.ndarray:
     raise KeyError(name)
 
 
+# The TMA GEMM template (kernels.gemm_tma) itself, with every tail: 5 row tiles of 128 (the last one
+# 8 rows deep; clusters of 4 add 3 blocks past M), a 264-column B (the second 256-column tile 8 wide),
+# K = 456 (8 k steps, the last 8 deep: the loop refills stages with 3 and 4 of them).
+GEMM_CHECK_SHAPE = (520, 264, 456)
+GEMM_CHECK_TILE = (128, 256, 2, 1)
+
+
+def gemm_check(stages: int, cluster: int):
+    from .gemm_tma import gemm_tma
+
+    return gemm_tma(*GEMM_CHECK_SHAPE, *GEMM_CHECK_TILE, stages, cluster)
+
+
 CHECKS = {
     "tile_copy": lambda: tile_copy(SWIZZLE_NONE),
     "tile_copy_swizzle128": lambda: tile_copy(SWIZZLE_128B),
@@ -367,7 +381,10 @@ CHECKS = {
     "wgmma_mn_major_swizzle128": lambda: wgmma_swizzle128(b_k_major=False),
     "multicast": multicast,
     "ring": ring,
+    "gemm_cluster2": lambda: gemm_check(3, 2),
+    "gemm_cluster4": lambda: gemm_check(4, 4),
 }
+GEMM_CHECKS = ("gemm_cluster2", "gemm_cluster4")
 
 
 def check_candidates() -> list:
@@ -386,9 +403,20 @@ def check_input(seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(-8, 9, size=(M, N)).astype(np.float16)
 
 
-def compare(name: str, a: np.ndarray, out: np.ndarray) -> dict:
-    """{"passed", "mismatches", "of", "first_wrong"} of an output against ``expected``."""
-    want = expected(name, a)
+def check_arguments(name: str, seed: int = 0) -> tuple[list, np.ndarray]:
+    """(inputs, the output due) of check ``name``. The GEMM checks multiply small integers: the fp32
+    sums are exact (and, for these operands, below 2048: exact in fp16 as well)."""
+    if name not in GEMM_CHECKS:
+        a = check_input(seed)
+        return [a], expected(name, a)
+    M_, N_, K_ = GEMM_CHECK_SHAPE
+    rng = np.random.default_rng(seed)
+    a, b = (rng.integers(-4, 5, size=shape).astype(np.float16) for shape in ((M_, K_), (K_, N_)))
+    return [a, b], (a.astype(np.float32) @ b.astype(np.float32)).astype(np.float16)
+
+
+def compare(want: np.ndarray, out: np.ndarray) -> dict:
+    """{"passed", "mismatches", "of", "first_wrong"} of an output against the one due."""
     if out.shape != want.shape:
         return {"passed": False, "mismatches": int(want.size), "of": int(want.size), "first_wrong": None}
     bad = ~(out == want)  # NaN (never written) counts as wrong
@@ -409,9 +437,8 @@ def run_check(name: str, library: str, device_index: int = 0) -> dict:
         raise RuntimeError(problem)
     device = tvm.cuda(device_index)
     function = tvm.runtime.load_module(library)["main"]
-    a = check_input()
-    want = expected(name, a)
+    inputs, want = check_arguments(name)
     out = tvm.runtime.tensor(np.full(want.shape, np.nan, want.dtype), device)
-    function(tvm.runtime.tensor(a, device), out)
+    function(*[tvm.runtime.tensor(x, device) for x in inputs], out)
     device.sync()
-    return compare(name, a, out.numpy())
+    return compare(want, out.numpy())

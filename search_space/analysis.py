@@ -14,6 +14,8 @@ import numpy as np
 import tvm
 from tvm.target import Target
 
+from etune.kernels.gemm_tma import TMA_BYTES_ATTR
+
 from .targets import PASS_CONFIG, GpuSpec
 
 
@@ -225,7 +227,9 @@ def _nodes(root):
             continue
         if kind == "AttrStmt" and node.attr_key == "thread_extent":
             extents[node.node.var.__chandle__()] = _constant(node.value) or 1
-            trips = trips * (_constant(node.value) or 1)
+            # a block's rank in its cluster: blockIdx already counts every block once
+            if not node.node.thread_tag.startswith("clusterCtaIdx"):
+                trips = trips * (_constant(node.value) or 1)
         for field in _child_fields(node):
             child = getattr(node, field)
             if child is not None:
@@ -361,6 +365,8 @@ def analyse_kernel(name: str, func) -> KernelLaunch:
     groups: list[float] = []
     inflight = 0
     explicit = {"copied": 0.0, "commits": 0.0}
+    tma_bytes = 0.0  # bytes TMA loads read, from the attribute etune's templates put around each
+    cluster = 1
     # Local arrays with their elements per thread, the elements of wmma accumulator fragments, and
     # the buffers PTX mma calls accumulate into (the walk is not in program order, so they are
     # matched at the end).
@@ -375,11 +381,22 @@ def analyse_kernel(name: str, func) -> KernelLaunch:
                               and _ptx_op(getattr(inner.op, "name", "")) == "cp_async"))
         elif kind == "AttrStmt" and node.attr_key == "async_wait_inflight_count":
             inflight = max(inflight, _constant(node.value) or 0)
+        elif kind == "AttrStmt" and node.attr_key == TMA_BYTES_ATTR:
+            # a TMA load (one thread, a whole box): read from L2 once, written into the shared memory
+            # of every block a multicast names
+            nbytes = trips * (_constant(node.value) or 0)
+            multicast = _calls_string(node.body, "multicast::cluster")
+            totals["global_load_bytes"] += nbytes
+            totals["global_load_instructions"] += trips
+            totals["shared_store_bytes"] += nbytes * (cluster if multicast else 1)
+            tma_bytes += nbytes
         elif kind == "AttrStmt" and node.attr_key == "thread_extent":
             scope, _, axis = node.node.thread_tag.partition(".")
             extent = _constant(node.value) or 1
             if scope == "blockIdx":
                 grid[_AXES[axis]] = extent
+            elif scope == "clusterCtaIdx":
+                cluster *= extent
             elif scope == "threadIdx":
                 block[_AXES[axis]] = extent
         elif kind == "AllocBuffer":
@@ -498,12 +515,21 @@ def analyse_kernel(name: str, func) -> KernelLaunch:
         # pipeline's drain commits empty groups, which lowers the mean a little)
         groups.append(explicit["copied"] / explicit["commits"])
     in_flight = max(groups) * (inflight + 1) if groups else 0.0
+    if tma_bytes:
+        # TMA fills shared memory with no registers held: take half of the kernel's dynamic shared
+        # memory (all stages but the one being read, of 2 to 4) as on the way, shared by its threads
+        in_flight = max(in_flight, dynamic_shared / 2 / math.prod(block))
     accumulator_elements += sum(elements for buffer, elements in local_arrays
                                 if any(buffer.same_as(b) for b in mma_accumulators if b is not None))
     # an m16n8 accumulator tile is 4 elements per thread
     accumulator_tiles = accumulator_elements / 4.0
     return KernelLaunch(name, tuple(grid), tuple(block), shared, local, tensor_cores, lanes, gather_lanes,
                         Traffic(**totals), dynamic_shared, in_flight, accumulator_tiles)
+
+
+def _calls_string(root, value: str) -> bool:
+    """Whether a call under ``root`` has the string argument ``value`` (a PTX modifier)."""
+    return any(type(n).__name__ == "StringImm" and n.value == value for n, _ in _nodes(root))
 
 
 def _loaded_buffer(expr):

@@ -39,6 +39,7 @@ from etune.kernels import Workload, as_workload
 from etune.kernels.attention_fused import fused_prim_funcs
 from etune.kernels.attention_mma import mma_prefill_funcs
 from etune.kernels.gemm_mma import gemm_mma_funcs
+from etune.kernels.gemm_tma import gemm_tma_funcs
 from etune.kernels.gemm_wgmma import gemm_wgmma_funcs
 from etune.kernels.gemm_splitk import split_k_prim_funcs
 from etune.kernels.softmax_fused import softmax_prim_funcs
@@ -56,7 +57,8 @@ _DEFAULT_KIND = {"tensorcore": "cuda-tensorcore", "mma": "cuda-tensorcore", "spl
 # {rule set: (workload, GpuSpec) -> the templates that apply, {name: PrimFunc}}.
 _TEMPLATES = {"fused": fused_prim_funcs, "rowsoftmax": lambda workload, gpu: softmax_prim_funcs(workload),
               "splitk_tc": split_k_prim_funcs, "flash_mma": mma_prefill_funcs, "gemm_mma": gemm_mma_funcs,
-              "gemm_wgmma": gemm_wgmma_funcs}
+              # Hopper templates: cp.async stages, and TMA stages with B multicast over clusters
+              "gemm_wgmma": lambda workload, gpu: {**gemm_wgmma_funcs(workload, gpu), **gemm_tma_funcs(workload, gpu)}}
 
 
 # TVM 0.27 raises plain Python exceptions across its FFI (no TVMError any more).

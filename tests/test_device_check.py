@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 from etune.kernels import hopper_tma, parse_spec
 from etune.kernels.attention_mma import mma_prefill_funcs
 from etune.kernels.gemm_mma import gemm_mma_funcs
+from etune.kernels.gemm_tma import gemm_tma_funcs
 from etune.kernels.gemm_wgmma import gemm_wgmma_funcs
 from etune.measurements.dataset import load_dataset
 from etune.search_space import gpu_spec
@@ -67,15 +68,20 @@ def test_the_dry_run_dataset_has_every_family_measured(dry_run):
         # in the pool once
         workload, gpu = parse_spec(spec), gpu_spec(device_check.TARGET)
         templates = {**mma_prefill_funcs(workload, gpu), **gemm_mma_funcs(workload, gpu),
-                     **gemm_wgmma_funcs(workload, gpu)}
+                     **gemm_wgmma_funcs(workload, gpu), **gemm_tma_funcs(workload, gpu)}
         points = [r for r in mine if not any(i[0].startswith("Sample") for i in json.loads(r.candidate["trace"])[0])]
         assert len(points) == len(templates)
         assert bool(templates) == (spec in [device_check.SURVEY[name] for name in ("attention-prefill", "gemm",
                                                                                    "gemm-skinny")])
         drawn = [r for r in mine if r.candidate["selected_by"] != "template"]
         assert len(drawn) == 6 and {r.candidate["selected_by"] for r in drawn} == {"random", "sim-best"}
-        assert all(r.measured("latency") for r in mine)
-        assert sum(bool(r.measured("energy")) for r in mine) == min(len(mine), device_check.ENERGY_PER_WORKLOAD)
+        # the TMA templates wait for the tma phase to pass their GEMM checks, which sim cannot run
+        tma = [r for r in mine if (r.candidate["template"] or "").startswith("gemm_tma")]
+        assert len(tma) == len(gemm_tma_funcs(workload, gpu)) and bool(tma) == (spec == device_check.SURVEY["gemm"])
+        assert all(r.measured("latency") for r in mine if r not in tma)
+        assert not any(r.measured("latency") or r.measured("energy") for r in tma)
+        assert sum(bool(r.measured("energy")) for r in mine) == min(len(mine) - len(tma),
+                                                                    device_check.ENERGY_PER_WORKLOAD)
         row = mine[0].candidate
         assert row["trace"] and row["features"]["blocks_log2"] >= 0
         energy = next(r.measured("energy") for r in mine if r.measured("energy"))
@@ -178,7 +184,7 @@ def test_the_gpu_run_orchestrates_every_phase_from_a_pack(dry_run, tmp_path):
     pack = tmp_path / "pack"
     pack.mkdir()
     candidates = [{**{k: r[k] for k in ("spec", "family", "design_space", "trace", "structural_hash", "features",
-                                        "build", "selected_by")}, "library": f"libs/{r['structural_hash']}/lib.so"}
+                                        "build", "selected_by", "template")}, "library": f"libs/{r['structural_hash']}/lib.so"}
                   for r in rows]
     # TMA check libraries that are not there: each check's worker must fail it in one line, and the
     # phase go on (no GPU here either way)
@@ -197,7 +203,7 @@ def test_the_gpu_run_orchestrates_every_phase_from_a_pack(dry_run, tmp_path):
     assert {name: r["passed"] for name, r in tma.items()} == {
         "tma:tile_copy": False, "tma:tile_copy_swizzle128": None, "tma:wgmma_swizzle128": None,
         "tma:wgmma_mn_major_swizzle128": None, "tma:multicast": None,
-        "tma:ring": False}
+        "tma:ring": False, "tma:gemm_cluster2": None, "tma:gemm_cluster4": None}
     assert tma["tma:ring"]["errors"][0].startswith("error: RuntimeError")
     checks = {(r["check"], r.get("spec")): r["passed"] for r in dataset.of_type("check") if r["check"] not in tma}
     assert checks[("isolation", None)] and all(checks.values()) and len(checks) == 1 + WORKLOADS
@@ -211,6 +217,39 @@ def test_the_gpu_run_orchestrates_every_phase_from_a_pack(dry_run, tmp_path):
     assert {c[2] for c in survey_energy} == {device_check.SURVEY_WINDOW_S}
     assert backend.min_window_s == 1.0 and not backend.integrate_power  # settings restored
     assert "| survey | ok |" in (args.out / "report.md").read_text()
+
+
+def test_the_survey_runs_tma_templates_after_their_checks_and_stops_at_the_first_failure(monkeypatch):
+    """A TMA template that hangs costs the backend's whole time-out: the survey measures them only
+    once the tma phase passed the GEMM checks, one at a time, and none after one fails."""
+    import time
+    import types
+
+    def member(template=None):
+        return device_check.Member(None, None, "template" if template else "random", template)
+
+    pool = {"a": member(), "b": member(), "t1": member("gemm_tma_128x256_g2x1_s4_c2"),
+            "t2": member("gemm_tma_128x256_g2x1_s4_c4"), "w": member("gemm_wgmma_128x256_g2x1_s3")}
+    calls = []
+
+    def measure(session, spec, hashes, kind, **extra):
+        calls.append((kind, tuple(hashes)))
+        results = [types.SimpleNamespace(ok=not h.startswith("t"), structural_hash=h) for h in hashes]
+        for h, r in zip(hashes, results):
+            if kind == "latency":
+                session.measured.add((spec, h, "latency"))
+                session.latency[(spec, h)] = 1.0 if r.ok else None
+        return results
+
+    monkeypatch.setattr(device_check, "_measure", measure)
+    for passed, tma_calls in ((False, []), (True, [("latency", ("t1",))])):
+        calls.clear()
+        session = types.SimpleNamespace(pool={"gemm": dict(pool)}, measured=set(), latency={}, backend=object(),
+                                        tma_gemm_passed=passed)
+        device_check._survey(session, time.monotonic() + 100)
+        latency = [c for c in calls if c[0] == "latency"]
+        assert latency[0] == ("latency", ("a", "b", "w")) and latency[1:] == tma_calls
+        assert {h for kind, hs in calls if kind == "energy" for h in hs} == {"a", "b", "w"}
 
 
 def test_measure_on_replay_answers_recorded_candidates_and_refuses_others(dry_run, tmp_path):

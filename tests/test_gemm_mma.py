@@ -11,6 +11,7 @@ import tvm
 
 from etune.kernels import gemm_mma as gemm_mma_module
 from etune.kernels import parse_spec
+from etune.kernels.gemm_tma import gemm_tma_funcs
 from etune.kernels.gemm_wgmma import gemm_wgmma_funcs
 from etune.kernels.gemm_mma import (BK, SKINNY_STAGES, SKINNY_TILES, configs, emulate, emulate_skinny, gemm_mma,
                                     gemm_mma_funcs, gemm_mma_skinny, shared_bytes, skinny_shared_bytes)
@@ -160,10 +161,12 @@ def test_default_space_samples_each_template_once():
     space = ScheduleSpace("gemm:256,256,256")
     points = [d for d in space.design_spaces if d.is_point]
     workload = parse_spec("gemm:256,256,256")
-    # both tensor-core template families are offered on the sm_90 default, one point per template
+    # both tensor-core template families are offered on the sm_90 default (the Hopper one with its
+    # cp.async and its TMA templates), one point per template
     per_rule_set = {rs: sum(d.rule_set == rs for d in points) for rs in {d.rule_set for d in points}}
     assert per_rule_set == {"gemm_mma": len(gemm_mma_funcs(workload, space.gpu)),
-                            "gemm_wgmma": len(gemm_wgmma_funcs(workload, space.gpu))}
+                            "gemm_wgmma": len(gemm_wgmma_funcs(workload, space.gpu))
+                            + len(gemm_tma_funcs(workload, space.gpu))}
     first = space.sample(len(space.design_spaces), seed=0)
     assert {c.design_space for c in first} >= {d.index for d in points}
     # a later call (the tuner excludes what it measured) does not come back to the templates

@@ -38,15 +38,31 @@ def test_the_ring_sums_what_each_consumer_thread_reads():
 
 def test_compare_counts_wrong_and_unwritten_elements():
     a = check_input()
-    assert compare("multicast", a, np.stack([a, a])) == {"passed": True, "mismatches": 0, "of": 2 * M * N,
-                                                         "first_wrong": None}
+    both = expected("multicast", a)
+    assert compare(both, np.stack([a, a])) == {"passed": True, "mismatches": 0, "of": 2 * M * N, "first_wrong": None}
     half_missing = np.stack([a, np.full_like(a, np.nan)])
-    result = compare("multicast", a, half_missing)
+    result = compare(both, half_missing)
     assert result["mismatches"] == M * N and result["first_wrong"][0] == [1, 0, 0]
-    assert not compare("multicast", a, a)["passed"]  # the wrong shape
+    assert not compare(both, a)["passed"]  # the wrong shape
     swizzled = expected("tile_copy_swizzle128", a)
-    assert not compare("tile_copy", a, swizzled)["passed"]  # the swizzle is not the identity on this data
-    assert compare("tile_copy_swizzle128", a, swizzled)["passed"]
+    assert not compare(expected("tile_copy", a), swizzled)["passed"]  # the swizzle is not the identity here
+    assert compare(expected("tile_copy_swizzle128", a), swizzled)["passed"]
+
+
+@pytest.mark.parametrize("name", hopper_tma.GEMM_CHECKS)
+def test_the_gemm_checks_are_due_the_exact_product_and_the_template_gives_it(name):
+    """The GEMM checks' operands and output: the template's emulation (its boxes, multicasts and
+    descriptors on the ISA's semantics) gives exactly the product due, with every tail."""
+    from etune.kernels import gemm_tma
+
+    (a, b), want = hopper_tma.check_arguments(name)
+    assert a.shape == hopper_tma.GEMM_CHECK_SHAPE[::2] and b.shape == hopper_tma.GEMM_CHECK_SHAPE[:0:-1]
+    exact = (a.astype(np.float64) @ b.astype(np.float64))
+    assert np.abs(exact).max() < 2048 and np.array_equal(want, exact)  # exact in fp16 too: nothing to round
+    cluster = int(name[-1])
+    out = gemm_tma.emulate(a, b, *hopper_tma.GEMM_CHECK_TILE, cluster=cluster)
+    assert compare(want, out)["passed"]
+    assert not compare(want, gemm_tma.emulate(a, b[:, ::-1].copy(), *hopper_tma.GEMM_CHECK_TILE, cluster))["passed"]
 
 
 @pytest.fixture(scope="module")
