@@ -45,7 +45,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import gemm_wgmma
-from .gemm_wgmma import WG_THREADS, acc_fragment, isa_accumulator
+from .gemm_wgmma import WG_THREADS, isa_accumulator, store_accumulators
 from .hopper_tma import SWIZZLE_128B, TMA_LOAD, TMA_LOAD_MULTICAST, descriptor_operand, tma_place
 
 BK = 64  # k per stage: 128 bytes of fp16, the 128-byte swizzle's row
@@ -119,7 +119,6 @@ def gemm_tma_funcs(workload, gpu=None) -> dict:
 
 def gemm_tma(M: int, N: int, K: int, bm: int = 128, bn: int = 256, warpgroups: int = 2, m_tiles: int = 1,
              stages: int = 4, cluster: int = 2, dtype: str = "float16"):
-    import tvm
     from tvm.script import tirx as T
 
     G, MT, ST, CL = int(warpgroups), int(m_tiles), int(stages), int(cluster)
@@ -222,12 +221,7 @@ def gemm_tma(M: int, N: int, K: int, bm: int = 128, bn: int = 256, warpgroups: i
                     if v + ST < KT:
                         T.cuda.mbarrier_wait(T.address_of(Empty[v % ST]), v // ST % 2)
                         load_step(Ts, Full, A_map, B_map, v + ST, row0, col0, rank)
-            for m in T.unroll(MT):
-                for i in T.unroll(NACC):
-                    if tvm.tirx.all(row0 + (wg * MT + m) * 64 + acc_fragment(t, i)[0] < M,
-                                    col0 + acc_fragment(t, i)[1] < N):
-                        C[row0 + (wg * MT + m) * 64 + acc_fragment(t, i)[0], col0 + acc_fragment(t, i)[1]] = T.Cast(
-                            dtype, Acc[m * NACC + i])
+            store_accumulators(C, Acc, row0, col0, wg, t, MT, NACC)
             T.cuda.cluster_sync()  # no block leaves while a peer may still signal its barriers
 
     return main
@@ -254,8 +248,6 @@ def emulate(a: np.ndarray, b: np.ndarray, bm: int = 128, bn: int = 256, warpgrou
     G, MT = warpgroups, m_tiles
     nacc = bn // 2
     blocks, grid_n = grid(M, N, bm, bn, cluster)
-    t, i = np.arange(WG_THREADS)[:, None], np.arange(nacc)[None, :]
-    f_rows, f_cols = acc_fragment(t, i)
     d_rows, d_cols = isa_accumulator(bn)
     out = np.zeros((M, N), a.dtype)
     a_tile = bm * BK
@@ -276,10 +268,5 @@ def emulate(a: np.ndarray, b: np.ndarray, bm: int = 128, bn: int = 256, warpgrou
                         a_op = descriptor_operand(stage, a_operand_byte(g * MT + m, kk), A_LBO, A_SBO, 64, True)
                         d = a_op.astype(np.float32) @ b_op.astype(np.float32)
                         acc[g, m] += d[d_rows, d_cols]
-        for g in range(G):
-            for m in range(MT):
-                r = row0 + (g * MT + m) * 64 + f_rows
-                col = col0 + f_cols
-                keep = (r < M) & (col < N)
-                out[r[keep], col[keep]] = acc[g, m][keep].astype(a.dtype)
+        gemm_wgmma.emulate_store(out, acc, row0, col0)
     return out

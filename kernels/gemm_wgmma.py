@@ -64,6 +64,7 @@ Needs ``-arch=sm_90a`` (nvcc refuses wgmma for sm_90); etune's builder picks it 
 from __future__ import annotations
 
 import numpy as np
+import tvm
 from tvm.script import tirx as T
 
 BK = 64  # k per stage: four k16 wgmma steps
@@ -118,6 +119,31 @@ def acc_fragment(t, i):
     return 16 * (t // 32) + t % 32 // 4 + 8 * (i // 2 % 2), 8 * (i // 4) + 2 * (t % 4) + i % 2
 
 
+@T.macro
+def store_accumulators(C, Acc, row0, col0, wg, t, m_tiles, nacc):
+    """A warpgroup's ``m_tiles`` m64 tiles of fp32 accumulators (``acc_fragment``) into C at (row0,
+    col0) in C's dtype, rows past M and columns past N left out."""
+    for m in T.unroll(m_tiles):
+        for i in T.unroll(nacc):
+            if tvm.tirx.all(row0 + (wg * m_tiles + m) * 64 + acc_fragment(t, i)[0] < C.shape[0],
+                            col0 + acc_fragment(t, i)[1] < C.shape[1]):
+                C[row0 + (wg * m_tiles + m) * 64 + acc_fragment(t, i)[0], col0 + acc_fragment(t, i)[1]] = T.Cast(
+                    C.dtype, Acc[m * nacc + i])
+
+
+def emulate_store(out: np.ndarray, acc: np.ndarray, row0: int, col0: int) -> None:
+    """``store_accumulators`` in NumPy: every warpgroup's accumulators ``acc`` (warpgroups, m64 tiles,
+    128 threads, N / 2) into ``out`` where the template thinks they are, with its guards."""
+    t, i = np.arange(WG_THREADS)[:, None], np.arange(acc.shape[3])[None, :]
+    f_rows, f_cols = acc_fragment(t, i)
+    for g in range(acc.shape[0]):
+        for m in range(acc.shape[1]):
+            r = row0 + (g * acc.shape[1] + m) * 64 + f_rows
+            col = col0 + f_cols
+            keep = (r < out.shape[0]) & (col < out.shape[1])
+            out[r[keep], col[keep]] = acc[g, m][keep].astype(out.dtype)
+
+
 def applies(workload) -> bool:
     p = workload.params
     return (workload.family == "gemm" and p.get("dtype") == "float16" and p.get("accumulate") == "float32"
@@ -153,8 +179,6 @@ def gemm_wgmma_funcs(workload, gpu=None) -> dict:
 
 def gemm_wgmma(M: int, N: int, K: int, bm: int = 128, bn: int = 128, warpgroups: int = 2, m_tiles: int = 1,
                stages: int = 3, dtype: str = "float16"):
-    import tvm
-
     G, MT, ST = int(warpgroups), int(m_tiles), int(stages)
     if bm != 64 * G * MT:
         raise ValueError(f"BM {bm} must be 64 x warpgroups x m tiles ({G} x {MT})")
@@ -244,12 +268,7 @@ def gemm_wgmma(M: int, N: int, K: int, bm: int = 128, bn: int = 128, warpgroups:
                 T.ptx.cp.async_.commit_group()
                 T.ptx.wgmma.wait_group.sync.aligned(0)
             T.ptx.cp.async_.wait_group(0)
-            for m in T.unroll(MT):
-                for i in T.unroll(NACC):
-                    if tvm.tirx.all(row0 + (wg * MT + m) * 64 + acc_fragment(t, i)[0] < M,
-                                    col0 + acc_fragment(t, i)[1] < N):
-                        C[row0 + (wg * MT + m) * 64 + acc_fragment(t, i)[0], col0 + acc_fragment(t, i)[1]] = T.Cast(
-                            dtype, Acc[m * NACC + i])
+            store_accumulators(C, Acc, row0, col0, wg, t, MT, NACC)
 
     return main
 
@@ -302,8 +321,6 @@ def emulate(a: np.ndarray, b: np.ndarray, bm: int = 128, bn: int = 128, warpgrou
     nacc = bn // 2
     a_lbo, a_sbo = (s // 16 for s in a_strides())
     b_lbo, b_sbo = (s // 16 for s in b_strides(bn))
-    t, i = np.arange(WG_THREADS)[:, None], np.arange(nacc)[None, :]
-    f_rows, f_cols = acc_fragment(t, i)  # where the template stores each accumulator
     d_rows, d_cols = isa_accumulator(bn)
     out = np.zeros((M, N), a.dtype)
     for row0 in range(0, M, bm):
@@ -328,10 +345,5 @@ def emulate(a: np.ndarray, b: np.ndarray, bm: int = 128, bn: int = 128, warpgrou
                                                           64, True)
                             d = aop.astype(np.float32) @ bop.astype(np.float32)
                             acc[g, m] += d[d_rows, d_cols]  # the hardware's fragment
-            for g in range(G):
-                for m in range(MT):
-                    r = row0 + (g * MT + m) * 64 + f_rows
-                    col = col0 + f_cols
-                    keep = (r < M) & (col < N)
-                    out[r[keep], col[keep]] = acc[g, m][keep].astype(a.dtype)
+            emulate_store(out, acc, row0, col0)
     return out
