@@ -75,7 +75,7 @@ def test_offered_on_sm_90_with_clusters_that_split_b():
     funcs = gemm_tma_funcs(big, h100)
     assert len(funcs) == sum(len(STAGES) * sum(bn // BOX_N % c == 0 for c in CLUSTERS) for _, bn, _, _ in TILES)
     assert all(shared_bytes(bm, bn, s) <= h100.max_shared_memory_per_block for bm, bn, _, _, s, _ in configs(4096, 4096))
-    assert {"gemm_tma_128x256_g2x1_s4_c4", "gemm_tma_192x256_g3x1_s4_c2", "gemm_tma_128x128_g2x1_s3_c1"} <= set(funcs)
+    assert {"gemm_tma_128x256_g2x1_s4_c4", "gemm_tma_192x256_g3x1_s4_c2", "gemm_tma_128x128_g2x1_s4_c1"} <= set(funcs)
     assert "gemm_tma_128x128_g2x1_s4_c4" not in funcs  # two B boxes do not split over four blocks
     # clusters only where there are row tiles to share B: M = 150 has two of 128, one of 192
     small = {(bm, c) for bm, _, _, _, _, c in configs(150, 264)}
@@ -135,13 +135,13 @@ def _nvcc(cuda: Path, *flags: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_builds_for_sm_90a_without_spills(built_templates, no_spills, tmp_path):
-    """Every TMA tile and cluster offered at a shape with tails and five row tiles (clusters of 2 and
-    4 for 128-row tiles), at 4 stages (3 differ in a loop bound only), built with etune's builder:
+    """Every TMA template offered at a shape with tails and five row tiles (clusters of 2 and 4 for
+    128-row tiles), built with etune's builder:
     tensor maps as grid constants, the multicast with its cluster launch, 128B-swizzle descriptors;
     ptxas neither injects waits nor serialises the wgmmas of the two largest tiles."""
     space = ScheduleSpace("gemm:520,264,4104", rule_sets=["gemm_wgmma"])
-    built = built_templates([space], keep=lambda template: re.fullmatch(r"gemm_tma_.*_s4_c\d", template) is not None)
-    assert len(built) == len(gemm_tma_funcs(space.workload, space.gpu)) // len(STAGES) == 9
+    built = built_templates([space], keep=lambda template: template.startswith("gemm_tma_"))
+    assert len(built) == len(gemm_tma_funcs(space.workload, space.gpu)) == 9
     no_spills(built)
     for template, result in built:
         bn, cluster = int(template.split("_")[2].split("x")[1]), int(template[-1])

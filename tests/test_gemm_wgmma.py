@@ -163,7 +163,7 @@ def _nvcc(cuda: Path, *flags: str) -> subprocess.CompletedProcess:
 def test_builds_for_sm_90a_without_spills(built_templates, no_spills, tmp_path):
     """Every template offered for a big GEMM (all tiles and depths), built at a shape with tails; the
     generated code has the wgmma of the tile, its descriptors (LBO and SBO >> 4) and the fences;
-    ptxas neither injects a warpgroup.wait nor serialises the wgmmas (which it does when it sees the
+    ptxas (once per tile) neither injects a warpgroup.wait nor serialises the wgmmas (which it does when it sees the
     accumulators used while a wgmma may be in flight); the accumulators are read after the last
     wgmma.wait_group."""
     built = built_templates([ScheduleSpace("gemm:200,264,4104", rule_sets=["gemm_wgmma"])],  # a k loop nvcc keeps
@@ -179,8 +179,9 @@ def test_builds_for_sm_90a_without_spills(built_templates, no_spills, tmp_path):
         assert re.search(r"ptx_wgmma_encode_matrix_descriptor\([^;]*, 8, 64, 0\);", source), template
         assert re.search(rf"ptx_wgmma_encode_matrix_descriptor\([^;]*, {bn}, 8, 0\);", source), template
         assert "fence.proxy.async" in source and "wgmma.fence.sync.aligned" in source, template
-        report = _nvcc(cuda, "-cubin", "-Xptxas", "-v", "-o", str(tmp_path / "k.cubin")).stderr
-        assert "C7517" not in report and "injected" not in report and "serializ" not in report, (template, report)
+        if template.endswith("_s3"):  # ptxas's report once per tile: the depth changes loop bounds only
+            report = _nvcc(cuda, "-cubin", "-Xptxas", "-v", "-o", str(tmp_path / "k.cubin")).stderr
+            assert "C7517" not in report and "injected" not in report and "serializ" not in report, (template, report)
     template, result = built[0]
     _nvcc(next(Path(result.artifact_dir).glob("*.cu")), "-ptx", "-o", str(tmp_path / "k.ptx"))
     ptx = (tmp_path / "k.ptx").read_text()
