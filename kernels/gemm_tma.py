@@ -45,15 +45,19 @@ from __future__ import annotations
 import numpy as np
 
 from . import gemm_wgmma
-from .gemm_wgmma import WG_THREADS, isa_accumulator, store_accumulators
-from .hopper_tma import SWIZZLE_128B, TMA_LOAD, TMA_LOAD_MULTICAST, descriptor_operand, tma_place
+from .gemm_wgmma import WG_THREADS, fitting_tiles, isa_accumulator, store_accumulators
+from .hopper_tma import (A_K_STEP, A_LBO, A_SBO, SWIZZLE_128B, TMA_LOAD, TMA_LOAD_MULTICAST, descriptor_operand,
+                         tma_place, wgmma_b_operand)
 
 BK = 64  # k per stage: 128 bytes of fp16, the 128-byte swizzle's row
 BOX_N = 64  # B's boxes: 64 columns (128 bytes) x BK rows
 BOX_BYTES = BOX_N * BK * 2
 SWIZZLE_ROW_BYTES = 128
-A_SBO, A_LBO, A_K_STEP = 1024, 16, 32  # bytes: 8-row groups, unused (CUTLASS encodes 1), a k16 step
-B_LBO, B_SBO, B_K_STEP = BOX_BYTES, 1024, 16 * SWIZZLE_ROW_BYTES
+# The descriptors' strides and k16 steps in bytes are those hopper_tma's wgmma checks run on a GPU: A
+# K-major (SBO 1 KiB, LBO unused, 32-byte k16 steps), B MN-major in 64-column boxes of BK rows (LBO
+# one box, SBO 1 KiB, 2 KiB k16 steps).
+B_LBO, B_SBO, B_K_STEP = wgmma_b_operand(b_k_major=False)[2]
+assert B_LBO == BOX_BYTES  # the checks' boxes are this template's B boxes
 # (BM, BN, warpgroups over M, m64 tiles per warpgroup): gemm_wgmma's tiles with BN a multiple of 64.
 TILES = ((128, 128, 2, 1), (128, 256, 2, 1), (192, 256, 3, 1), (256, 128, 2, 2))
 # Stages of k 64 in flight: 4 fit every tile (at most 224 KiB); 3 scored the same on sim at every tile
@@ -94,17 +98,16 @@ def tile_origin(bx, rank, grid_n: int, cluster: int, bm: int, bn: int):
 
 def grid(M: int, N: int, bm: int, bn: int, cluster: int) -> tuple[int, int]:
     """(blocks, column tiles): row tiles rounded up to whole clusters (a block past M loads zeros)."""
-    grid_m = -(-(-(-M // bm)) // cluster) * cluster
+    row_tiles = -(-M // bm)
+    grid_m = -(-row_tiles // cluster) * cluster
     grid_n = -(-N // bn)
     return grid_m * grid_n, grid_n
 
 
 def configs(M: int, N: int) -> list[tuple[int, int, int, int, int, int]]:
-    """(BM, BN, warpgroups, m64 tiles per warpgroup, stages, cluster) offered: tiles no larger than the
-    problem rounded up to 64; clusters that split the B boxes evenly, where there are row tiles to share
-    them."""
-    fitting = [t for t in TILES if t[0] <= max(64, -(-M // 64) * 64) and t[1] <= max(128, -(-N // 64) * 64)]
-    return [(*t, s, c) for t in fitting for s in STAGES for c in CLUSTERS
+    """(BM, BN, warpgroups, m64 tiles per warpgroup, stages, cluster) offered: ``fitting_tiles``;
+    clusters that split the B boxes evenly, where there are row tiles to share them."""
+    return [(*t, s, c) for t in fitting_tiles(TILES, M, N) for s in STAGES for c in CLUSTERS
             if t[1] // BOX_N % c == 0 and (c == 1 or -(-M // t[0]) >= c)]
 
 

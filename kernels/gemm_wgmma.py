@@ -159,11 +159,15 @@ def shared_bytes(bm: int, bn: int, stages: int) -> int:
     return stages * (bm + bn) * BK * 2
 
 
+def fitting_tiles(tiles, M: int, N: int) -> list:
+    """The (BM, BN, ...) tiles no larger than the problem rounded up to 64 rows and 64 columns (at
+    least 64 rows and 128 columns)."""
+    return [t for t in tiles if t[0] <= max(64, -(-M // 64) * 64) and t[1] <= max(128, -(-N // 64) * 64)]
+
+
 def configs(M: int, N: int) -> list[tuple[int, int, int, int, int]]:
-    """(BM, BN, warpgroups, m64 tiles per warpgroup, stages) offered: block tiles no larger than the
-    problem rounded up to 64 (one at least)."""
-    fitting = [t for t in TILES if t[0] <= max(64, -(-M // 64) * 64) and t[1] <= max(128, -(-N // 64) * 64)]
-    return [(*t, s) for t in (fitting or [TILES[2]]) for s in STAGES]
+    """(BM, BN, warpgroups, m64 tiles per warpgroup, stages) offered: ``fitting_tiles`` (one at least)."""
+    return [(*t, s) for t in (fitting_tiles(TILES, M, N) or [TILES[2]]) for s in STAGES]
 
 
 def gemm_wgmma_funcs(workload, gpu=None) -> dict:
